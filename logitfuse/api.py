@@ -1,0 +1,88 @@
+"""The library entry point: a registry, its model pool and an engine behind three calls.
+
+    lf = LogitFuse("configs/default.yaml")
+    out = lf.generate("large-qa", ["Q: ..."], SamplingParams(max_tokens=8, temperature=0))
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from logitfuse.engine import Engine
+from logitfuse.pool import ModelPool
+from logitfuse.prompts import Prompt, role_prompts
+from logitfuse.registry import FusionParams, Registry
+from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
+
+
+@dataclass
+class Completion:
+    rid: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    prompt_scores: PromptScores | None = None
+    diagnostics: list = field(default_factory=list)
+
+    def add(self, ev: TokenEvent | PromptScores) -> None:
+        if isinstance(ev, PromptScores):
+            self.prompt_scores = ev
+            return
+        self.text += ev.text
+        if ev.token_id is not None:
+            self.token_ids.append(ev.token_id)
+            self.logprobs.append(ev.logprob)
+            self.top_logprobs.append(ev.top)
+            if ev.diagnostics:
+                self.diagnostics.append(ev.diagnostics)
+        self.prompt_tokens = ev.prompt_tokens
+        self.finish_reason = ev.finish_reason or self.finish_reason
+
+
+class LogitFuse:
+    def __init__(self, registry: Registry | str | Path, pool: ModelPool | None = None) -> None:
+        self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
+        self.pool = pool or ModelPool(self.registry)
+        self.engine = Engine(self.pool.get, self.pool.get, max_batch=self.registry.server.max_batch)
+        self._ids = itertools.count()
+
+    def requests(self, model: str, prompt: Prompt | None = None, sampling: SamplingParams | None = None,
+                 fusion: FusionParams | dict | None = None, messages: Sequence[dict] | None = None,
+                 n: int = 1, rid: str | None = None) -> list[GenerationRequest]:
+        """The engine requests for one prompt (or chat) and n samples (seed + i for sample i)."""
+        if isinstance(fusion, dict):
+            fusion = FusionParams.model_validate(fusion)
+        plan = self.registry.plan(model, fusion)
+        sampling = (sampling or SamplingParams()).check(self.registry.server.max_logprobs)
+        prompts = role_prompts({m: self.pool.get(m) for m in plan.models()}, prompt, messages)
+        rid = rid or f"req-{next(self._ids)}"
+        out = []
+        for i in range(n):
+            sp = sampling if sampling.seed is None or i == 0 else _with_seed(sampling, sampling.seed + i)
+            out.append(GenerationRequest(f"{rid}-{i}" if n > 1 else rid, plan, prompts, sp))
+        return out
+
+    def stream(self, requests: list[GenerationRequest]) -> Iterator[TokenEvent | PromptScores]:
+        """Events of the given requests, batched together, as they are produced."""
+        return self.engine.run(requests)
+
+    def generate(self, model: str, prompts: Sequence[Prompt], sampling: SamplingParams | None = None,
+                 fusion: FusionParams | dict | None = None) -> list[Completion]:
+        """Complete every prompt (decoded together in one batch); results in prompt order."""
+        reqs = [r for p in prompts for r in self.requests(model, p, sampling, fusion)]
+        done = {r.rid: Completion(r.rid) for r in reqs}
+        for ev in self.stream(reqs):
+            done[ev.rid].add(ev)
+        return [done[r.rid] for r in reqs]
+
+
+def _with_seed(sp: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(sp, seed=seed)

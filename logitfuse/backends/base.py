@@ -1,0 +1,66 @@
+"""The backend protocol: what the engine needs of a causal LM, local or remote.
+
+A backend owns its KV state. The engine only asks for prefills of token-id prompts, one- or k-token
+decode steps on a state, and batch surgery on states (select rows, concatenate, drop positions), so a
+remote model or another runtime can implement the same calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from logitfuse.vocab import VocabInfo
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+
+class CausalLM(Protocol):
+    name: str
+    tokenizer: Any
+    device: torch.device
+    max_context: int  # prompt + generated tokens the model accepts
+    logits_width: int  # size of the last dimension of the logits it returns
+    chat_template: bool  # this role formats chat prompts with its tokenizer's template
+
+    def vocab_info(self) -> VocabInfo: ...
+
+    def param_bytes(self) -> int: ...
+
+    def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[Any, torch.Tensor]:
+        """Run ragged prompts; return (state, logits): (B, V) at the last token, or (B, L, V) for every
+        position of the left-padded batch when all_logits (row i's tokens are its last len_i positions)."""
+        ...
+
+    def decode(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens (B, k) to every row of the state; return float32 logits (B, k, V)."""
+        ...
+
+    def select(self, state: Any, rows: list[int]) -> Any:
+        """The state of the given rows only, in that order (rows may repeat)."""
+        ...
+
+    def concat(self, states: list[Any]) -> Any:
+        """One state holding the rows of all the given states, in order."""
+        ...
+
+    def forget_last(self, state: Any, counts: list[int]) -> None:
+        """Make the last counts[i] positions of row i invisible (rejected speculative tokens)."""
+        ...
+
+    def rows(self, state: Any) -> int: ...
+
+
+class RewardModel(Protocol):
+    name: str
+
+    def score(self, texts: list[str]) -> torch.Tensor:
+        """One scalar reward per text, float32 (N,)."""
+        ...

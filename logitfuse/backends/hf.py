@@ -1,0 +1,181 @@
+"""Hugging Face backend: a causal LM from `transformers`, owning its KV cache.
+
+Rows are left-padded; positions come from the attention mask (`cumsum - 1`), so padding, rows joining a
+running batch and forgotten speculative positions never shift a row's positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
+
+from logitfuse.vocab import VocabInfo
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`auto` (or None) picks CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA, float32 on CPU."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class HFState:
+    """KV cache plus the attention mask over its positions, both (B, ...) with T cached positions."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (B, H, T, D)
+    mask: torch.Tensor  # (B, T) long, 1 = visible
+
+    def cache(self) -> DynamicCache:
+        return DynamicCache(ddp_cache_data=self.layers) if self.layers else DynamicCache()
+
+
+def _layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class HFCausalLM:
+    """A `transformers` causal LM behind the backend protocol (see backends/base.py)."""
+
+    def __init__(self, name: str, model, tokenizer, chat_template: bool = False) -> None:
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.device = next(model.parameters()).device
+        cfg = model.config.get_text_config()
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.logits_width = int(model.get_output_embeddings().weight.shape[0])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None,
+             chat_template: bool = False) -> "HFCausalLM":
+        """`from_pretrained` on a local folder or hub id, on the configured device and dtype."""
+        dev = resolve_device(device)
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        return cls(name, model, AutoTokenizer.from_pretrained(path), chat_template=chat_template)
+
+    def vocab_info(self) -> VocabInfo:
+        tok = self.tokenizer
+        special = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")}
+        return VocabInfo(self.name, tok.get_vocab(), special, self.logits_width)
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def rows(self, state: HFState) -> int:
+        return state.mask.shape[0]
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, state: HFState | None, new_mask: torch.Tensor, keep: int):
+        past = state.mask if state is not None else new_mask[:, :0]
+        mask = torch.cat([past, new_mask], dim=-1)  # (B, T + k)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past.shape[1]:]  # (B, k)
+        cache = state.cache() if state is not None else DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=keep)
+        return HFState(_layers_of(out.past_key_values), mask), out.logits.float()
+
+    def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError(f"{self.name}: empty prompt")
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, length - len(p):] = 1
+        state, logits = self._forward(ids.to(self.device), None, mask.to(self.device), 0 if all_logits else 1)
+        return state, (logits if all_logits else logits[:, -1])
+
+    def decode(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device).view(state.mask.shape[0], -1)  # (B, k)
+        new_state, logits = self._forward(tokens, state, torch.ones_like(tokens), 0)
+        state.layers, state.mask = new_state.layers, new_state.mask
+        return logits
+
+    def select(self, state: HFState, rows: list[int]) -> HFState:
+        idx = torch.tensor(rows, dtype=torch.long, device=state.mask.device)
+        mask = state.mask.index_select(0, idx)
+        layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in state.layers]
+        return _trim(HFState(layers, mask))
+
+    def concat(self, states: list[HFState]) -> HFState:
+        length = max(s.mask.shape[1] for s in states)
+        pads = [length - s.mask.shape[1] for s in states]
+        mask = torch.cat([_left_pad(s.mask, n, 1) for s, n in zip(states, pads)], dim=0)
+        layers = []
+        for i in range(len(states[0].layers)):
+            keys = torch.cat([_left_pad(s.layers[i][0], n, 2) for s, n in zip(states, pads)], dim=0)
+            values = torch.cat([_left_pad(s.layers[i][1], n, 2) for s, n in zip(states, pads)], dim=0)
+            layers.append((keys, values))
+        return HFState(layers, mask)
+
+    def forget_last(self, state: HFState, counts: list[int]) -> None:
+        t = state.mask.shape[1]
+        mask = state.mask.clone()
+        for row, n in enumerate(counts):
+            if n > 0:
+                mask[row, t - n:] = 0
+        state.mask = mask
+
+
+def _trim(state: HFState) -> HFState:
+    """Drop leading positions no row can see (left padding left behind by rows that finished)."""
+    visible = state.mask.any(dim=0).nonzero()
+    start = int(visible[0]) if visible.numel() else state.mask.shape[1]
+    if start == 0:
+        return state
+    return HFState([(k[:, :, start:], v[:, :, start:]) for k, v in state.layers], state.mask[:, start:])
+
+
+class HFReward:
+    """A sequence classifier whose first logit is the reward (Transfer Q*'s reward model)."""
+
+    def __init__(self, name: str, model, tokenizer) -> None:
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None) -> "HFReward":
+        dev = resolve_device(device)
+        hf_logging.disable_progress_bar()
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
+        return cls(name, model, AutoTokenizer.from_pretrained(path))
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def score(self, texts: list[str]) -> torch.Tensor:
+        self.tokenizer.padding_side = "right"
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        return self.model(**enc).logits[:, 0].float()

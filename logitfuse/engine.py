@@ -1,0 +1,216 @@
+"""Continuous batching over fused decoding.
+
+Every model keeps one batched KV state (a Slot) holding the rows of all sequences that use it, so a model
+shared by several roles or requests runs once per step. New sequences are prefilled and join at step
+boundaries; finished ones leave. Each step fuses rows in groups that share a method and roles (per-row
+coefficients), samples every row with its own generator, and then advances every model by one token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from logitfuse.fuser import Fuser, score_prompt
+from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent, TopLogprob
+from logitfuse.sampling import SamplingTensors, make_generator, sample, token_logprobs, top_logprobs
+from logitfuse.stopping import StopChecker
+
+
+@dataclass
+class Slot:
+    """One model's batched state: rows[i] is the sequence id of row i; logits (B_m, V) at each row's end."""
+
+    backend: object
+    state: object
+    rows: list[str]
+    logits: torch.Tensor
+
+    def index(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.rows)}
+
+
+@dataclass
+class Sequence:
+    req: GenerationRequest
+    stopper: StopChecker
+    generator: torch.Generator
+    rollout_generator: torch.Generator
+    last_token: int = -1
+    aborted: str | None = None
+    diagnostics: list = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, get_backend: Callable[[str], object], get_reward: Callable[[str], object] | None = None,
+                 max_batch: int = 64) -> None:
+        self.fuser = Fuser(get_backend, get_reward)
+        self.get_backend = get_backend
+        self.max_batch = max_batch
+        self.waiting: deque[GenerationRequest] = deque()
+        self.seqs: dict[str, Sequence] = {}
+        self.slots: dict[str, Slot] = {}
+
+    # -- requests in and out -------------------------------------------------------------------------
+    def check(self, req: GenerationRequest) -> None:
+        """Raise InvalidRequest for a request this engine cannot run (context overflow, vocab mismatch...)."""
+        plan, sp = req.plan, req.sampling
+        self.fuser.alignment(plan)
+        for name in plan.models():
+            backend = self.get_backend(name)
+            n = len(req.prompts[name])
+            if n == 0:
+                raise InvalidRequest("prompt must contain at least one token", "prompt")
+            if n + sp.max_tokens > backend.max_context:
+                raise InvalidRequest(
+                    f"this model's maximum context length is {backend.max_context} tokens; the prompt has {n} "
+                    f"tokens and max_tokens is {sp.max_tokens} ({n + sp.max_tokens} in all)", "max_tokens")
+        if sp.prompt_logprobs and plan.method == "tqstar":
+            raise InvalidRequest("echo with logprobs (prompt scoring) is not available for method tqstar", "echo")
+        if sp.prompt_logprobs and len({tuple(p) for p in req.prompts.values()}) > 1:
+            raise InvalidRequest("prompt scoring needs the same prompt tokens for every role", "echo")
+
+    def add(self, req: GenerationRequest) -> None:
+        if req.rid in self.seqs or any(r.rid == req.rid for r in self.waiting):
+            raise ValueError(f"duplicate request id {req.rid!r}")
+        self.check(req)
+        self.waiting.append(req)
+
+    def abort(self, rid: str, reason: str = "abort") -> None:
+        """Stop a sequence at the next step boundary (a disconnected client, a deadline)."""
+        if rid in self.seqs:
+            self.seqs[rid].aborted = reason
+        else:
+            self.waiting = deque(r for r in self.waiting if r.rid != rid)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.seqs)
+
+    def run(self, requests: list[GenerationRequest]) -> Iterator[TokenEvent | PromptScores]:
+        """Decode the given requests to the end, yielding events as they come (the library's generator)."""
+        for r in requests:
+            self.add(r)
+        while self.has_work():
+            yield from self.step()
+
+    # -- one step --------------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent | PromptScores]:
+        events: list[TokenEvent | PromptScores] = []
+        self._admit(events)
+        self._reap_aborted(events)
+        if self.seqs:
+            finished = self._fuse_and_sample(events)
+            self._drop(finished)
+            self._advance()
+        return events
+
+    def _admit(self, events: list) -> None:
+        new: list[GenerationRequest] = []
+        while self.waiting and len(self.seqs) + len(new) < self.max_batch:
+            new.append(self.waiting.popleft())
+        if not new:
+            return
+        scoring = any(r.sampling.prompt_logprobs for r in new)
+        full: dict[tuple[str, str], torch.Tensor] = {}
+        for name in dict.fromkeys(n for r in new for n in r.plan.models()):
+            users = [r for r in new if name in r.plan.models()]
+            backend = self.get_backend(name)
+            prompts = [r.prompts[name] for r in users]
+            state, logits = backend.prefill(prompts, all_logits=scoring)
+            if scoring:
+                for i, r in enumerate(users):
+                    full[(r.rid, name)] = logits[i, logits.shape[1] - len(prompts[i]):]  # (L_i, V)
+                logits = logits[:, -1]
+            self._join(name, backend, state, [r.rid for r in users], logits)
+        for r in new:
+            self.seqs[r.rid] = self._sequence(r)
+            if r.sampling.prompt_logprobs:
+                events.append(score_prompt(self.fuser, r, {n: full[(r.rid, n)] for n in r.plan.models()}))
+            if r.sampling.max_tokens == 0:
+                self.seqs[r.rid].aborted = "length"
+
+    def _sequence(self, r: GenerationRequest) -> Sequence:
+        sp, base = r.sampling, self.get_backend(r.plan.base)
+        stopper = StopChecker(base.tokenizer, sp.stop, sp.stop_token_ids,
+                              None if sp.ignore_eos else base.tokenizer.eos_token_id, sp.max_tokens,
+                              min(self.get_backend(n).max_context for n in r.plan.models()), r.prompt_ids)
+        seed = sp.seed
+        return Sequence(r, stopper, make_generator(seed), make_generator(None if seed is None else seed + 1))
+
+    def _join(self, name: str, backend, state, rids: list[str], logits: torch.Tensor) -> None:
+        slot = self.slots.get(name)
+        if slot is None:
+            self.slots[name] = Slot(backend, state, rids, logits)
+            return
+        slot.state = backend.concat([slot.state, state])
+        slot.rows += rids
+        slot.logits = torch.cat([slot.logits, logits.to(slot.logits.device)], dim=0)
+
+    def _reap_aborted(self, events: list) -> None:
+        gone = [rid for rid, s in self.seqs.items() if s.aborted]
+        for rid in gone:
+            s = self.seqs[rid]
+            events.append(TokenEvent(rid, None, s.stopper.flush(), finish_reason=s.aborted,
+                                     prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.stopper.generated))
+        self._drop(gone)
+
+    def _fuse_and_sample(self, events: list) -> list[str]:
+        groups: dict[tuple, list[Sequence]] = {}
+        for s in self.seqs.values():
+            groups.setdefault(s.req.plan.group_key(), []).append(s)
+        finished = []
+        for seqs in groups.values():
+            scores, diags = self.fuser.fuse(seqs, self.slots)  # (b, V)
+            finished += self._sample_group(seqs, scores, diags, events)
+        return finished
+
+    def _sample_group(self, seqs: list[Sequence], scores: torch.Tensor, diags: list | None, events: list):
+        sp = [s.req.sampling for s in seqs]
+        params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device)
+        tokens = sample(scores, params, [s.generator for s in seqs])
+        chosen = token_logprobs(scores, tokens).tolist()
+        n_top = max((p.logprobs or 0) for p in sp)
+        top_ids, top_lp = top_logprobs(scores, n_top) if n_top else (None, None)
+        tok = self.get_backend(seqs[0].req.plan.base).tokenizer
+        finished = []
+        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
+            s.last_token = t
+            delta, reason = s.stopper.add(t)
+            top = None
+            if s.req.sampling.logprobs is not None:
+                k = s.req.sampling.logprobs
+                top = [TopLogprob(j, tok.decode([j]), v)
+                       for j, v in zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())] if k else []
+            events.append(TokenEvent(
+                s.req.rid, t, delta, chosen[i], top, diags[i] if diags else None, reason,
+                prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.stopper.generated))
+            if reason:
+                finished.append(s.req.rid)
+        return finished
+
+    def _drop(self, rids: list[str]) -> None:
+        if not rids:
+            return
+        gone = set(rids)
+        for rid in rids:
+            self.seqs.pop(rid, None)
+        for name in list(self.slots):
+            slot = self.slots[name]
+            keep = [i for i, r in enumerate(slot.rows) if r not in gone]
+            if len(keep) == len(slot.rows):
+                continue
+            if not keep:
+                del self.slots[name]
+                continue
+            slot.state = slot.backend.select(slot.state, keep)
+            slot.rows = [slot.rows[i] for i in keep]
+            slot.logits = slot.logits[keep]
+
+    def _advance(self) -> None:
+        """Every model takes its rows' newly sampled tokens: one forward per model per step."""
+        for slot in self.slots.values():
+            tokens = torch.tensor([self.seqs[r].last_token for r in slot.rows], dtype=torch.long)
+            slot.logits = slot.backend.decode(slot.state, tokens.view(-1, 1))[:, 0]

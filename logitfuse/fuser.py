@@ -1,0 +1,102 @@
+"""From the models' logits to fused scores for a group of rows: gather, align vocabularies, dispatch.
+
+The math is in fusion.py and weights.py; this module only gathers each row's logits from the models'
+batched slots, applies the ensemble's vocabulary alignment and calls the method's pure function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from logitfuse import fusion
+from logitfuse.plan import FusionPlan
+from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TopLogprob
+from logitfuse.vocab import Alignment, VocabMismatchError, align
+from logitfuse.weights import make_grid, solve_dlf
+
+
+class Fuser:
+    def __init__(self, get_backend: Callable[[str], object], get_reward: Callable[[str], object] | None) -> None:
+        self.get_backend = get_backend
+        self.get_reward = get_reward
+        self._alignments: dict[tuple[str, ...], Alignment] = {}
+
+    def alignment(self, plan: FusionPlan) -> Alignment:
+        """The shared vocabulary of the plan's models, checked once per set of models."""
+        key = plan.models()
+        if key not in self._alignments:
+            try:
+                self._alignments[key] = align([self.get_backend(n).vocab_info() for n in key])
+            except VocabMismatchError as err:
+                raise InvalidRequest(str(err), "model") from None
+        return self._alignments[key]
+
+    def fuse(self, seqs: list, slots: dict) -> tuple[torch.Tensor, list | None]:
+        """Fused scores (b, V) for rows sharing one plan group, and per-row diagnostics."""
+        plan = seqs[0].req.plan
+        rids = [s.req.rid for s in seqs]
+
+        def rows_of(name: str) -> torch.Tensor:
+            slot = slots[name]
+            where = slot.index()
+            idx = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
+            return slot.logits.index_select(0, idx)
+
+        if plan.method == "tqstar":
+            from logitfuse.tqstar import tqstar_step
+
+            base = self.alignment(plan).apply(rows_of(plan.base))
+            return tqstar_step(self, seqs, slots, base)
+        return self.combine([s.req.plan for s in seqs], rows_of)
+
+    def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor]):
+        """none/proxy/eft/dlf for rows with the plans given (same group); rows_of(model) -> (b, V)."""
+        plan = plans[0]
+        al = self.alignment(plan)
+        base = al.apply(rows_of(plan.base)).float()
+        if plan.method == "none":
+            return fusion.base_only(base), None
+        dev = base.device
+        tuned = torch.stack([al.apply(rows_of(e.tuned)).to(dev).float() for e in plan.experts], dim=1)  # (b,T,V)
+        untuned = torch.stack([al.apply(rows_of(e.untuned)).to(dev).float() for e in plan.experts], dim=1)
+        if plan.method == "dlf":
+            grid = make_grid(*plan.grid)
+            result = solve_dlf(base, untuned[:, 0], tuned, grid, plan.mode)
+            w = result.weights.float()
+            names = [e.name for e in plan.experts]
+            diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]
+            return fusion.dlf_combine(base, tuned, untuned, w), diags
+        coef = torch.tensor([p.coef for p in plans], dtype=torch.float32, device=dev)  # (b, T)
+        if plan.method == "proxy":
+            return fusion.proxy_tune(base, tuned, untuned, coef), None
+        if plan.method == "eft":
+            return fusion.eft(base, tuned, untuned, torch.ones(len(plans), device=dev), coef), None
+        raise InvalidRequest(f"unknown method {plan.method!r}", "fusion.method")
+
+
+def score_prompt(fuser: Fuser, req: GenerationRequest, logits: dict[str, torch.Tensor]) -> PromptScores:
+    """Fused log-probability of each prompt token given the tokens before it (first is None).
+
+    logits maps each model to its (L, V) logits over the prompt; position j predicts token j + 1.
+    """
+    ids = req.prompt_ids
+    n = len(ids)
+    plans = [req.plan] * (n - 1)
+    scores, _ = fuser.combine(plans, lambda name: logits[name][: n - 1]) if n > 1 else (None, None)
+    tok = fuser.get_backend(req.plan.base).tokenizer
+    top_n = req.sampling.logprobs or 0
+    lps: list[float | None] = [None]
+    tops: list[list[TopLogprob] | None] = [None]
+    if scores is not None:
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (L-1, V)
+        nxt = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)
+        lps += logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).tolist()
+        if top_n:
+            top = torch.topk(logp, top_n, dim=-1)
+            tops += [[TopLogprob(j, tok.decode([j]), v) for j, v in zip(i_row, v_row)]
+                     for i_row, v_row in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops += [[] for _ in range(n - 1)]
+    return PromptScores(req.rid, list(ids), [tok.decode([i]) for i in ids], lps, tops)

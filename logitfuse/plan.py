@@ -1,0 +1,70 @@
+"""A resolved fusion plan: which models fill which role, and the method's parameters, for one request.
+
+Built by the registry from an ensemble and a request's overrides; frozen, hashable, and free of I/O.
+`group_key` says which rows can be fused in one call (per-row numbers such as alpha may differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("none", "proxy", "eft", "dlf", "tqstar")
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    name: str
+    tuned: str
+    untuned: str
+
+
+@dataclass(frozen=True)
+class TQStarPlan:
+    baseline: str
+    reward: str
+    baseline_reward: str | None = None  # set: indirect transfer
+    top_k: int = 10
+    alpha: float = 1.0
+    rollouts: int = 1
+    rollout_tokens: int = 20
+    beta: float = 2.0  # temperature of the indirect importance weight
+
+    @property
+    def work(self) -> int:
+        """Rollout tokens per generated token: k * N * m."""
+        return self.top_k * self.rollouts * self.rollout_tokens
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    method: str
+    base: str
+    experts: tuple[ExpertRef, ...] = ()
+    coef: tuple[float, ...] = ()  # per expert: alpha * w_i (proxy) or beta * w_i (eft)
+    grid: tuple[float, float, float] = (0.0, 2.0, 0.1)  # dlf: start, stop, step
+    mode: str = "one_expert"  # dlf
+    tqstar: TQStarPlan | None = None
+    ensemble: str | None = None  # the registry name the request used
+
+    def models(self) -> tuple[str, ...]:
+        """Every causal LM the plan runs, each once (a shared untuned model appears once)."""
+        names = [self.base]
+        for e in self.experts:
+            names += [e.tuned, e.untuned]
+        if self.tqstar is not None:
+            names.append(self.tqstar.baseline)
+        return tuple(dict.fromkeys(names))
+
+    def rewards(self) -> tuple[str, ...]:
+        if self.tqstar is None:
+            return ()
+        return tuple(n for n in (self.tqstar.reward, self.tqstar.baseline_reward) if n)
+
+    def group_key(self) -> tuple:
+        """Rows with equal keys are fused together; coefficients stay per row."""
+        roles = tuple((e.tuned, e.untuned) for e in self.experts)
+        if self.method == "dlf":
+            return (self.method, self.base, roles, self.grid, self.mode)
+        if self.method == "tqstar":
+            return (self.method, self.base, self.tqstar)
+        return (self.method, self.base, roles)

@@ -1,0 +1,206 @@
+"""The registry: configs/*.yaml validated into frozen pydantic models, and name lookup into fusion plans.
+
+Paths in the file are relative to the file. Unknown names raise UnknownName listing what is known.
+Method defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from logitfuse.plan import METHODS, ExpertRef, FusionPlan, TQStarPlan
+from logitfuse.request import InvalidRequest, UnknownName
+
+Method = Literal["none", "proxy", "eft", "dlf", "tqstar"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RemoteSpec(Frozen):
+    url: str
+    model: str
+    api_key_env: str | None = None
+    top_logprobs: int = 20
+
+
+class ModelSpec(Frozen):
+    path: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    chat_template: bool = False  # this role formats chat prompts with its tokenizer's template
+    remote: RemoteSpec | None = None
+    tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.path is None) == (self.remote is None):
+            raise ValueError("a model needs exactly one of 'path' or 'remote'")
+        return self
+
+
+class RewardSpec(Frozen):
+    path: str
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+class ExpertSpec(Frozen):
+    tuned: str
+    untuned: str
+
+
+class FusionParams(Frozen):
+    """Method parameters: the same fields in an ensemble entry and in a request's `fusion` object."""
+
+    method: Method | None = None
+    experts: list[str] | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    weights: list[float] | None = None
+    grid: tuple[float, float, float] | None = None
+    mode: Literal["one_expert", "joint"] | None = None
+    baseline: str | None = None
+    reward: str | None = None
+    baseline_reward: str | None = None
+    top_k: int | None = Field(default=None, ge=1, le=100)
+    rollouts: int | None = Field(default=None, ge=1, le=16)
+    rollout_tokens: int | None = Field(default=None, ge=1, le=256)
+
+    def merged(self, override: "FusionParams | None") -> "FusionParams":
+        """Fields set in override replace ours."""
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_unset=True, exclude_none=True))
+
+
+class EnsembleSpec(FusionParams):
+    base: str
+    method: Method = "proxy"
+
+
+class ServerSpec(Frozen):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    memory_budget_mb: int = 8192  # loaded checkpoints beyond this are evicted, least recently used first
+    max_batch: int = 64  # sequences decoded together
+    max_queue: int = 1024  # waiting sequences before 429
+    max_logprobs: int = 20
+    max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token
+    api_keys: list[str] = []
+    preload: bool = True  # load the models of every ensemble at start-up
+
+
+class Registry(Frozen):
+    models: dict[str, ModelSpec]
+    rewards: dict[str, RewardSpec] = {}
+    experts: dict[str, ExpertSpec] = {}
+    ensembles: dict[str, EnsembleSpec] = {}
+    server: ServerSpec = ServerSpec()
+    root: str = "."  # the folder paths are relative to (set by load)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Registry":
+        for name, e in self.experts.items():
+            for role in ("tuned", "untuned"):
+                if getattr(e, role) not in self.models:
+                    raise ValueError(f"experts.{name}.{role}: unknown model {getattr(e, role)!r}")
+        for name in self.ensembles:
+            try:
+                self.plan(name)
+            except (UnknownName, InvalidRequest) as err:
+                raise ValueError(f"ensembles.{name}: {err}") from None
+        return self
+
+    @staticmethod
+    def load(path: str | Path) -> "Registry":
+        """Read and validate a YAML registry; errors name the offending key."""
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        data["root"] = str(path.resolve().parent)
+        try:
+            return Registry.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"invalid registry {path}: {where}: {first['msg']}") from None
+
+    def resolve_path(self, p: str) -> str:
+        """Relative paths are relative to the registry file; anything else (a hub id) is left alone."""
+        local = Path(self.root) / p
+        return str(local) if not Path(p).is_absolute() and (local.exists() or p.startswith(".")) else p
+
+    def names(self) -> list[str]:
+        """Everything a request's `model` can name: ensembles first, then bare models."""
+        return list(self.ensembles) + list(self.models)
+
+    def plan(self, model: str, fusion: FusionParams | None = None) -> FusionPlan:
+        """The plan for a request naming `model` (an ensemble or a bare model) with optional overrides."""
+        if model in self.ensembles:
+            spec = self.ensembles[model]
+            params, base = FusionParams(**spec.model_dump(exclude={"base"})).merged(fusion), spec.base
+        elif model in self.models:
+            params, base = FusionParams(method="none").merged(fusion), model
+        else:
+            raise UnknownName(f"model {model!r} not found; available: {', '.join(self.names())}", param="model")
+        if base not in self.models:
+            raise UnknownName(f"base model {base!r} not found; available: {', '.join(self.models)}", param="base")
+        return _build_plan(self, params, base, ensemble=model)
+
+    def _lookup(self, table: dict, name: str, kind: str, param: str):
+        if name not in table:
+            raise UnknownName(f"{kind} {name!r} not found; available: {', '.join(table) or '(none)'}", param=param)
+        return table[name]
+
+
+def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str) -> FusionPlan:
+    method = p.method or "proxy"
+    if method not in METHODS:
+        raise InvalidRequest(f"fusion.method must be one of {METHODS}, got {method!r}", "fusion.method")
+    if method == "none":
+        return FusionPlan("none", base, ensemble=ensemble)
+    if method == "tqstar":
+        return FusionPlan("tqstar", base, tqstar=_tqstar(reg, p), ensemble=ensemble)
+    names = p.experts or []
+    if not names:
+        raise InvalidRequest(f"fusion.experts: method {method!r} needs at least one expert", "fusion.experts")
+    experts = tuple(
+        ExpertRef(n, reg._lookup(reg.experts, n, "expert", "fusion.experts").tuned, reg.experts[n].untuned)
+        for n in names
+    )
+    weights = p.weights if p.weights is not None else [1.0 / len(names)] * len(names)
+    if len(weights) != len(names):
+        raise InvalidRequest(
+            f"fusion.weights needs one weight per expert ({len(names)}), got {len(weights)}", "fusion.weights"
+        )
+    scale = (p.alpha if p.alpha is not None else 1.0) if method == "proxy" else (p.beta if p.beta is not None else 1.0)
+    if method == "dlf":
+        if len({e.untuned for e in experts}) != 1:
+            raise InvalidRequest("fusion.experts: dlf needs experts tuned from one untuned model", "fusion.experts")
+        grid = p.grid or (0.0, 2.0, 0.1)
+        if not (grid[2] > 0 and grid[1] >= grid[0] and (grid[1] - grid[0]) / grid[2] <= 200):
+            raise InvalidRequest(f"fusion.grid must be [start, stop, step] with step > 0 and at most 200 "
+                                 f"points, got {list(grid)}", "fusion.grid")
+        return FusionPlan("dlf", base, experts, grid=tuple(grid), mode=p.mode or "one_expert", ensemble=ensemble)
+    return FusionPlan(method, base, experts, coef=tuple(scale * w for w in weights), ensemble=ensemble)
+
+
+def _tqstar(reg: Registry, p: FusionParams) -> TQStarPlan:
+    if not p.baseline or not p.reward:
+        raise InvalidRequest("fusion: tqstar needs 'baseline' (a model) and 'reward' (a reward model)", "fusion")
+    reg._lookup(reg.models, p.baseline, "model", "fusion.baseline")
+    reg._lookup(reg.rewards, p.reward, "reward model", "fusion.reward")
+    if p.baseline_reward:
+        reg._lookup(reg.rewards, p.baseline_reward, "reward model", "fusion.baseline_reward")
+    alpha = p.alpha if p.alpha is not None else 1.0
+    if alpha <= 0:
+        raise InvalidRequest(f"fusion.alpha must be > 0 for tqstar, got {alpha}", "fusion.alpha")
+    return TQStarPlan(
+        baseline=p.baseline, reward=p.reward, baseline_reward=p.baseline_reward, top_k=p.top_k or 10, alpha=alpha,
+        rollouts=p.rollouts or 1, rollout_tokens=p.rollout_tokens or (5 if p.baseline_reward else 20),
+    )

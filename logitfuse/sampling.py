@@ -1,0 +1,112 @@
+"""Pure: temperature, top-k / top-p / min-p on fused scores, seeded per-row sampling, logprobs.
+
+All functions take per-row parameters as (B,) tensors so one batch can mix requests. A row with
+temperature 0 is greedy. Each row samples with its own torch.Generator, so a seeded request gives the
+same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    temperature: torch.Tensor  # (B,) 0 = greedy
+    top_k: torch.Tensor  # (B,) int, <= 0 = off
+    top_p: torch.Tensor  # (B,) in (0, 1]
+    min_p: torch.Tensor  # (B,) in [0, 1]
+
+    @staticmethod
+    def build(rows: list[tuple[float, int, float, float]], device: torch.device | str = "cpu") -> "SamplingTensors":
+        """From (temperature, top_k, top_p, min_p) per row."""
+        t, k, p, m = zip(*rows) if rows else ((), (), (), ())
+        f = dict(dtype=torch.float32, device=device)
+        return SamplingTensors(
+            torch.tensor(t, **f), torch.tensor(k, dtype=torch.long, device=device), torch.tensor(p, **f),
+            torch.tensor(m, **f),
+        )
+
+
+def apply_temperature(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """scores / T per row; greedy rows (T = 0) are left as they are."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(scores.dtype)
+    return scores / t.unsqueeze(-1)
+
+
+def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k best scores (k <= 0 keeps all). (B, V)."""
+    v = scores.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=v), torch.full_like(top_k, v))
+    kth = torch.sort(scores, dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))  # (B, 1)
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def apply_top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus: keep the smallest set of best tokens whose probability reaches top_p (at least one)."""
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+    drop_sorted = before >= top_p.to(probs.dtype).unsqueeze(-1)
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, NEG_INF)
+
+
+def apply_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the best token's probability."""
+    logp = torch.log_softmax(scores, dim=-1)
+    threshold = logp.max(dim=-1, keepdim=True).values + torch.log(min_p.to(logp.dtype).clamp(min=1e-30)).unsqueeze(-1)
+    drop = (logp < threshold) & (min_p > 0).unsqueeze(-1)
+    return scores.masked_fill(drop, NEG_INF)
+
+
+def warp(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """The sampling distribution's scores: temperature, then top-k, top-p, min-p (vLLM's order)."""
+    out = apply_temperature(scores, params.temperature)
+    if bool((params.top_k > 0).any()):
+        out = apply_top_k(out, params.top_k)
+    if bool((params.top_p < 1).any()):
+        out = apply_top_p(out, params.top_p)
+    if bool((params.min_p > 0).any()):
+        out = apply_min_p(out, params.min_p)
+    return out
+
+
+def sample(scores: torch.Tensor, params: SamplingTensors, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row: argmax for greedy rows, else a draw from softmax(warp(scores)). (B, V) -> (B,)."""
+    greedy = params.temperature <= 0
+    tokens = scores.argmax(dim=-1)
+    if bool(greedy.all()):
+        return tokens
+    probs = torch.softmax(warp(scores, params).float(), dim=-1).cpu()
+    tokens = tokens.cpu()
+    for i in torch.nonzero(~greedy.cpu()).flatten().tolist():
+        tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i]).item()
+    return tokens.to(scores.device)
+
+
+def token_logprobs(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each chosen token under the fused distribution (before sampling warps). (B,)."""
+    return torch.log_softmax(scores.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def top_logprobs(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n most likely tokens of the fused distribution and their log-probabilities, each (B, n)."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    top = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
+    return top.indices, top.values
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A per-row CPU generator: seeded when the request gave a seed, else from fresh entropy."""
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

@@ -1,0 +1,104 @@
+"""Pure: the per-step weight problem of dynamic logit fusion (Fan et al., 2024, "On Giant's Shoulders").
+
+At every step and row, choose expert weights `a` minimising
+    sum_t [ (KL(P~(a) || P) - KL(Q_t || Q))^2 + (KL(P || P~(a)) - KL(Q || Q_t))^2 ]
+with P = softmax(z_L), Q = softmax(z_S), Q_t = softmax(z_S+_t), P~(a) = softmax(z_L + sum_t a_t (z_S+_t - z_S)).
+The sum runs over all T experts. The search is on a grid, vectorised over (B, G, V) per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from logitfuse.fusion import steer
+
+
+def make_grid(start: float = 0.0, stop: float = 2.0, step: float = 0.1) -> torch.Tensor:
+    """Grid points start, start+step, ..., stop built as start + k*step (no accumulated float drift)."""
+    n = int(round((stop - start) / step))
+    return torch.tensor([round(start + k * step, 10) for k in range(n + 1)], dtype=torch.float64)
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) over the last dimension from log-probs; terms with P = 0 contribute 0 (no NaN)."""
+    p = p_log.exp()
+    diff = torch.where(p > 0, p_log - q_log, torch.zeros_like(p_log))
+    return (p * diff).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class DLFResult:
+    weights: torch.Tensor  # (B, T) chosen weight per expert (one nonzero column per row in one_expert mode)
+    loss: torch.Tensor  # (B,) loss at the chosen weights
+
+
+def _targets(l_small: torch.Tensor, l_tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(Q_t || Q) and KL(Q || Q_t), each (B, T)."""
+    l_small_t = l_small.unsqueeze(1).expand_as(l_tuned)
+    return kl(l_tuned, l_small_t), kl(l_small_t, l_tuned)
+
+
+def _loss(l_large: torch.Tensor, fused: torch.Tensor, fwd_t: torch.Tensor, rev_t: torch.Tensor) -> torch.Tensor:
+    """Loss for candidates fused (B, C, V) against targets (B, T) -> (B, C)."""
+    l_fused = torch.log_softmax(fused, dim=-1)
+    l_large_c = l_large.unsqueeze(1).expand_as(l_fused)
+    fwd = kl(l_fused, l_large_c).unsqueeze(-1)  # (B, C, 1)
+    rev = kl(l_large_c, l_fused).unsqueeze(-1)
+    return ((fwd - fwd_t.unsqueeze(1)) ** 2 + (rev - rev_t.unsqueeze(1)) ** 2).sum(dim=-1)
+
+
+def _candidates(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Fused logits for every candidate weight matrix a (B, C, T) -> (B, C, V)."""
+    b, c, t = a.shape
+    v = z_large.shape[-1]
+    base = z_large.unsqueeze(1).expand(b, c, v).reshape(b * c, v)
+    tuned = z_tuned.unsqueeze(1).expand(b, c, t, v).reshape(b * c, t, v)
+    small = z_small.unsqueeze(1).expand(b, c, v).reshape(b * c, v)
+    return steer(base, tuned, small, a.reshape(b * c, t)).reshape(b, c, v)
+
+
+def solve_dlf(
+    z_large: torch.Tensor,
+    z_small: torch.Tensor,
+    z_tuned: torch.Tensor,
+    grid: torch.Tensor | None = None,
+    mode: str = "one_expert",
+) -> DLFResult:
+    """DLF weights per row. z_large (B, V), z_small (B, V), z_tuned (B, T, V); grid (G,).
+
+    one_expert: each expert alone on the grid, one (expert, a) kept per row (the paper's default).
+    joint: coordinate search, each expert in turn on the grid with the others at their current values.
+    Ties keep the first grid point (strict <), so equal losses return the smallest weight.
+    """
+    grid = (make_grid() if grid is None else grid).to(z_large.device, z_large.dtype)
+    b, t, _ = z_tuned.shape
+    g = grid.numel()
+    l_large = torch.log_softmax(z_large, dim=-1)
+    fwd_t, rev_t = _targets(torch.log_softmax(z_small, dim=-1), torch.log_softmax(z_tuned, dim=-1))
+    if mode == "one_expert":
+        eye = torch.eye(t, dtype=z_large.dtype, device=z_large.device)  # (T, T)
+        a = (eye.unsqueeze(1) * grid.view(1, g, 1)).reshape(1, t * g, t).expand(b, t * g, t)  # (B, T*G, T)
+        loss = _loss(l_large, _candidates(z_large, z_small, z_tuned, a), fwd_t, rev_t)  # (B, T*G)
+        best = torch.argmin(loss, dim=-1)  # first minimum
+        return DLFResult(a[torch.arange(b), best], loss.gather(-1, best.unsqueeze(-1)).squeeze(-1))
+    if mode == "joint":
+        return _solve_joint(z_large, z_small, z_tuned, grid, l_large, fwd_t, rev_t)
+    raise ValueError(f"unknown DLF mode {mode!r}; expected 'one_expert' or 'joint'")
+
+
+def _solve_joint(z_large, z_small, z_tuned, grid, l_large, fwd_t, rev_t, sweeps: int = 2) -> DLFResult:
+    b, t, _ = z_tuned.shape
+    g = grid.numel()
+    current = torch.zeros(b, t, dtype=z_large.dtype, device=z_large.device)
+    loss = None
+    for _ in range(sweeps):
+        for e in range(t):
+            a = current.unsqueeze(1).repeat(1, g, 1)  # (B, G, T)
+            a[:, :, e] = grid
+            cand = _loss(l_large, _candidates(z_large, z_small, z_tuned, a), fwd_t, rev_t)  # (B, G)
+            best = torch.argmin(cand, dim=-1)
+            current[:, e] = grid[best]
+            loss = cand.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+    return DLFResult(current, loss)

@@ -1,0 +1,52 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.tiny import build_family  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("family"))
+
+
+TINY_CONFIG = """
+models:
+  base-large: {{path: {base-large}, dtype: float32, chat_template: true}}
+  base-small: {{path: {base-small}, dtype: float32, chat_template: true}}
+  tuned-a: {{path: {tuned-a}, dtype: float32, chat_template: true}}
+  tuned-b: {{path: {tuned-b}, dtype: float32, chat_template: true}}
+  padded: {{path: {padded}, dtype: float32}}
+  foreign: {{path: {foreign}, dtype: float32}}
+rewards:
+  rm: {{path: {reward}, dtype: float32}}
+experts:
+  a: {{tuned: tuned-a, untuned: base-small}}
+  b: {{tuned: tuned-b, untuned: base-small}}
+  pad: {{tuned: padded, untuned: base-small}}
+  alien: {{tuned: foreign, untuned: base-small}}
+ensembles:
+  proxy-a: {{base: base-large, method: proxy, experts: [a], alpha: 1.0}}
+  eft-ab: {{base: base-large, method: eft, experts: [a, b], weights: [0.5, 0.5], beta: 1.0}}
+  dlf-ab: {{base: base-large, method: dlf, experts: [a, b]}}
+  tq: {{base: base-large, method: tqstar, baseline: tuned-a, reward: rm, top_k: 4, rollout_tokens: 3}}
+server: {{memory_budget_mb: 512, max_batch: 16}}
+"""
+
+
+@pytest.fixture(scope="session")
+def config_file(family, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY_CONFIG.format(**{k: str(v) for k, v in family.items()}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def lf(config_file):
+    from logitfuse import LogitFuse
+
+    return LogitFuse(config_file)
