@@ -73,10 +73,13 @@ class FusionParams(Frozen):
     rollout_tokens: int | None = Field(default=None, ge=1, le=256)
 
     def merged(self, override: "FusionParams | None") -> "FusionParams":
-        """Fields set in override replace ours."""
+        """Fields set in override replace ours; new experts without new weights get the default weights."""
         if override is None:
             return self
-        return self.model_copy(update=override.model_dump(exclude_unset=True, exclude_none=True))
+        update = override.model_dump(exclude_unset=True, exclude_none=True)
+        if "experts" in update and "weights" not in update:
+            update["weights"] = None
+        return self.model_copy(update=update)
 
 
 class EnsembleSpec(FusionParams):
@@ -139,8 +142,10 @@ class Registry(Frozen):
         """Everything a request's `model` can name: ensembles first, then bare models."""
         return list(self.ensembles) + list(self.models)
 
-    def plan(self, model: str, fusion: FusionParams | None = None) -> FusionPlan:
+    def plan(self, model: str, fusion: FusionParams | dict | None = None) -> FusionPlan:
         """The plan for a request naming `model` (an ensemble or a bare model) with optional overrides."""
+        if isinstance(fusion, dict):
+            fusion = FusionParams.model_validate(fusion)
         if model in self.ensembles:
             spec = self.ensembles[model]
             params, base = FusionParams(**spec.model_dump(exclude={"base"})).merged(fusion), spec.base

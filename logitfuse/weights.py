@@ -69,7 +69,8 @@ def solve_dlf(
     """DLF weights per row. z_large (B, V), z_small (B, V), z_tuned (B, T, V); grid (G,).
 
     one_expert: each expert alone on the grid, one (expert, a) kept per row (the paper's default).
-    joint: coordinate search, each expert in turn on the grid with the others at their current values.
+    joint: coordinate search from the one_expert solution, each expert in turn on the grid with the others
+    at their current values (so it never ends worse than one_expert).
     Ties keep the first grid point (strict <), so equal losses return the smallest weight.
     """
     grid = (make_grid() if grid is None else grid).to(z_large.device, z_large.dtype)
@@ -77,28 +78,30 @@ def solve_dlf(
     g = grid.numel()
     l_large = torch.log_softmax(z_large, dim=-1)
     fwd_t, rev_t = _targets(torch.log_softmax(z_small, dim=-1), torch.log_softmax(z_tuned, dim=-1))
-    if mode == "one_expert":
-        eye = torch.eye(t, dtype=z_large.dtype, device=z_large.device)  # (T, T)
-        a = (eye.unsqueeze(1) * grid.view(1, g, 1)).reshape(1, t * g, t).expand(b, t * g, t)  # (B, T*G, T)
-        loss = _loss(l_large, _candidates(z_large, z_small, z_tuned, a), fwd_t, rev_t)  # (B, T*G)
-        best = torch.argmin(loss, dim=-1)  # first minimum
-        return DLFResult(a[torch.arange(b), best], loss.gather(-1, best.unsqueeze(-1)).squeeze(-1))
-    if mode == "joint":
-        return _solve_joint(z_large, z_small, z_tuned, grid, l_large, fwd_t, rev_t)
-    raise ValueError(f"unknown DLF mode {mode!r}; expected 'one_expert' or 'joint'")
+    if mode not in ("one_expert", "joint"):
+        raise ValueError(f"unknown DLF mode {mode!r}; expected 'one_expert' or 'joint'")
+    eye = torch.eye(t, dtype=z_large.dtype, device=z_large.device)  # (T, T)
+    a = (eye.unsqueeze(1) * grid.view(1, g, 1)).reshape(1, t * g, t).expand(b, t * g, t)  # (B, T*G, T)
+    loss = _loss(l_large, _candidates(z_large, z_small, z_tuned, a), fwd_t, rev_t)  # (B, T*G)
+    best = torch.argmin(loss, dim=-1)  # first minimum
+    result = DLFResult(a[torch.arange(b), best], loss.gather(-1, best.unsqueeze(-1)).squeeze(-1))
+    if mode == "joint" and t > 1:
+        return _solve_joint(z_large, z_small, z_tuned, grid, l_large, fwd_t, rev_t, result)
+    return result
 
 
-def _solve_joint(z_large, z_small, z_tuned, grid, l_large, fwd_t, rev_t, sweeps: int = 2) -> DLFResult:
+def _solve_joint(z_large, z_small, z_tuned, grid, l_large, fwd_t, rev_t, start: DLFResult,
+                 sweeps: int = 2) -> DLFResult:
     b, t, _ = z_tuned.shape
     g = grid.numel()
-    current = torch.zeros(b, t, dtype=z_large.dtype, device=z_large.device)
-    loss = None
+    current, loss = start.weights.clone(), start.loss
     for _ in range(sweeps):
         for e in range(t):
             a = current.unsqueeze(1).repeat(1, g, 1)  # (B, G, T)
             a[:, :, e] = grid
             cand = _loss(l_large, _candidates(z_large, z_small, z_tuned, a), fwd_t, rev_t)  # (B, G)
             best = torch.argmin(cand, dim=-1)
-            current[:, e] = grid[best]
-            loss = cand.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+            better = cand.gather(-1, best.unsqueeze(-1)).squeeze(-1) < loss  # keep ties at the current value
+            current[:, e] = torch.where(better, grid[best], current[:, e])
+            loss = torch.where(better, cand.gather(-1, best.unsqueeze(-1)).squeeze(-1), loss)
     return DLFResult(current, loss)

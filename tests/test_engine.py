@@ -1,0 +1,160 @@
+"""The engine end to end on tiny models: KV-cached fused decoding equals recomputation from scratch,
+seeds, stops, prompt scoring, vocabulary checks."""
+
+import pytest
+import torch
+
+from logitfuse import SamplingParams, fusion
+from logitfuse.request import InvalidRequest
+from logitfuse.weights import make_grid, solve_dlf
+
+PROMPTS = ["the red city of the north", "one", "king queen river blue green"]  # ragged: left padding
+
+
+def recomputed_fused(lf, model, fusion_params, prefix_by_model):
+    """Fused log-probs of the next token, every model run from scratch on its whole prefix (no cache)."""
+    plan = lf.registry.plan(model, fusion_params)
+    z = {n: lf.pool.get(n).prefill([prefix_by_model[n]])[1].double() for n in plan.models()}
+    base = z[plan.base]
+    if plan.method == "none":
+        return torch.log_softmax(base, -1)[0]
+    tuned = torch.stack([z[e.tuned] for e in plan.experts], 1)
+    untuned = torch.stack([z[e.untuned] for e in plan.experts], 1)
+    coef = torch.tensor([plan.coef], dtype=torch.float64)
+    if plan.method == "proxy":
+        out = fusion.proxy_tune(base, tuned, untuned, coef)
+    elif plan.method == "eft":
+        out = fusion.eft(base, tuned, untuned, torch.ones(1, dtype=torch.float64), coef)
+    else:
+        w = solve_dlf(base, untuned[:, 0], tuned, make_grid(*plan.grid), plan.mode).weights
+        out = fusion.dlf_combine(base, tuned, untuned, w)
+    return torch.log_softmax(out, -1)[0]
+
+
+@pytest.mark.parametrize("model,fusion_params", [
+    ("base-large", None), ("proxy-a", None), ("proxy-a", {"alpha": 0.6}), ("eft-ab", None),
+    ("dlf-ab", None), ("dlf-ab", {"mode": "joint"}), ("proxy-a", {"experts": ["a", "b"], "weights": [1.0, -0.5]}),
+])
+def test_cached_batched_decoding_equals_recomputation(lf, model, fusion_params):
+    sp = SamplingParams(max_tokens=6, temperature=0, logprobs=5, ignore_eos=True)
+    reqs = [r for p in PROMPTS for r in lf.requests(model, p, sp, fusion_params)]
+    outs = {r.rid: [] for r in reqs}
+    for ev in lf.stream(reqs):
+        if ev.token_id is not None:
+            outs[ev.rid].append(ev)
+    for r in reqs:
+        assert len(outs[r.rid]) == 6
+        generated = []
+        for ev in outs[r.rid]:
+            ref = recomputed_fused(lf, model, fusion_params, {n: p + generated for n, p in r.prompts.items()})
+            assert ev.token_id == int(ref.argmax())
+            assert ev.logprob == pytest.approx(ref[ev.token_id].item(), abs=1e-5)
+            top_ref = torch.topk(ref, 5)
+            assert [t.token_id for t in ev.top] == top_ref.indices.tolist()
+            assert [t.logprob for t in ev.top] == pytest.approx(top_ref.values.tolist(), abs=1e-5)
+            generated.append(ev.token_id)
+
+
+def test_greedy_is_deterministic(lf):
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    a = lf.generate("eft-ab", PROMPTS, sp)
+    b = lf.generate("eft-ab", PROMPTS, sp)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(lf):
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = lf.generate("proxy-a", [PROMPTS[0]], sp)[0]
+    others = SamplingParams(max_tokens=4, temperature=0.7, seed=7)
+    reqs = (lf.requests("proxy-a", PROMPTS[1], others) + lf.requests("proxy-a", PROMPTS[0], sp)
+            + lf.requests("proxy-a", PROMPTS[2], others, {"alpha": 0.3}))
+    tokens = {r.rid: [] for r in reqs}
+    for ev in lf.stream(reqs):
+        if ev.token_id is not None:
+            tokens[ev.rid].append(ev.token_id)
+    assert tokens[reqs[1].rid] == alone.token_ids
+    again = lf.generate("proxy-a", [PROMPTS[0]], sp)[0]
+    assert again.token_ids == alone.token_ids
+    different = lf.generate("proxy-a", [PROMPTS[0]], SamplingParams(**{**sp.__dict__, "seed": 99}))[0]
+    assert different.token_ids != alone.token_ids
+
+
+def test_stop_token_ids_stop_strings_and_length(lf):
+    free = lf.generate("base-large", [PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 8
+    stop_id = free.token_ids[3]
+    by_id = lf.generate("base-large", [PROMPTS[0]], SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=(stop_id,)))[0]
+    first = free.token_ids.index(stop_id)
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: first + 1]
+    word = free.text.strip().split()[1] if len(free.text.split()) > 1 else free.text.strip()[-2:]
+    by_text = lf.generate("base-large", [PROMPTS[0]], SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, stop=(word,)))[0]
+    assert by_text.finish_reason == "stop"
+    assert by_text.text == free.text[: free.text.index(word)]
+    assert word not in by_text.text
+
+
+def test_prompt_scores_equal_recomputation(lf):
+    sp = SamplingParams(max_tokens=1, temperature=0, logprobs=3, prompt_logprobs=True)
+    req = lf.requests("proxy-a", PROMPTS[0], sp)[0]
+    scores = next(ev for ev in lf.stream([req]) if not hasattr(ev, "token_id"))
+    ids = req.prompt_ids
+    assert scores.token_ids == ids and scores.logprobs[0] is None
+    for j in range(1, len(ids)):
+        ref = recomputed_fused(lf, "proxy-a", None, {n: ids[:j] for n in req.prompts})
+        assert scores.logprobs[j] == pytest.approx(ref[ids[j]].item(), abs=1e-5)
+        assert scores.top[j][0].token_id == int(ref.argmax())
+
+
+def test_max_tokens_zero_scores_only(lf):
+    req = lf.requests("eft-ab", PROMPTS[2], SamplingParams(max_tokens=0, logprobs=1, prompt_logprobs=True))[0]
+    events = list(lf.stream([req]))
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 0
+    assert all(getattr(ev, "token_id", None) is None for ev in events)
+
+
+def test_context_overflow_names_both_numbers(lf):
+    with pytest.raises(InvalidRequest, match=r"256 tokens.*prompt has 3 tokens and max_tokens is 300") as err:
+        lf.engine.add(lf.requests("proxy-a", [5, 6, 7], SamplingParams(max_tokens=300))[0])
+    assert err.value.param == "max_tokens"
+
+
+def test_vocabulary_mismatch_is_refused_naming_both_models(lf):
+    req = lf.requests("proxy-a", [5, 6, 7], SamplingParams(max_tokens=2), {"experts": ["alien"]})[0]
+    with pytest.raises(InvalidRequest, match=r"'base-large' and 'foreign'.*token id \d+"):
+        lf.engine.add(req)
+
+
+def test_padded_vocabulary_tail_is_aligned_and_masked(lf):
+    out = lf.generate("proxy-a", PROMPTS, SamplingParams(max_tokens=5, temperature=1.5, seed=3, logprobs=20),
+                      {"experts": ["pad"]})
+    shared = len(lf.pool.get("base-large").tokenizer)
+    assert all(t < shared for o in out for t in o.token_ids)
+    assert all(lp > float("-inf") for o in out for lp in o.logprobs)
+
+
+def test_dlf_reports_weights_per_step(lf):
+    out = lf.generate("dlf-ab", [PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert len(out.diagnostics) == 4
+    grid = set(make_grid().tolist())
+    for d in out.diagnostics:
+        w = d["dlf_weights"]
+        assert set(w) == {"a", "b"} and sum(v != 0 for v in w.values()) <= 1
+        assert all(round(v, 6) in grid for v in w.values())
+
+
+def test_requests_joining_mid_decode_match_running_alone(lf):
+    sp = SamplingParams(max_tokens=6, temperature=0.8, seed=5, ignore_eos=True, logprobs=0)
+    alone = lf.generate("proxy-a", [PROMPTS[2]], sp)[0]
+    first = lf.requests("proxy-a", PROMPTS[0], SamplingParams(max_tokens=10, temperature=0))
+    late = lf.requests("proxy-a", PROMPTS[2], sp)[0]
+    engine, got = lf.engine, []
+    engine.add(first[0])
+    for _ in range(3):
+        engine.step()
+    engine.add(late)
+    while engine.has_work():
+        got += [ev for ev in engine.step() if ev.rid == late.rid and ev.token_id is not None]
+    assert [ev.token_id for ev in got] == alone.token_ids
+    assert [ev.logprob for ev in got] == pytest.approx(alone.logprobs, abs=1e-5)
