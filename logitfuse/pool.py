@@ -24,7 +24,8 @@ def default_loader(reg: Registry, name: str):
         spec = reg.models[name]
         if spec.remote is not None:
             raise NotImplementedError(f"model {name!r}: remote backends are not available in this version")
-        return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template)
+        return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
+                               spec.gguf_file)
     if name in reg.rewards:
         spec = reg.rewards[name]
         return HFReward.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device)

@@ -34,6 +34,7 @@ class ModelSpec(Frozen):
     dtype: str = "auto"
     device: str = "auto"
     chat_template: bool = False  # this role formats chat prompts with its tokenizer's template
+    gguf_file: str | None = None  # a GGUF checkpoint inside `path` (needs the gguf and accelerate packages)
     remote: RemoteSpec | None = None
     tokenizer: str | None = None
 

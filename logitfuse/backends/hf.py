@@ -72,12 +72,13 @@ class HFCausalLM:
 
     @classmethod
     def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None,
-             chat_template: bool = False) -> "HFCausalLM":
-        """`from_pretrained` on a local folder or hub id, on the configured device and dtype."""
+             chat_template: bool = False, gguf_file: str | None = None) -> "HFCausalLM":
+        """`from_pretrained` on a local folder or hub id (or a GGUF file in it), on the configured device/dtype."""
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
-        return cls(name, model, AutoTokenizer.from_pretrained(path), chat_template=chat_template)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), **extra).to(dev)
+        return cls(name, model, AutoTokenizer.from_pretrained(path, **extra), chat_template=chat_template)
 
     def vocab_info(self) -> VocabInfo:
         tok = self.tokenizer
