@@ -8,6 +8,7 @@ coefficients), samples every row with its own generator, and then advances every
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -150,6 +151,10 @@ class Engine:
         slot.logits = torch.cat([slot.logits, logits.to(slot.logits.device)], dim=0)
 
     def _reap_aborted(self, events: list) -> None:
+        now = time.monotonic()
+        for s in self.seqs.values():
+            if s.req.deadline is not None and now > s.req.deadline and not s.aborted:
+                s.aborted = "abort"
         gone = [rid for rid, s in self.seqs.items() if s.aborted]
         for rid in gone:
             s = self.seqs[rid]

@@ -69,6 +69,7 @@ class GenerationRequest:
     plan: FusionPlan
     prompts: dict[str, list[int]]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    deadline: float | None = None  # time.monotonic() after which the sequence ends with finish_reason "abort"
 
     @property
     def prompt_ids(self) -> list[int]:

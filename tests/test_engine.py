@@ -158,3 +158,19 @@ def test_requests_joining_mid_decode_match_running_alone(lf):
         got += [ev for ev in engine.step() if ev.rid == late.rid and ev.token_id is not None]
     assert [ev.token_id for ev in got] == alone.token_ids
     assert [ev.logprob for ev in got] == pytest.approx(alone.logprobs, abs=1e-5)
+
+
+def test_abort_and_deadline_end_sequences_at_a_step_boundary(lf):
+    import time
+
+    sp = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    a, b = lf.requests("proxy-a", PROMPTS[0], sp) + lf.requests("proxy-a", PROMPTS[1], sp)
+    b.deadline = time.monotonic() - 1
+    engine = lf.engine
+    engine.add(a)
+    engine.add(b)
+    first = engine.step()
+    assert any(ev.rid == b.rid and ev.finish_reason == "abort" for ev in first)
+    engine.abort(a.rid)
+    rest = [ev for ev in engine.step() if ev.rid == a.rid]
+    assert rest[-1].finish_reason == "abort" and not engine.has_work() and not engine.slots
