@@ -35,17 +35,20 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 @dataclass
 class HFState:
-    """KV cache plus the attention mask over its positions, both (B, ...) with T cached positions."""
+    """KV cache plus the attention mask over its positions, both (B, ...) with T cached positions.
+    The cache grows in place during decoding; batch surgery builds a new one."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (B, H, T, D)
+    cache: DynamicCache
     mask: torch.Tensor  # (B, T) long, 1 = visible
 
-    def cache(self) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=self.layers) if self.layers else DynamicCache()
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each (B, H, T, D)."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
 
-
-def _layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    @staticmethod
+    def of(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> "HFState":
+        return HFState(DynamicCache(ddp_cache_data=layers), mask)
 
 
 def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -96,10 +99,10 @@ class HFCausalLM:
         past = state.mask if state is not None else new_mask[:, :0]
         mask = torch.cat([past, new_mask], dim=-1)  # (B, T + k)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past.shape[1]:]  # (B, k)
-        cache = state.cache() if state is not None else DynamicCache()
+        cache = state.cache if state is not None else DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=keep)
-        return HFState(_layers_of(out.past_key_values), mask), out.logits.float()
+        return HFState(out.past_key_values, mask), out.logits.float()
 
     def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
         if any(len(p) == 0 for p in prompts):
@@ -116,14 +119,14 @@ class HFCausalLM:
     def decode(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device).view(state.mask.shape[0], -1)  # (B, k)
         new_state, logits = self._forward(tokens, state, torch.ones_like(tokens), 0)
-        state.layers, state.mask = new_state.layers, new_state.mask
+        state.cache, state.mask = new_state.cache, new_state.mask
         return logits
 
     def select(self, state: HFState, rows: list[int]) -> HFState:
         idx = torch.tensor(rows, dtype=torch.long, device=state.mask.device)
         mask = state.mask.index_select(0, idx)
         layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in state.layers]
-        return _trim(HFState(layers, mask))
+        return _trim(layers, mask)
 
     def concat(self, states: list[HFState]) -> HFState:
         length = max(s.mask.shape[1] for s in states)
@@ -134,7 +137,7 @@ class HFCausalLM:
             keys = torch.cat([_left_pad(s.layers[i][0], n, 2) for s, n in zip(states, pads)], dim=0)
             values = torch.cat([_left_pad(s.layers[i][1], n, 2) for s, n in zip(states, pads)], dim=0)
             layers.append((keys, values))
-        return HFState(layers, mask)
+        return HFState.of(layers, mask)
 
     def forget_last(self, state: HFState, counts: list[int]) -> None:
         t = state.mask.shape[1]
@@ -145,13 +148,13 @@ class HFCausalLM:
         state.mask = mask
 
 
-def _trim(state: HFState) -> HFState:
+def _trim(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> HFState:
     """Drop leading positions no row can see (left padding left behind by rows that finished)."""
-    visible = state.mask.any(dim=0).nonzero()
-    start = int(visible[0]) if visible.numel() else state.mask.shape[1]
-    if start == 0:
-        return state
-    return HFState([(k[:, :, start:], v[:, :, start:]) for k, v in state.layers], state.mask[:, start:])
+    visible = mask.any(dim=0).nonzero()
+    start = int(visible[0]) if visible.numel() else mask.shape[1]
+    if start:
+        layers, mask = [(k[:, :, start:], v[:, :, start:]) for k, v in layers], mask[:, start:]
+    return HFState.of(layers, mask)
 
 
 class HFReward:

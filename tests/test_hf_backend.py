@@ -1,0 +1,63 @@
+"""The HF backend's KV state: ragged prefill, decode, batch surgery and forgotten positions are all
+exactly recomputation from scratch."""
+
+import pytest
+import torch
+
+from logitfuse.backends.hf import HFCausalLM
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+TOL = dict(rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return HFCausalLM.load("base-large", str(family["base-large"]), dtype="float32")
+
+
+def alone(model, ids):
+    return model.prefill([ids])[1][0]
+
+
+def test_ragged_prefill_matches_single_prompts(model):
+    _, last = model.prefill(PROMPTS)
+    _, full = model.prefill(PROMPTS, all_logits=True)
+    for i, p in enumerate(PROMPTS):
+        ref = model.prefill([p], all_logits=True)[1][0]
+        torch.testing.assert_close(full[i, -len(p):], ref, **TOL)
+        torch.testing.assert_close(last[i], ref[-1], **TOL)
+
+
+def test_decode_select_concat_and_forget_equal_recomputation(model):
+    state, _ = model.prefill(PROMPTS)
+    seqs = [list(p) for p in PROMPTS]
+    for step in range(3):
+        toks = torch.tensor([[30 + step]] * 3)
+        out = model.decode(state, toks)[:, 0]
+        for i in range(3):
+            seqs[i].append(30 + step)
+            torch.testing.assert_close(out[i], alone(model, seqs[i]), **TOL)
+    joined = model.concat([model.select(state, [2, 0]), model.prefill([list(range(40, 50))])[0]])
+    seqs = [seqs[2], seqs[0], list(range(40, 50))]
+    out = model.decode(joined, torch.tensor([[50], [50], [50]]))[:, 0]
+    for i in range(3):
+        seqs[i].append(50)
+        torch.testing.assert_close(out[i], alone(model, seqs[i]), **TOL)
+    model.decode(joined, torch.tensor([[60, 61]] * 3))  # a two-token block, then reject some of it per row
+    model.forget_last(joined, [2, 1, 0])
+    kept = [[], [60], [60, 61]]
+    out = model.decode(joined, torch.tensor([[70], [70], [70]]))[:, 0]
+    for i in range(3):
+        torch.testing.assert_close(out[i], alone(model, seqs[i] + kept[i] + [70]), **TOL)
+    assert model.rows(joined) == 3
+
+
+def test_select_trims_padding_no_row_needs(model):
+    state, _ = model.prefill([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]])
+    short = model.select(state, [1])
+    assert short.mask.shape[1] == 2 and all(k.shape[2] == 2 for k, _ in short.layers)
+
+
+def test_empty_prompt_is_refused(model):
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.prefill([[1, 2], []])
