@@ -97,7 +97,7 @@ def sweep(lf: LogitFuse, rows: list[dict]) -> list[dict]:
     out = []
     for a in SWEEP:
         r = evaluate(lf, "large-qa", {"alpha": a}, rows, 0)
-        out.append({"alpha": a, "exact": r["exact"], "first_word": r["first_word"], "answer_loglik": r["answer_loglik"]})
+        out.append({"alpha": a, **{k: r[k] for k in ("exact", "first_word", "answer_loglik")}})
         print(f"alpha {a:4.2f}: exact {r['exact']:.3f}  first {r['first_word']:.3f}  loglik {r['answer_loglik']:.3f}")
     return out
 

@@ -39,7 +39,7 @@ class ModelSpec(Frozen):
     tokenizer: str | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSpec":
+    def _one_source(self) -> ModelSpec:
         if (self.path is None) == (self.remote is None):
             raise ValueError("a model needs exactly one of 'path' or 'remote'")
         return self
@@ -73,7 +73,7 @@ class FusionParams(Frozen):
     rollouts: int | None = Field(default=None, ge=1, le=16)
     rollout_tokens: int | None = Field(default=None, ge=1, le=256)
 
-    def merged(self, override: "FusionParams | None") -> "FusionParams":
+    def merged(self, override: FusionParams | None) -> FusionParams:
         """Fields set in override replace ours; new experts without new weights get the default weights."""
         if override is None:
             return self
@@ -109,7 +109,7 @@ class Registry(Frozen):
     root: str = "."  # the folder paths are relative to (set by load)
 
     @model_validator(mode="after")
-    def _references(self) -> "Registry":
+    def _references(self) -> Registry:
         for name, e in self.experts.items():
             for role in ("tuned", "untuned"):
                 if getattr(e, role) not in self.models:
@@ -122,7 +122,7 @@ class Registry(Frozen):
         return self
 
     @staticmethod
-    def load(path: str | Path) -> "Registry":
+    def load(path: str | Path) -> Registry:
         """Read and validate a YAML registry; errors name the offending key."""
         path = Path(path)
         data = yaml.safe_load(path.read_text()) or {}

@@ -40,7 +40,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N fused logprobs per generated token (0 = only the chosen token's)
     prompt_logprobs: bool = False  # score the prompt (echo + logprobs)
 
-    def check(self, max_logprobs: int = 20) -> "SamplingParams":
+    def check(self, max_logprobs: int = 20) -> SamplingParams:
         """Raise InvalidRequest naming the first out-of-range field; return self."""
         checks = [
             (self.max_tokens >= 0, "max_tokens", "must be >= 0", self.max_tokens),

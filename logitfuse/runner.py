@@ -27,7 +27,7 @@ class EngineRunner:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "EngineRunner":
+    def start(self) -> EngineRunner:
         self._thread = threading.Thread(target=self._loop, name="logitfuse-engine", daemon=True)
         self._thread.start()
         return self

@@ -22,7 +22,7 @@ class SamplingTensors:
     min_p: torch.Tensor  # (B,) in [0, 1]
 
     @staticmethod
-    def build(rows: list[tuple[float, int, float, float]], device: torch.device | str = "cpu") -> "SamplingTensors":
+    def build(rows: list[tuple[float, int, float, float]], device: torch.device | str = "cpu") -> SamplingTensors:
         """From (temperature, top_k, top_p, min_p) per row."""
         t, k, p, m = zip(*rows) if rows else ((), (), (), ())
         f = dict(dtype=torch.float32, device=device)

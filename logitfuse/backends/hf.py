@@ -47,7 +47,7 @@ class HFState:
         return [(layer.keys, layer.values) for layer in self.cache.layers]
 
     @staticmethod
-    def of(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> "HFState":
+    def of(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> HFState:
         return HFState(DynamicCache(ddp_cache_data=layers), mask)
 
 
@@ -75,7 +75,7 @@ class HFCausalLM:
 
     @classmethod
     def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None,
-             chat_template: bool = False, gguf_file: str | None = None) -> "HFCausalLM":
+             chat_template: bool = False, gguf_file: str | None = None) -> HFCausalLM:
         """`from_pretrained` on a local folder or hub id (or a GGUF file in it), on the configured device/dtype."""
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()
@@ -169,7 +169,7 @@ class HFReward:
             tokenizer.pad_token = tokenizer.eos_token
 
     @classmethod
-    def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None) -> "HFReward":
+    def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None) -> HFReward:
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev)
