@@ -1,0 +1,62 @@
+"""Model pool: load on first use, LRU eviction under a byte budget, pins, loads that block no one else."""
+
+import threading
+import time
+
+from logitfuse.pool import ModelPool
+from logitfuse.registry import Registry
+
+
+class Fake:
+    def __init__(self, name, size):
+        self.name, self.size = name, size
+
+    def param_bytes(self):
+        return self.size
+
+
+def make_pool(budget, delay=None, loads=None):
+    reg = Registry.model_validate({"models": {n: {"path": n} for n in "abcd"}})
+
+    def loader(_reg, name):
+        if loads is not None:
+            loads.append(name)
+        if delay and name in delay:
+            delay[name].wait(5)
+        return Fake(name, 100)
+
+    return ModelPool(reg, loader=loader, budget_bytes=budget)
+
+
+def test_least_recently_used_is_evicted_first():
+    pool = make_pool(250)
+    pool.get("a"), pool.get("b"), pool.get("a"), pool.get("c")
+    assert pool.loaded() == ["a", "c"]
+
+
+def test_pinned_models_are_never_evicted():
+    pool = make_pool(150)
+    pool.acquire(["a"])
+    pool.get("b")
+    pool.get("c")
+    assert "a" in pool.loaded()
+    pool.release(["a"])
+    pool.get("d")
+    assert "a" not in pool.loaded()
+
+
+def test_a_slow_load_blocks_only_its_own_callers():
+    gate, loads = threading.Event(), []
+    pool = make_pool(10_000, delay={"b": gate}, loads=loads)
+    pool.get("a")
+    slow = threading.Thread(target=pool.get, args=("b",))
+    slow.start()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    assert pool.get("a").name == "a" and pool.get("c").name == "c"
+    assert time.perf_counter() - t0 < 1.0
+    waiter = threading.Thread(target=pool.get, args=("b",))
+    waiter.start()
+    gate.set()
+    slow.join(), waiter.join()
+    assert loads.count("b") == 1
