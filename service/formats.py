@@ -1,0 +1,132 @@
+"""Per-choice accumulation of engine events into the OpenAI response shapes (completions and chat).
+
+`add(event)` returns the choice part of a streaming chunk (or None) and keeps what the final response needs.
+"""
+
+from __future__ import annotations
+
+from logitfuse.request import PromptScores, TokenEvent
+
+
+class Choice:
+    def __init__(self, index: int, tokenizer, first_of_prompt: bool) -> None:
+        self.index = index
+        self.tok = tokenizer
+        self.first_of_prompt = first_of_prompt
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.error: str | None = None
+        self.diagnostics: list[dict] = []
+
+    def opening(self) -> dict | None:
+        return None
+
+    def _account(self, ev: TokenEvent) -> None:
+        self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+        if ev.diagnostics:
+            self.diagnostics.append(ev.diagnostics)
+        if ev.finish_reason == "error":
+            self.error = ev.error or "engine error"
+        elif ev.finish_reason:
+            self.finish_reason = "length" if ev.finish_reason in ("length", "abort") else ev.finish_reason
+
+    def token_str(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+
+class CompletionChoice(Choice):
+    """Legacy completions: text, and logprobs as {tokens, token_logprobs, top_logprobs, text_offset}."""
+
+    def __init__(self, index: int, tokenizer, first_of_prompt: bool, echo_text: str | None, want_logprobs: bool,
+                 scoring: bool) -> None:
+        super().__init__(index, tokenizer, first_of_prompt)
+        self.echo_text, self.scoring = echo_text, scoring
+        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} \
+            if want_logprobs else None
+
+    def opening(self) -> dict | None:
+        if self.echo_text is None or self.scoring:
+            return None
+        self.text += self.echo_text
+        return self._delta(self.echo_text, None)
+
+    def _delta(self, text: str, logprobs: dict | None) -> dict:
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason}
+
+    def _append(self, tokens: list[str], lps: list, tops: list) -> dict:
+        part = {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": []}
+        offset = len(self.text)
+        for t in tokens:
+            part["text_offset"].append(offset)
+            offset += len(t)
+        for k in part:
+            self.logprobs[k] += part[k]
+        return part
+
+    def add(self, ev: TokenEvent | PromptScores) -> dict | None:
+        if isinstance(ev, PromptScores):
+            tops = [None if top is None else {t.token: t.logprob for t in top} | {tok: lp}
+                    for top, tok, lp in zip(ev.top, ev.tokens, ev.logprobs)]
+            part = self._append(ev.tokens, ev.logprobs, tops) if self.logprobs is not None else None
+            self.text += self.echo_text or ""
+            return self._delta(self.echo_text or "", part)
+        self._account(ev)
+        part = None
+        if ev.token_id is not None and self.logprobs is not None:
+            tok = self.token_str(ev.token_id)
+            top = {t.token: t.logprob for t in (ev.top or [])} | {tok: ev.logprob}
+            part = self._append([tok], [ev.logprob], [top])
+        self.text += ev.text
+        if not ev.text and part is None and not ev.finish_reason:
+            return None
+        return self._delta(ev.text, part)
+
+    def final(self) -> dict:
+        return {"index": self.index, "text": self.text, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+
+
+class ChatChoice(Choice):
+    """Chat: message {role, content}; logprobs {content: [{token, logprob, bytes, top_logprobs}]}."""
+
+    def __init__(self, index: int, tokenizer, first_of_prompt: bool, want_logprobs: bool) -> None:
+        super().__init__(index, tokenizer, first_of_prompt)
+        self.content: list[dict] | None = [] if want_logprobs else None
+
+    def opening(self) -> dict:
+        return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def add(self, ev: TokenEvent | PromptScores) -> dict | None:
+        if isinstance(ev, PromptScores):
+            return None
+        self._account(ev)
+        entry = None
+        if ev.token_id is not None and self.content is not None:
+            tok = self.token_str(ev.token_id)
+            entry = {"token": tok, "logprob": ev.logprob, "bytes": list(tok.encode()),
+                     "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                                      for t in (ev.top or [])]}
+            self.content.append(entry)
+        self.text += ev.text
+        if not ev.text and entry is None and not ev.finish_reason:
+            return None
+        delta = {"content": ev.text} if ev.text else {}
+        return {"index": self.index, "delta": delta, "logprobs": {"content": [entry]} if entry else None,
+                "finish_reason": self.finish_reason}
+
+    def final(self) -> dict:
+        return {"index": self.index, "message": {"role": "assistant", "content": self.text},
+                "logprobs": {"content": self.content} if self.content is not None else None,
+                "finish_reason": self.finish_reason}
+
+
+def diagnostics_summary(steps: list[dict]) -> dict | None:
+    """Per-request summary of per-step diagnostics: mean DLF weight per expert, steps counted."""
+    weights = [d["dlf_weights"] for d in steps if "dlf_weights" in d]
+    if not weights:
+        return None
+    names = list(weights[0])
+    return {"method": "dlf", "steps": len(weights),
+            "mean_weights": {n: sum(w[n] for w in weights) / len(weights) for n in names}}

@@ -1,0 +1,115 @@
+"""Request schemas of the OpenAI-compatible API: fields in OpenAI's documented order, extensions marked.
+
+Each request converts itself into the engine's SamplingParams; range checks live there, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from logitfuse.registry import FusionParams
+from logitfuse.request import InvalidRequest, SamplingParams
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    frequency_penalty: float | None = None
+    max_tokens: int | None = None
+    n: int = Field(default=1, ge=1, le=64)
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # -- extensions (vLLM) --
+    top_k: int | None = None
+    min_p: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    # -- extensions (logitfuse) --
+    fusion: FusionParams | None = None
+
+    def _sampling(self, logprobs: int | None, prompt_logprobs: bool, max_tokens_default: int,
+                  max_logprobs: int) -> SamplingParams:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise InvalidRequest(f"{name} is not supported (only 0 or null)", name)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens_default if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        ).check(max_logprobs)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            out = [p]
+        else:
+            out = list(p)
+        if not out or any(len(x) == 0 for x in out):
+            raise InvalidRequest("prompt must be a non-empty string or token list", "prompt")
+        return out
+
+    def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
+        if self.best_of not in (None, 1, self.n):
+            raise InvalidRequest("best_of is not supported (only null or equal to n)", "best_of")
+        if self.suffix:
+            raise InvalidRequest("suffix is not supported", "suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens must be >= 1 unless echo is true", "max_tokens")
+        return self._sampling(self.logprobs, self.echo and self.logprobs is not None, 16, max_logprobs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+
+    def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.max_tokens == 0:
+            raise InvalidRequest("max_tokens must be >= 1", "max_tokens")
+        n_top = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling(n_top, False, 16, max_logprobs)
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]

@@ -1,0 +1,101 @@
+"""The thin router: parse, hand to Serving, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from logitfuse.request import GenerationRequest
+from service.errors import APIError
+from service.formats import ChatChoice, CompletionChoice
+from service.protocol import ChatCompletionRequest, CompletionRequest
+from service.serving import Serving, diagnostics, usage
+
+router = APIRouter()
+
+
+def serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+async def check_key(request: Request) -> None:
+    keys = request.app.state.serving.server.api_keys
+    if not keys:
+        return
+    auth = request.headers.get("authorization", "")
+    if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in keys:
+        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    return {"status": "ok", "loaded": serving(request).lf.pool.loaded()}
+
+
+@router.get("/v1/models", dependencies=[Depends(check_key)])
+async def models(request: Request) -> dict:
+    return serving(request).models()
+
+
+def _first_of_prompt(reqs: list[GenerationRequest], n: int) -> list[bool]:
+    return [i % n == 0 for i in range(len(reqs))]
+
+
+@router.post("/v1/completions", dependencies=[Depends(check_key)])
+async def completions(body: CompletionRequest, request: Request):
+    sv = serving(request)
+    sp = body.to_sampling_params(sv.server.max_logprobs)
+    prompts = body.prompts()
+    reqs = await asyncio.to_thread(sv.build, body.model, prompts, sp, body.fusion, body.n, False)
+    tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
+    firsts = _first_of_prompt(reqs, body.n)
+
+    def make(i: int, r: GenerationRequest) -> CompletionChoice:
+        echo = tok.decode(r.prompt_ids) if body.echo else None
+        return CompletionChoice(i, tok, firsts[i], echo, body.logprobs is not None, sp.prompt_logprobs)
+
+    job = await sv.submit(reqs)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model}
+    if body.stream:
+        include = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(sv.stream(
+            job, request, make, lambda c, d: {**head, "choices": [d]},
+            (lambda cs: {**head, "choices": [], "usage": usage(cs)}) if include else None),
+            media_type="text/event-stream")
+    choices = await sv.collect(job, request, make)
+    out = {**head, "choices": [c.final() for c in choices], "usage": usage(choices)}
+    if (d := diagnostics(choices)) is not None:
+        out["fusion_diagnostics"] = d
+    return JSONResponse(out)
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+async def chat(body: ChatCompletionRequest, request: Request):
+    sv = serving(request)
+    sp = body.to_sampling_params(sv.server.max_logprobs)
+    reqs = await asyncio.to_thread(sv.build, body.model, [None], sp, body.fusion, body.n, True, body.message_dicts())
+    tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
+    firsts = _first_of_prompt(reqs, body.n)
+
+    def make(i: int, r: GenerationRequest) -> ChatChoice:
+        return ChatChoice(i, tok, firsts[i], body.logprobs)
+
+    job = await sv.submit(reqs)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    if body.stream:
+        include = body.stream_options is not None and body.stream_options.include_usage
+        chunk = {**head, "object": "chat.completion.chunk"}
+        return StreamingResponse(sv.stream(
+            job, request, make, lambda c, d: {**chunk, "choices": [d]},
+            (lambda cs: {**chunk, "choices": [], "usage": usage(cs)}) if include else None),
+            media_type="text/event-stream")
+    choices = await sv.collect(job, request, make)
+    out = {**head, "object": "chat.completion", "choices": [c.final() for c in choices], "usage": usage(choices)}
+    if (d := diagnostics(choices)) is not None:
+        out["fusion_diagnostics"] = d
+    return JSONResponse(out)

@@ -1,0 +1,144 @@
+"""Translate API requests into engine requests, and engine events into OpenAI responses and SSE chunks.
+
+Requests are built and submitted in a worker thread (building may load a model); events arrive from the
+engine thread on an asyncio queue. A client that goes away aborts its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from logitfuse.api import LogitFuse
+from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
+from logitfuse.runner import EngineRunner
+from service.errors import APIError, as_api_error, envelope
+from service.formats import Choice, diagnostics_summary
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class Job:
+    """The engine requests of one API call, and the queue their events arrive on."""
+
+    requests: list[GenerationRequest]
+    queue: asyncio.Queue
+    open: set[str] = field(default_factory=set)
+
+
+class Serving:
+    def __init__(self, lf: LogitFuse, runner: EngineRunner) -> None:
+        self.lf = lf
+        self.runner = runner
+        self.server = lf.registry.server
+
+    def models(self) -> dict:
+        now = int(time.time())
+        data = [{"id": n, "object": "model", "created": now, "owned_by": "logitfuse",
+                 "method": self.lf.registry.ensembles[n].method if n in self.lf.registry.ensembles else "none"}
+                for n in self.lf.registry.names()]
+        return {"object": "list", "data": data}
+
+    def build(self, model: str, prompts: list, sampling: SamplingParams, fusion, n: int, chat: bool,
+              messages: list | None = None) -> list[GenerationRequest]:
+        """Engine requests for every prompt x n, validated (runs in a worker thread)."""
+        base_id = uuid.uuid4().hex[:16]
+        reqs: list[GenerationRequest] = []
+        for i, p in enumerate(prompts):
+            reqs += self.lf.requests(model, None if chat else p, sampling, fusion, messages=messages, n=n,
+                                     rid=f"{base_id}-{i}")
+        tq = reqs[0].plan.tqstar
+        if tq is not None and tq.work > self.server.max_tqstar_work:
+            raise APIError(400, f"tqstar work top_k * rollouts * rollout_tokens = {tq.work} is over this server's "
+                                f"limit of {self.server.max_tqstar_work}", "fusion.rollout_tokens")
+        return reqs
+
+    async def submit(self, reqs: list[GenerationRequest]) -> Job:
+        if self.runner.pending() + len(reqs) > self.server.max_queue:
+            raise APIError(429, f"server overloaded: {self.runner.pending()} sequences queued", None,
+                           {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        job = Job(reqs, asyncio.Queue(), {r.rid for r in reqs})
+
+        def sink(ev: TokenEvent | PromptScores) -> None:
+            loop.call_soon_threadsafe(job.queue.put_nowait, ev)
+
+        await asyncio.to_thread(self.runner.submit, reqs, sink)
+        return job
+
+    def abort(self, job: Job) -> None:
+        for rid in list(job.open):
+            self.runner.abort(rid)
+
+    async def events(self, job: Job, request: Request | None = None) -> AsyncIterator[TokenEvent | PromptScores]:
+        """The job's events until every sequence has finished; aborts the job if the client goes away."""
+        try:
+            while job.open:
+                try:
+                    ev = await asyncio.wait_for(job.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(ev, TokenEvent) and ev.finish_reason:
+                    job.open.discard(ev.rid)
+                yield ev
+        finally:
+            if job.open:
+                self.abort(job)
+
+    async def collect(self, job: Job, request: Request, make: Callable[[int, GenerationRequest], Choice]) -> list:
+        """Run a job to the end; one Choice per engine request, in order. Engine errors become a 500."""
+        choices = {r.rid: make(i, r) for i, r in enumerate(job.requests)}
+        async for ev in self.events(job, request):
+            choices[ev.rid].add(ev)
+        failed = [c for c in choices.values() if c.error]
+        if failed:
+            raise APIError(500, f"generation failed: {failed[0].error}")
+        return list(choices.values())
+
+    async def stream(self, job: Job, request: Request, make: Callable, chunk: Callable, usage_chunk: Callable | None
+                     ) -> AsyncIterator[str]:
+        """SSE: one chunk per event delta; an error event then [DONE] if something fails mid-stream."""
+        choices = {r.rid: make(i, r) for i, r in enumerate(job.requests)}
+        try:
+            for c in choices.values():
+                first = c.opening()
+                if first is not None:
+                    yield sse(chunk(c, first))
+            async for ev in self.events(job, request):
+                c = choices[ev.rid]
+                delta = c.add(ev)
+                if c.error:
+                    yield sse(envelope(500, f"generation failed: {c.error}"))
+                    break
+                if delta is not None:
+                    yield sse(chunk(c, delta))
+            else:
+                if usage_chunk is not None:
+                    yield sse(usage_chunk(list(choices.values())))
+        except Exception as err:  # the stream has started: report in-band
+            api = as_api_error(err)
+            yield sse(envelope(api.status, api.message, api.param))
+        yield DONE
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def usage(choices: list) -> dict:
+    prompt = sum(c.prompt_tokens for c in choices if c.first_of_prompt)
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def diagnostics(choices: list) -> dict | None:
+    return diagnostics_summary([d for c in choices for d in c.diagnostics])

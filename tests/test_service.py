@@ -1,0 +1,188 @@
+"""The real app in-process (lifespan, engine thread) on tiny models: responses equal the library's output,
+streaming concatenates to the JSON result, echo scores equal the library's, every error has its envelope."""
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from logitfuse import LogitFuse, SamplingParams
+from service.app import create_app
+
+
+@pytest.fixture(scope="module")
+def client(config_file):
+    with TestClient(create_app(config_file)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ref(config_file):
+    return LogitFuse(config_file)
+
+
+def post(client, path, body, status=200):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def stream(client, path, body):
+    chunks = []
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    return [json.loads(c) for c in chunks[:-1]]
+
+
+def error(client, body, status, param=None, path="/v1/completions", match=""):
+    r = client.post(path, json=body) if not isinstance(body, bytes) else client.post(
+        path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and match in err["message"]
+    if param:
+        assert err["param"] == param
+    return err
+
+
+BODY = {"model": "proxy-a", "prompt": "the red city", "max_tokens": 6, "temperature": 0.8, "seed": 11}
+
+
+def test_completion_equals_library_and_stream_concatenates(client, ref):
+    out = post(client, "/v1/completions", {**BODY, "logprobs": 2})
+    lib = ref.generate("proxy-a", ["the red city"], SamplingParams(max_tokens=6, temperature=0.8, seed=11,
+                                                                   logprobs=2))[0]
+    choice = out["choices"][0]
+    assert choice["text"] == lib.text and choice["finish_reason"] == lib.finish_reason
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(lib.logprobs, abs=1e-6)
+    assert out["usage"] == {"prompt_tokens": lib.prompt_tokens, "completion_tokens": len(lib.token_ids),
+                            "total_tokens": lib.prompt_tokens + len(lib.token_ids)}
+    chunks = stream(client, "/v1/completions", {**BODY, "stream_options": {"include_usage": True}})
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == lib.text
+    assert chunks[-1]["usage"] == out["usage"] and chunks[-2]["choices"][0]["finish_reason"] == lib.finish_reason
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_several_prompts_and_n_keep_their_order(client, ref):
+    body = {"model": "eft-ab", "prompt": ["one two", "king"], "n": 2, "max_tokens": 4, "temperature": 1.0,
+            "seed": 3}
+    out = post(client, "/v1/completions", body)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    sp = SamplingParams(max_tokens=4, temperature=1.0, seed=3)
+    reqs = ref.requests("eft-ab", "one two", sp, n=2) + ref.requests("eft-ab", "king", sp, n=2, rid="x")
+    texts = {r.rid: "" for r in reqs}
+    for ev in ref.stream(reqs):
+        texts[ev.rid] += ev.text
+    assert [c["text"] for c in out["choices"]] == [texts[r.rid] for r in reqs]
+    assert out["usage"]["prompt_tokens"] == len(reqs[0].prompt_ids) + len(reqs[2].prompt_ids)
+    ids = post(client, "/v1/completions", {**body, "prompt": [[5, 6, 7], [8, 9]], "n": 1})
+    assert ids["usage"]["prompt_tokens"] == 5 and len(ids["choices"]) == 2
+
+
+def test_echo_logprobs_are_the_library_prompt_scores(client, ref):
+    out = post(client, "/v1/completions", {"model": "proxy-a", "prompt": [5, 6, 7, 8], "max_tokens": 1,
+                                           "temperature": 0, "logprobs": 1, "echo": True})
+    lp = out["choices"][0]["logprobs"]
+    req = ref.requests("proxy-a", [5, 6, 7, 8], SamplingParams(max_tokens=1, temperature=0, logprobs=1,
+                                                               prompt_logprobs=True))[0]
+    events = list(ref.stream([req]))
+    scores, gen = events[0], [e for e in events[1:] if e.token_id is not None]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:4] == pytest.approx(scores.logprobs[1:], abs=1e-5)
+    assert lp["token_logprobs"][4] == pytest.approx(gen[0].logprob, abs=1e-5)
+    assert len(lp["tokens"]) == 5
+    # lm-evaluation-harness's greedy check: the chosen token's logprob is the max of its top dict
+    assert max(lp["top_logprobs"][4].values()) == pytest.approx(lp["token_logprobs"][4])
+    zero = post(client, "/v1/completions", {"model": "proxy-a", "prompt": [5, 6, 7, 8], "max_tokens": 0,
+                                            "logprobs": 0, "echo": True})
+    assert zero["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(scores.logprobs[1:], abs=1e-5)
+    assert zero["usage"]["completion_tokens"] == 0
+
+
+def test_chat_json_stream_and_dlf_diagnostics(client, ref):
+    body = {"model": "dlf-ab", "messages": [{"role": "user", "content": "king queen"}], "max_tokens": 5,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    out = post(client, "/v1/chat/completions", body)
+    msg = out["choices"][0]["message"]
+    reqs = ref.requests("dlf-ab", messages=body["messages"], sampling=SamplingParams(max_tokens=5, temperature=0))
+    assert msg["role"] == "assistant" and msg["content"] == "".join(e.text for e in ref.stream(reqs))
+    assert len(out["choices"][0]["logprobs"]["content"]) == out["usage"]["completion_tokens"]
+    assert set(out["fusion_diagnostics"]["mean_weights"]) == {"a", "b"}
+    chunks = stream(client, "/v1/chat/completions", body)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
+
+
+def test_fusion_override_changes_the_method(client, ref):
+    body = {**BODY, "temperature": 0, "fusion": {"method": "proxy", "experts": ["b"], "alpha": 0.5}}
+    out = post(client, "/v1/completions", body)
+    lib = ref.generate("proxy-a", ["the red city"], SamplingParams(max_tokens=6, temperature=0),
+                       {"method": "proxy", "experts": ["b"], "alpha": 0.5})[0]
+    assert out["choices"][0]["text"] == lib.text
+
+
+def test_models_and_health(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids[:4] == ["proxy-a", "eft-ab", "dlf-ab", "tq"] and "base-large" in ids
+    assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("body,status,param,match", [
+    ({"model": "nope", "prompt": "x"}, 404, "model", "available: proxy-a"),
+    ({"model": "proxy-a", "prompt": "x", "fusion": {"experts": ["zz"]}}, 404, "fusion.experts", "available: a, b"),
+    ({"model": "proxy-a", "prompt": "x", "temperature": -1}, 400, "temperature", "[0, 100]"),
+    ({"model": "proxy-a", "prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ({"model": "proxy-a", "prompt": "x", "logprobs": 99}, 400, "logprobs", "[0, 20]"),
+    ({"model": "proxy-a", "prompt": "x", "max_tokens": "lots"}, 400, "max_tokens", ""),
+    ({"model": "proxy-a", "prompt": "x", "n": 0}, 400, "n", ""),
+    ({"model": "proxy-a"}, 400, "prompt", "required"),
+    ({"prompt": "x"}, 400, "model", "required"),
+    ({"model": "proxy-a", "prompt": []}, 400, "prompt", "non-empty"),
+    ({"model": "proxy-a", "prompt": [1, 99999]}, 400, "prompt", "token ids"),
+    ({"model": "proxy-a", "prompt": "x", "max_tokens": 1000}, 400, "max_tokens", "is 1000"),
+    ({"model": "tq", "prompt": "x", "fusion": {"top_k": 100, "rollout_tokens": 200}}, 400, "fusion.rollout_tokens",
+     "limit"),
+    ({"model": "proxy-a", "prompt": "x", "fusion": {"method": "magic"}}, 400, "fusion.method", ""),
+    ({"model": "proxy-a", "prompt": "x", "fusion": {"experts": ["alien"]}}, 400, "model", "'foreign'"),
+    ({"model": "tq", "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 1}, 400, "echo", "tqstar"),
+])
+def test_bad_requests_get_their_status_and_envelope(client, body, status, param, match):
+    error(client, body, status, param, match=match)
+    assert post(client, "/v1/completions", {**BODY, "max_tokens": 1})["choices"][0]["finish_reason"]
+
+
+def test_malformed_json_and_bad_chat(client):
+    error(client, b"{not json", 400, "body", match="malformed JSON")
+    error(client, {"model": "proxy-a", "messages": []}, 400, "messages", path="/v1/chat/completions")
+    error(client, {"model": "proxy-a", "messages": [{"role": "wizard", "content": "x"}]}, 400,
+          path="/v1/chat/completions")
+
+
+def test_client_disconnect_aborts_generation(client):
+    runner = client.app.state.serving.runner
+    body = {"model": "proxy-a", "prompt": "the", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk
+    deadline = time.time() + 10
+    while runner.pending() and time.time() < deadline:
+        time.sleep(0.05)
+    assert runner.pending() == 0
+
+
+def test_api_keys(config_file, tmp_path):
+    cfg = tmp_path / "keys.yaml"
+    cfg.write_text(config_file.read_text().replace("server: {", "server: {api_keys: [sekret], preload: false, "))
+    with TestClient(create_app(cfg)) as c:
+        assert c.get("/v1/models").status_code == 401
+        r = c.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert c.get("/health").status_code == 200
