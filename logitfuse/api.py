@@ -30,6 +30,10 @@ class Completion:
     prompt_scores: PromptScores | None = None
     diagnostics: list = field(default_factory=list)
 
+    def add_token(self, token_id: int, text: str, logprob: float | None, finish_reason: str | None) -> None:
+        self.add(TokenEvent(self.rid, token_id, text, logprob, finish_reason=finish_reason,
+                            prompt_tokens=self.prompt_tokens))
+
     def add(self, ev: TokenEvent | PromptScores) -> None:
         if isinstance(ev, PromptScores):
             self.prompt_scores = ev
