@@ -1,0 +1,82 @@
+"""End to end over HTTP: the real server (uvicorn, loopback) under concurrent load vs the library.
+
+    .venv/bin/python bench/http_load.py [--config configs/default.yaml] [--model large-qa] [--concurrency 1 8 16]
+
+overhead = 1 - (HTTP tokens/s) / (library tokens/s) at the same concurrency, measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from bench.throughput import ours, prompts
+from logitfuse import LogitFuse
+from service.app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(lf: LogitFuse) -> tuple[str, uvicorn.Server]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(lf), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return f"http://127.0.0.1:{port}", server
+
+
+async def load(url: str, model: str, n: int, tokens: int) -> dict:
+    body = {"model": model, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await client.post("/v1/completions", json={**body, "prompt": "warm", "max_tokens": 2})
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(client.post("/v1/completions", json={**body, "prompt": p}) for p in prompts(n)))
+        dt = time.perf_counter() - t0
+    total = sum(r.json()["usage"]["completion_tokens"] for r in rs)
+    return {"tok_s": total / dt, "ms_tok": 1000 * dt / tokens, "seconds": dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--model", default="large-qa")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "http_load.json"))
+    args = ap.parse_args()
+    lf = LogitFuse(args.config)  # the library side; the server gets its own instance and engine
+    url, server = start(LogitFuse(args.config))
+    rows = []
+    print(f"{'conc':>4s} {'lib tok/s':>10s} {'http tok/s':>11s} {'overhead':>9s}")
+    for c in args.concurrency:
+        lib = max((ours(lf, args.model, None, c, args.tokens) for _ in range(args.repeats)), key=lambda r: r["tok_s"])
+        http = max((asyncio.run(load(url, args.model, c, args.tokens)) for _ in range(args.repeats)),
+                   key=lambda r: r["tok_s"])
+        row = {"concurrency": c, "library": lib, "http": http, "overhead": 1 - http["tok_s"] / lib["tok_s"]}
+        rows.append(row)
+        print(f"{c:4d} {lib['tok_s']:10.1f} {http['tok_s']:11.1f} {100 * row['overhead']:8.1f}%", flush=True)
+    server.should_exit = True
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
