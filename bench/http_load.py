@@ -10,34 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from bench.throughput import ours, prompts
 from logitfuse import LogitFuse
-from service.app import create_app
+from service.app import start_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def start(lf: LogitFuse) -> tuple[str, uvicorn.Server]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(lf), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    return f"http://127.0.0.1:{port}", server
 
 
 async def load(url: str, model: str, n: int, tokens: int) -> dict:
@@ -61,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "http_load.json"))
     args = ap.parse_args()
     lf = LogitFuse(args.config)  # the library side; the server gets its own instance and engine
-    url, server = start(LogitFuse(args.config))
+    url, server = start_in_thread(LogitFuse(args.config))
     rows = []
     print(f"{'conc':>4s} {'lib tok/s':>10s} {'http tok/s':>11s} {'overhead':>9s}")
     for c in args.concurrency:

@@ -60,3 +60,28 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str =
     server = lf.registry.server
     uvicorn.run(create_app(lf), host=host or server.host, port=port or server.port, log_level=log_level)
     return 0
+
+
+def start_in_thread(source, host: str = "127.0.0.1", timeout: float = 60.0):
+    """Start the server on a free loopback port in a daemon thread (tests, benchmarks).
+    Returns (base URL, uvicorn server); set `server.should_exit = True` to stop it."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(source), host=host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url, deadline = f"http://{host}:{port}", time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url, server
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not start on {url} within {timeout} s")

@@ -6,15 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
-import httpx
 import pytest
-import uvicorn
 
 from logitfuse.batch import main
-from tests.test_sdk import free_port
+from service.app import start_in_thread
 
 WORDS = "the red city king queen river blue green one two three north south".split()
 
@@ -80,21 +77,9 @@ def test_bad_lines_become_error_records_and_the_job_goes_on(config_file, tmp_pat
 
 @pytest.fixture
 def server(config_file):
-    from service.app import create_app
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(config_file), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    url, srv = start_in_thread(config_file)
+    yield url
     srv.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_server_mode_gives_the_local_results(config_file, tmp_path, server):

@@ -1,39 +1,16 @@
 """The real server (uvicorn on a loopback port) driven by the official openai SDK."""
 
-import socket
-import threading
-import time
-
-import httpx
 import openai
 import pytest
-import uvicorn
 
-from service.app import create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service.app import start_in_thread
 
 
 @pytest.fixture(scope="module")
 def base_url(config_file):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config_file), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/v1"
+    url, server = start_in_thread(config_file)
+    yield f"{url}/v1"
     server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -68,4 +45,4 @@ def test_sdk_sees_errors_as_exceptions(client):
         client.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="proxy-a", prompt="x", temperature=-2)
-    assert [m.id for m in client.models.list()][0] == "proxy-a"
+    assert next(m.id for m in client.models.list()) == "proxy-a"
