@@ -6,13 +6,14 @@ log-likelihood of the reference answer under the system's fused distribution (ec
 "% of the gap closed" = (system - base-large) / (tuned-large - base-large), as in the proxy-tuning paper;
 "% of tuned" = system / tuned-large, as in the DLF paper. Also an alpha sweep for proxy-tuning.
 
-    .venv/bin/python bench/quality.py [--config configs/default.yaml] [--limit N] [--plot]
+    .venv/bin/python bench/quality.py [--config configs/default.yaml] [--limit N] [--plot] [--models DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,12 +122,19 @@ def plot(curve: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-    ap.add_argument("--data", default=str(ROOT / "models" / "data"))
+    ap.add_argument("--models", default=None, help="evaluate a family rebuilt elsewhere (logitfuse train-family "
+                    "--out DIR) with the default registry's ensembles")
+    ap.add_argument("--data", default=None, help="eval files (default: the family's data/ folder)")
     ap.add_argument("--limit", type=int, default=None, help="questions per set")
     ap.add_argument("--tqstar-limit", type=int, default=40, help="questions for tqstar (slow)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     ap.add_argument("--plot", action="store_true", help="write the alpha sweep as a PNG beside the JSON")
     args = ap.parse_args()
+    if args.models:
+        text = Path(args.config).read_text().replace("../models/", f"{Path(args.models).resolve()}/")
+        args.config = str(Path(tempfile.mkdtemp()) / "family.yaml")
+        Path(args.config).write_text(text)
+    args.data = args.data or str(Path(args.models or ROOT / "models") / "data")
     lf = LogitFuse(args.config)
     report: dict = {"config": args.config}
     for name, systems in SYSTEMS.items():
