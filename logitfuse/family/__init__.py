@@ -1,0 +1,1 @@
+"""The miniature model family: a synthetic world, its corpus, and the trainer that builds models/."""
