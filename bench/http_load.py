@@ -7,11 +7,14 @@ overhead = 1 - (HTTP tokens/s) / (library tokens/s) at the same concurrency, mea
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import bench.* siblings
 import argparse
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import httpx
 

@@ -1,6 +1,9 @@
 """Quality benchmark on the miniature family: how much of the tuning gap does each fusion method close?
 
-For each held-out set (models/data/eval_*.jsonl) and each system (a registry model or ensemble, with an
+For each held-out set (models/data/eval_*.jsonl: entities and number pairs never seen in tuning, asked
+in the tuning phrasings and, as a separate table, in phrasings tuning never used) and each system (a
+registry model or ensemble, with an
+
 optional fusion override): greedy answers -> exact match and first-word (lenient) accuracy, plus the mean
 log-likelihood of the reference answer under the system's fused distribution (echo scoring).
 "% of the gap closed" = (system - base-large) / (tuned-large - base-large), as in the proxy-tuning paper;
@@ -143,11 +146,14 @@ def main() -> None:
             continue
         rows = load_set(path, args.limit)
         known = set(lf.registry.names())
-        results = {label: evaluate(lf, m, f, rows, args.tqstar_limit) for label, m, f in systems if m in known}
-        print_table(name, results)
-        report[name] = results
+        for suffix, subset in (("", [r for r in rows if not r.get("new_phrasing")]),
+                               ("-new-phrasing", [r for r in rows if r.get("new_phrasing")])):
+            results = {label: evaluate(lf, m, f, subset, args.tqstar_limit) for label, m, f in systems if m in known}
+            print_table(name + suffix, results)
+            report[name + suffix] = results
     print("\n## alpha sweep (proxy-tuning, qa)")
-    report["sweep"] = sweep(lf, load_set(Path(args.data) / "eval_qa.jsonl", args.limit))
+    qa = [r for r in load_set(Path(args.data) / "eval_qa.jsonl", args.limit) if not r.get("new_phrasing")]
+    report["sweep"] = sweep(lf, qa)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -12,10 +12,13 @@ the ratio expected when decoding is memory-bound.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import bench.* siblings
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 

@@ -41,12 +41,32 @@ def _targets(l_small: torch.Tensor, l_tuned: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _loss(l_large: torch.Tensor, fused: torch.Tensor, fwd_t: torch.Tensor, rev_t: torch.Tensor) -> torch.Tensor:
-    """Loss for candidates fused (B, C, V) against targets (B, T) -> (B, C)."""
-    l_fused = torch.log_softmax(fused, dim=-1)
-    l_large_c = l_large.unsqueeze(1).expand_as(l_fused)
-    fwd = kl(l_fused, l_large_c).unsqueeze(-1)  # (B, C, 1)
-    rev = kl(l_large_c, l_fused).unsqueeze(-1)
+    """Loss for candidates fused (B, C, V) against targets (B, T) -> (B, C).
+
+    Both KLs are written as sums a matrix product can do: KL(P~||P) = sum p~ log p~ - p~ . log P and
+    KL(P||P~) = sum P log P - P . log p~ (masked tokens, where every model has probability 0, count 0)."""
+    zero = torch.zeros((), dtype=fused.dtype, device=fused.device)
+    l_fused = torch.log_softmax(fused, dim=-1)  # (B, C, V)
+    p_fused = l_fused.exp()
+    l_large0 = torch.where(torch.isfinite(l_large), l_large, zero)  # (B, V)
+    p_large = l_large.exp()
+    fwd = torch.special.xlogy(p_fused, p_fused).sum(-1) - torch.einsum("bcv,bv->bc", p_fused, l_large0)
+    l_fused0 = torch.where(torch.isfinite(l_fused), l_fused, zero)
+    rev = (p_large * l_large0).sum(-1, keepdim=True) - torch.einsum("bcv,bv->bc", l_fused0, p_large)
+    fwd, rev = fwd.unsqueeze(-1), rev.unsqueeze(-1)  # (B, C, 1)
     return ((fwd - fwd_t.unsqueeze(1)) ** 2 + (rev - rev_t.unsqueeze(1)) ** 2).sum(dim=-1)
+
+
+def _one_expert_candidates(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torch.Tensor,
+                           grid: torch.Tensor) -> torch.Tensor:
+    """z_L + a * (z_S+_t - z_S) for every expert t alone and every grid point a -> (B, T*G, V), by broadcasting.
+    Masked (-inf) tokens stay -inf and never produce NaN: their differences count as 0."""
+    diff = z_tuned - z_small.unsqueeze(1)  # (B, T, V)
+    finite = torch.isfinite(diff)
+    diff = torch.where(finite, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+    base = torch.where(finite.all(dim=1), z_large, torch.full_like(z_large, float("-inf")))  # masked anywhere
+    out = base[:, None, None, :] + grid.view(1, 1, -1, 1) * diff.unsqueeze(2)  # (B, T, G, V)
+    return out.flatten(1, 2)
 
 
 def _candidates(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -82,7 +102,7 @@ def solve_dlf(
         raise ValueError(f"unknown DLF mode {mode!r}; expected 'one_expert' or 'joint'")
     eye = torch.eye(t, dtype=z_large.dtype, device=z_large.device)  # (T, T)
     a = (eye.unsqueeze(1) * grid.view(1, g, 1)).reshape(1, t * g, t).expand(b, t * g, t)  # (B, T*G, T)
-    loss = _loss(l_large, _candidates(z_large, z_small, z_tuned, a), fwd_t, rev_t)  # (B, T*G)
+    loss = _loss(l_large, _one_expert_candidates(z_large, z_small, z_tuned, grid), fwd_t, rev_t)  # (B, T*G)
     best = torch.argmin(loss, dim=-1)  # first minimum
     result = DLFResult(a[torch.arange(b), best], loss.gather(-1, best.unsqueeze(-1)).squeeze(-1))
     if mode == "joint" and t > 1:
