@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from logitfuse.engine import Engine
 from logitfuse.pool import ModelPool
 from logitfuse.prompts import Prompt, role_prompts
@@ -52,9 +54,15 @@ class Completion:
 class LogitFuse:
     def __init__(self, registry: Registry | str | Path, pool: ModelPool | None = None) -> None:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
+        self.apply_threads()
         self.pool = pool or ModelPool(self.registry)
         self.engine = Engine(self.pool.get, self.pool.get, max_batch=self.registry.server.max_batch)
         self._ids = itertools.count()
+
+    def apply_threads(self) -> None:
+        """Set torch's intra-op threads for the calling thread (the setting is per thread)."""
+        if self.registry.server.cpu_threads:
+            torch.set_num_threads(self.registry.server.cpu_threads)
 
     def requests(self, model: str, prompt: Prompt | None = None, sampling: SamplingParams | None = None,
                  fusion: FusionParams | dict | None = None, messages: Sequence[dict] | None = None,

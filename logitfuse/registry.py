@@ -98,6 +98,7 @@ class ServerSpec(Frozen):
     max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token
     api_keys: list[str] = []
     preload: bool = True  # load the models of every ensemble at start-up
+    cpu_threads: int | None = None  # torch intra-op threads for CPU work (None: torch's default)
 
 
 class Registry(Frozen):

@@ -72,6 +72,7 @@ class EngineRunner:
                 self._cond.notify_all()
 
     def _loop(self) -> None:
+        self.lf.apply_threads()
         while True:
             with self._cond:
                 while not self._stopping and not self.engine.has_work():

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -26,11 +27,15 @@ DONE = "data: [DONE]\n\n"
 
 @dataclass
 class Job:
-    """The engine requests of one API call, and the queue their events arrive on."""
+    """The engine requests of one API call, and the buffer their events arrive in. The engine thread
+    appends and wakes the event loop at most once until the loop has drained the buffer (one wake-up per
+    engine step, not per token)."""
 
     requests: list[GenerationRequest]
-    queue: asyncio.Queue
+    ready: asyncio.Event
     open: set[str] = field(default_factory=set)
+    buffer: deque = field(default_factory=deque)
+    signalled: bool = False
 
 
 class Serving:
@@ -65,10 +70,13 @@ class Serving:
             raise APIError(429, f"server overloaded: {self.runner.pending()} sequences queued", None,
                            {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        job = Job(reqs, asyncio.Queue(), {r.rid for r in reqs})
+        job = Job(reqs, asyncio.Event(), {r.rid for r in reqs})
 
         def sink(ev: TokenEvent | PromptScores) -> None:
-            loop.call_soon_threadsafe(job.queue.put_nowait, ev)
+            job.buffer.append(ev)
+            if not job.signalled:
+                job.signalled = True
+                loop.call_soon_threadsafe(job.ready.set)
 
         await asyncio.to_thread(self.runner.submit, reqs, sink)
         return job
@@ -81,15 +89,20 @@ class Serving:
         """The job's events until every sequence has finished; aborts the job if the client goes away."""
         try:
             while job.open:
-                try:
-                    ev = await asyncio.wait_for(job.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
-                if isinstance(ev, TokenEvent) and ev.finish_reason:
-                    job.open.discard(ev.rid)
-                yield ev
+                if not job.buffer:
+                    try:
+                        await asyncio.wait_for(job.ready.wait(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        if request is not None and await request.is_disconnected():
+                            return
+                        continue
+                job.ready.clear()
+                job.signalled = False
+                while job.buffer:
+                    ev = job.buffer.popleft()
+                    if isinstance(ev, TokenEvent) and ev.finish_reason:
+                        job.open.discard(ev.rid)
+                    yield ev
         finally:
             if job.open:
                 self.abort(job)
