@@ -174,3 +174,21 @@ def test_abort_and_deadline_end_sequences_at_a_step_boundary(lf):
     engine.abort(a.rid)
     rest = [ev for ev in engine.step() if ev.rid == a.rid]
     assert rest[-1].finish_reason == "abort" and not engine.has_work() and not engine.slots
+
+
+def test_a_mixed_batch_equals_each_request_alone(lf):
+    specs = [("proxy-a", PROMPTS[0], SamplingParams(max_tokens=7, temperature=0.9, seed=1, ignore_eos=True), None),
+             ("proxy-a", PROMPTS[1], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), {"alpha": 0.4}),
+             ("eft-ab", PROMPTS[2], SamplingParams(max_tokens=6, temperature=1.2, top_k=5, seed=2), None),
+             ("dlf-ab", PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.5, top_p=0.8, seed=3), None),
+             ("base-small", PROMPTS[2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), None)]
+    alone = [lf.generate(m, [p], sp, f)[0] for m, p, sp, f in specs]
+    reqs = [lf.requests(m, p, sp, f, rid=f"mix-{i}")[0] for i, (m, p, sp, f) in enumerate(specs)]
+    got = {r.rid: ([], []) for r in reqs}
+    for ev in lf.stream(reqs):
+        if ev.token_id is not None:
+            got[ev.rid][0].append(ev.token_id)
+            got[ev.rid][1].append(ev.logprob)
+    for r, ref in zip(reqs, alone):
+        assert got[r.rid][0] == ref.token_ids
+        assert got[r.rid][1] == pytest.approx(ref.logprobs, abs=1e-5)
