@@ -134,11 +134,9 @@ class Engine:
                 self.seqs[r.rid].aborted = "length"
 
     def _sequence(self, r: GenerationRequest) -> Sequence:
-        sp, base = r.sampling, self.get_backend(r.plan.base)
-        stopper = StopChecker(base.tokenizer, sp.stop, sp.stop_token_ids,
-                              None if sp.ignore_eos else base.tokenizer.eos_token_id, sp.max_tokens,
-                              min(self.get_backend(n).max_context for n in r.plan.models()), r.prompt_ids)
-        seed = sp.seed
+        context = min(self.get_backend(n).max_context for n in r.plan.models())
+        stopper = StopChecker.for_request(r, self.get_backend(r.plan.base).tokenizer, context)
+        seed = r.sampling.seed
         return Sequence(r, stopper, make_generator(seed), make_generator(None if seed is None else seed + 1))
 
     def _join(self, name: str, backend, state, rids: list[str], logits: torch.Tensor) -> None:

@@ -91,11 +91,8 @@ class SpeculativeEFT:
         return [self.outs[r.rid] for r in reqs]
 
     def _row(self, r: GenerationRequest) -> Row:
-        sp, base = r.sampling, self.models[0]
-        stop = StopChecker(base.tokenizer, sp.stop, sp.stop_token_ids,
-                           None if sp.ignore_eos else base.tokenizer.eos_token_id, sp.max_tokens,
-                           min(m.max_context for m in self.models), r.prompt_ids)
-        row = Row(r, stop, make_generator(sp.seed), Completion(r.rid, prompt_tokens=len(r.prompt_ids)))
+        stop = StopChecker.for_request(r, self.models[0].tokenizer, min(m.max_context for m in self.models))
+        row = Row(r, stop, make_generator(r.sampling.seed), Completion(r.rid, prompt_tokens=len(r.prompt_ids)))
         self.outs[r.rid] = row.out
         return row
 

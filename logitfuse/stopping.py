@@ -56,6 +56,13 @@ class StopChecker:
         self.sent += len(delta)
         return delta, None
 
+    @classmethod
+    def for_request(cls, req, tokenizer, max_context: int) -> StopChecker:
+        """The stop conditions of a GenerationRequest, detokenising with the base model's tokenizer."""
+        sp = req.sampling
+        return cls(tokenizer, sp.stop, sp.stop_token_ids, None if sp.ignore_eos else tokenizer.eos_token_id,
+                   sp.max_tokens, max_context, req.prompt_ids)
+
     def ids_generated(self) -> list[int]:
         return self.ids[len(self.ids) - self.generated:] if self.generated else []
 
