@@ -76,7 +76,7 @@ class LogitFuse:
         rid = rid or f"req-{next(self._ids)}"
         out = []
         for i in range(n):
-            sp = sampling if sampling.seed is None or i == 0 else _with_seed(sampling, sampling.seed + i)
+            sp = sampling if sampling.seed is None or i == 0 else _with_seed(sampling, (sampling.seed + i) % 2**63)
             out.append(GenerationRequest(f"{rid}-{i}" if n > 1 else rid, plan, prompts, sp))
         return out
 

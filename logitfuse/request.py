@@ -52,6 +52,9 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= max_logprobs, "logprobs",
              f"must be in [0, {max_logprobs}]", self.logprobs),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "must be non-negative token ids", self.stop_token_ids),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits", self.seed),
         ]
         for ok, name, rule, value in checks:
             if not ok:

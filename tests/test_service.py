@@ -140,6 +140,8 @@ def test_models_and_health(client):
     ({"model": "proxy-a", "prompt": "x", "logprobs": 99}, 400, "logprobs", "[0, 20]"),
     ({"model": "proxy-a", "prompt": "x", "max_tokens": "lots"}, 400, "max_tokens", ""),
     ({"model": "proxy-a", "prompt": "x", "n": 0}, 400, "n", ""),
+    ({"model": "proxy-a", "prompt": "x", "seed": 2**64}, 400, "seed", "64 bits"),
+    ({"model": "proxy-a", "prompt": "x", "stop_token_ids": [-3]}, 400, "stop_token_ids", "non-negative"),
     ({"model": "proxy-a"}, 400, "prompt", "required"),
     ({"prompt": "x"}, 400, "model", "required"),
     ({"model": "proxy-a", "prompt": []}, 400, "prompt", "non-empty"),
