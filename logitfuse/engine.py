@@ -114,8 +114,25 @@ class Engine:
             new.append(self.waiting.popleft())
         if not new:
             return
+        try:
+            prefilled, full = self._prefill(new)
+        except Exception as err:  # a failing prefill fails only the requests it was for
+            events += [_failed(r, err) for r in new]
+            return
+        for name, backend, state, rids, logits in prefilled:
+            self._join(name, backend, state, rids, logits)
+        for r in new:
+            self.seqs[r.rid] = self._sequence(r)
+            if r.sampling.prompt_logprobs:
+                events.append(score_prompt(self.fuser, r, {n: full[(r.rid, n)] for n in r.plan.models()}))
+            if r.sampling.max_tokens == 0:
+                self.seqs[r.rid].aborted = "length"
+
+    def _prefill(self, new: list[GenerationRequest]) -> tuple[list, dict]:
+        """Every model's prefill of the new requests, before any of them joins the running slots."""
         scoring = any(r.sampling.prompt_logprobs for r in new)
         full: dict[tuple[str, str], torch.Tensor] = {}
+        out = []
         for name in dict.fromkeys(n for r in new for n in r.plan.models()):
             users = [r for r in new if name in r.plan.models()]
             backend = self.get_backend(name)
@@ -125,13 +142,8 @@ class Engine:
                 for i, r in enumerate(users):
                     full[(r.rid, name)] = logits[i, logits.shape[1] - len(prompts[i]):]  # (L_i, V)
                 logits = logits[:, -1]
-            self._join(name, backend, state, [r.rid for r in users], logits)
-        for r in new:
-            self.seqs[r.rid] = self._sequence(r)
-            if r.sampling.prompt_logprobs:
-                events.append(score_prompt(self.fuser, r, {n: full[(r.rid, n)] for n in r.plan.models()}))
-            if r.sampling.max_tokens == 0:
-                self.seqs[r.rid].aborted = "length"
+            out.append((name, backend, state, [r.rid for r in users], logits))
+        return out, full
 
     def _sequence(self, r: GenerationRequest) -> Sequence:
         context = min(self.get_backend(n).max_context for n in r.plan.models())
@@ -166,7 +178,12 @@ class Engine:
             groups.setdefault(s.req.plan.group_key(), []).append(s)
         finished = []
         for seqs in groups.values():
-            scores, diags = self.fuser.fuse(seqs, self.slots)  # (b, V)
+            try:
+                scores, diags = self.fuser.fuse(seqs, self.slots)  # (b, V)
+            except Exception as err:  # e.g. a reward model failing: only this group's sequences end
+                events += [_failed(s.req, err, s.stopper.generated) for s in seqs]
+                finished += [s.req.rid for s in seqs]
+                continue
             finished += self._sample_group(seqs, scores, diags, events)
         return finished
 
@@ -217,3 +234,8 @@ class Engine:
         for slot in self.slots.values():
             tokens = torch.tensor([self.seqs[r].last_token for r in slot.rows], dtype=torch.long)
             slot.logits = slot.backend.decode(slot.state, tokens.view(-1, 1))[:, 0]
+
+
+def _failed(req: GenerationRequest, err: Exception, generated: int = 0) -> TokenEvent:
+    return TokenEvent(req.rid, None, "", finish_reason="error", error=f"{type(err).__name__}: {err}",
+                      prompt_tokens=len(req.prompt_ids), completion_tokens=generated)

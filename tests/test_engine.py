@@ -192,3 +192,30 @@ def test_a_mixed_batch_equals_each_request_alone(lf):
     for r, ref in zip(reqs, alone):
         assert got[r.rid][0] == ref.token_ids
         assert got[r.rid][1] == pytest.approx(ref.logprobs, abs=1e-5)
+
+
+def test_a_failing_request_ends_alone_and_the_others_finish(lf, monkeypatch):
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    good = lf.requests("proxy-a", PROMPTS[0], sp, rid="good")[0]
+    bad_tq = lf.requests("tq", PROMPTS[1], sp, rid="bad-tq")[0]
+    reward = lf.pool.get("rm")
+    monkeypatch.setattr(reward, "score", lambda texts: (_ for _ in ()).throw(RuntimeError("reward model down")))
+    events = list(lf.stream([good, bad_tq]))
+    ends = {ev.rid: ev for ev in events if ev.finish_reason}
+    assert ends["bad-tq"].finish_reason == "error" and "reward model down" in ends["bad-tq"].error
+    assert ends["good"].finish_reason == "length" and ends["good"].completion_tokens == 6
+    late = lf.requests("proxy-a", PROMPTS[2], sp, rid="late")[0]
+    base = lf.pool.get("base-large")
+    monkeypatch.setattr(base, "prefill", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+    engine = lf.engine
+    running = lf.requests("eft-ab", PROMPTS[0], sp, rid="running")[0]
+    monkeypatch.undo()
+    engine.add(running)
+    engine.step()
+    monkeypatch.setattr(base, "prefill", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+    engine.add(late)
+    out = engine.step()
+    assert any(ev.rid == "late" and ev.finish_reason == "error" and "no room" in ev.error for ev in out)
+    monkeypatch.undo()
+    rest = [ev for ev in lf.stream([]) if ev.rid == "running"]
+    assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 6
