@@ -12,6 +12,8 @@ from logitfuse.api import LogitFuse
 from logitfuse.registry import Registry
 from logitfuse.runner import EngineRunner
 from service import errors
+from service.metrics import Metrics
+from service.metrics import install as install_metrics
 from service.routes import router
 from service.serving import Serving
 
@@ -43,7 +45,9 @@ def create_app(source: str | Path | Registry | LogitFuse) -> FastAPI:
             runner.stop()
 
     app = FastAPI(title="logitfuse", lifespan=lifespan)
+    app.state.metrics = Metrics()
     errors.install(app)
+    install_metrics(app, app.state.metrics)
     app.include_router(router)
     return app
 

@@ -41,6 +41,13 @@ async def models(request: Request) -> dict:
     return serving(request).models()
 
 
+def count(request: Request, model: str, choices: list) -> None:
+    m = request.app.state.metrics
+    u = usage(choices)
+    m.tokens.labels(model).inc(u["completion_tokens"])
+    m.prompt_tokens.labels(model).inc(u["prompt_tokens"])
+
+
 def _first_of_prompt(reqs: list[GenerationRequest], n: int) -> list[bool]:
     return [i % n == 0 for i in range(len(reqs))]
 
@@ -68,6 +75,7 @@ async def completions(body: CompletionRequest, request: Request):
             (lambda cs: {**head, "choices": [], "usage": usage(cs)}) if include else None),
             media_type="text/event-stream")
     choices = await sv.collect(job, request, make)
+    count(request, body.model, choices)
     out = {**head, "choices": [c.final() for c in choices], "usage": usage(choices)}
     if (d := diagnostics(choices)) is not None:
         out["fusion_diagnostics"] = d
@@ -95,6 +103,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
             (lambda cs: {**chunk, "choices": [], "usage": usage(cs)}) if include else None),
             media_type="text/event-stream")
     choices = await sv.collect(job, request, make)
+    count(request, body.model, choices)
     out = {**head, "object": "chat.completion", "choices": [c.final() for c in choices], "usage": usage(choices)}
     if (d := diagnostics(choices)) is not None:
         out["fusion_diagnostics"] = d

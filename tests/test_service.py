@@ -188,3 +188,17 @@ def test_api_keys(config_file, tmp_path):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
         assert c.get("/health").status_code == 200
+
+
+def test_metrics_count_requests_and_tokens(client):
+    def value(name):
+        line = next((x for x in client.get("/metrics").text.splitlines() if x.startswith(name)), f"{name} 0")
+        return float(line.rsplit(" ", 1)[1])
+
+    tokens = 'logitfuse_generated_tokens_total{model="eft-ab"}'
+    missing = 'logitfuse_requests_total{path="/v1/completions",status="404"}'
+    before = value(tokens), value(missing)
+    post(client, "/v1/completions", {**BODY, "model": "eft-ab", "max_tokens": 3, "ignore_eos": True})
+    client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert (value(tokens), value(missing)) == (before[0] + 3, before[1] + 1)
+    assert value("logitfuse_sequences") == 0

@@ -1,0 +1,40 @@
+"""Prometheus metrics: requests by endpoint and status, generated tokens, latency, engine occupancy."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("logitfuse_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.latency = Histogram("logitfuse_request_seconds", "HTTP request latency (to the last byte of a "
+                                 "JSON response, to the headers of a stream)", ["path"], registry=r)
+        self.tokens = Counter("logitfuse_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.prompt_tokens = Counter("logitfuse_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.sequences = Gauge("logitfuse_sequences", "Sequences waiting or running in the engine", registry=r)
+        self.loaded = Gauge("logitfuse_loaded_models", "Checkpoints loaded in memory", registry=r)
+
+
+def install(app: FastAPI, metrics: Metrics) -> None:
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path if request.url.path.startswith("/v1/") else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def _metrics(request: Request) -> Response:
+        serving = request.app.state.serving
+        metrics.sequences.set(serving.runner.pending())
+        metrics.loaded.set(len(serving.lf.pool.loaded()))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
