@@ -44,10 +44,10 @@ COMMANDS = {"serve": _serve, "generate": _generate, "train-family": _train_famil
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or (argv[0].startswith("--") and argv[0] != "--help"):
+        return _serve(argv)  # no command: serve (options go to serve)
+    if argv[0] not in COMMANDS:
         print(f"usage: logitfuse {{{','.join(COMMANDS)}}} [options]   (default: serve)", file=sys.stderr)
-        if not argv:
-            return _serve([])
         return 0 if argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:]) or 0
 
