@@ -2,10 +2,9 @@
 
 For each held-out set (models/data/eval_*.jsonl: entities and number pairs never seen in tuning, asked
 in the tuning phrasings and, as a separate table, in phrasings tuning never used) and each system (a
-registry model or ensemble, with an
-
-optional fusion override): greedy answers -> exact match and first-word (lenient) accuracy, plus the mean
-log-likelihood of the reference answer under the system's fused distribution (echo scoring).
+registry model or ensemble, with an optional fusion override): greedy answers -> exact match and
+first-word (lenient) accuracy, plus the mean log-likelihood of the reference answer under the system's
+fused distribution (echo scoring).
 "% of the gap closed" = (system - base-large) / (tuned-large - base-large), as in the proxy-tuning paper;
 "% of tuned" = system / tuned-large, as in the DLF paper. Also an alpha sweep for proxy-tuning.
 
