@@ -72,8 +72,8 @@ async def completions(body: CompletionRequest, request: Request):
         include = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(sv.stream(
             job, request, make, lambda c, d: {**head, "choices": [d]},
-            (lambda cs: {**head, "choices": [], "usage": usage(cs)}) if include else None),
-            media_type="text/event-stream")
+            (lambda cs: {**head, "choices": [], "usage": usage(cs)}) if include else None,
+            lambda cs: count(request, body.model, cs)), media_type="text/event-stream")
     choices = await sv.collect(job, request, make)
     count(request, body.model, choices)
     out = {**head, "choices": [c.final() for c in choices], "usage": usage(choices)}
@@ -100,8 +100,8 @@ async def chat(body: ChatCompletionRequest, request: Request):
         chunk = {**head, "object": "chat.completion.chunk"}
         return StreamingResponse(sv.stream(
             job, request, make, lambda c, d: {**chunk, "choices": [d]},
-            (lambda cs: {**chunk, "choices": [], "usage": usage(cs)}) if include else None),
-            media_type="text/event-stream")
+            (lambda cs: {**chunk, "choices": [], "usage": usage(cs)}) if include else None,
+            lambda cs: count(request, body.model, cs)), media_type="text/event-stream")
     choices = await sv.collect(job, request, make)
     count(request, body.model, choices)
     out = {**head, "object": "chat.completion", "choices": [c.final() for c in choices], "usage": usage(choices)}

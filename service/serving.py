@@ -117,8 +117,8 @@ class Serving:
             raise APIError(500, f"generation failed: {failed[0].error}")
         return list(choices.values())
 
-    async def stream(self, job: Job, request: Request, make: Callable, chunk: Callable, usage_chunk: Callable | None
-                     ) -> AsyncIterator[str]:
+    async def stream(self, job: Job, request: Request, make: Callable, chunk: Callable, usage_chunk: Callable | None,
+                     on_done: Callable[[list], None] | None = None) -> AsyncIterator[str]:
         """SSE: one chunk per event delta; an error event then [DONE] if something fails mid-stream."""
         choices = {r.rid: make(i, r) for i, r in enumerate(job.requests)}
         try:
@@ -135,6 +135,8 @@ class Serving:
                 if delta is not None:
                     yield sse(chunk(c, delta))
             else:
+                if on_done is not None:
+                    on_done(list(choices.values()))
                 if usage_chunk is not None:
                     yield sse(usage_chunk(list(choices.values())))
         except Exception as err:  # the stream has started: report in-band

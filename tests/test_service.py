@@ -199,6 +199,8 @@ def test_metrics_count_requests_and_tokens(client):
     missing = 'logitfuse_requests_total{path="/v1/completions",status="404"}'
     before = value(tokens), value(missing)
     post(client, "/v1/completions", {**BODY, "model": "eft-ab", "max_tokens": 3, "ignore_eos": True})
+    stream(client, "/v1/chat/completions", {"model": "eft-ab", "messages": [{"role": "user", "content": "x"}],
+                                            "max_tokens": 2, "ignore_eos": True})
     client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
-    assert (value(tokens), value(missing)) == (before[0] + 3, before[1] + 1)
+    assert (value(tokens), value(missing)) == (before[0] + 5, before[1] + 1)
     assert value("logitfuse_sequences") == 0
