@@ -111,6 +111,10 @@ class Registry(Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Registry:
+        for name, m in self.models.items():
+            if m.remote is not None:
+                raise ValueError(f"models.{name}.remote: remote (OpenAI-API) backends are not available yet; "
+                                 "serve the checkpoint locally with 'path'")
         for name, e in self.experts.items():
             for role in ("tuned", "untuned"):
                 if getattr(e, role) not in self.models:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -16,6 +17,7 @@ from service.protocol import ChatCompletionRequest, CompletionRequest
 from service.serving import Serving, diagnostics, usage
 
 router = APIRouter()
+log = logging.getLogger("logitfuse.service")
 
 
 def serving(request: Request) -> Serving:
@@ -57,6 +59,7 @@ async def completions(body: CompletionRequest, request: Request):
     sv = serving(request)
     sp = body.to_sampling_params(sv.server.max_logprobs)
     prompts = body.prompts()
+    log.info("completions model=%s prompts=%d n=%d user=%s", body.model, len(prompts), body.n, body.user)
     reqs = await asyncio.to_thread(sv.build, body.model, prompts, sp, body.fusion, body.n, False)
     tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
     firsts = _first_of_prompt(reqs, body.n)
@@ -86,6 +89,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat(body: ChatCompletionRequest, request: Request):
     sv = serving(request)
     sp = body.to_sampling_params(sv.server.max_logprobs)
+    log.info("chat model=%s messages=%d n=%d user=%s", body.model, len(body.messages), body.n, body.user)
     reqs = await asyncio.to_thread(sv.build, body.model, [None], sp, body.fusion, body.n, True, body.message_dicts())
     tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
     firsts = _first_of_prompt(reqs, body.n)
