@@ -57,16 +57,29 @@ def _loss(l_large: torch.Tensor, fused: torch.Tensor, fwd_t: torch.Tensor, rev_t
     return ((fwd - fwd_t.unsqueeze(1)) ** 2 + (rev - rev_t.unsqueeze(1)) ** 2).sum(dim=-1)
 
 
-def _one_expert_candidates(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torch.Tensor,
-                           grid: torch.Tensor) -> torch.Tensor:
-    """z_L + a * (z_S+_t - z_S) for every expert t alone and every grid point a -> (B, T*G, V), by broadcasting.
-    Masked (-inf) tokens stay -inf and never produce NaN: their differences count as 0."""
+def _one_expert_loss(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torch.Tensor, grid: torch.Tensor,
+                     fwd_t: torch.Tensor, rev_t: torch.Tensor) -> torch.Tensor:
+    """The loss of every expert t alone at every grid point a -> (B, T*G), in closed form.
+
+    With d = z_S+_t - z_S and fused logits z_L + a d, log-normalisers A(a) = logsumexp(z_L + a d), A_L = A(0):
+    KL(P~||P) = a (P~ . d) - A(a) + A_L and KL(P||P~) = A(a) - A_L - a (P . d), so each candidate costs one
+    logsumexp, one softmax and one dot product over V. Masked (-inf) tokens have probability 0 everywhere
+    and their differences count as 0 (never NaN)."""
     diff = z_tuned - z_small.unsqueeze(1)  # (B, T, V)
     finite = torch.isfinite(diff)
     diff = torch.where(finite, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
     base = torch.where(finite.all(dim=1), z_large, torch.full_like(z_large, float("-inf")))  # masked anywhere
-    out = base[:, None, None, :] + grid.view(1, 1, -1, 1) * diff.unsqueeze(2)  # (B, T, G, V)
-    return out.flatten(1, 2)
+    a = grid.view(1, 1, -1)  # (1, 1, G)
+    cand = base[:, None, None, :] + a.unsqueeze(-1) * diff.unsqueeze(2)  # (B, T, G, V)
+    lse = torch.logsumexp(cand, dim=-1)  # (B, T, G)
+    lse_base = torch.logsumexp(base, dim=-1)[:, None, None]  # (B, 1, 1)
+    p_fused_d = (torch.exp(cand - lse.unsqueeze(-1)) * diff.unsqueeze(2)).sum(-1)  # (B, T, G)
+    p_base_d = torch.einsum("bv,btv->bt", torch.softmax(base, dim=-1), diff).unsqueeze(-1)  # (B, T, 1)
+    fwd = a * p_fused_d - lse + lse_base  # KL(P~ || P)
+    rev = lse - lse_base - a * p_base_d  # KL(P || P~)
+    loss = ((fwd.unsqueeze(-1) - fwd_t[:, None, None, :]) ** 2
+            + (rev.unsqueeze(-1) - rev_t[:, None, None, :]) ** 2).sum(-1)  # (B, T, G)
+    return loss.flatten(1, 2)
 
 
 def _candidates(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -102,7 +115,7 @@ def solve_dlf(
         raise ValueError(f"unknown DLF mode {mode!r}; expected 'one_expert' or 'joint'")
     eye = torch.eye(t, dtype=z_large.dtype, device=z_large.device)  # (T, T)
     a = (eye.unsqueeze(1) * grid.view(1, g, 1)).reshape(1, t * g, t).expand(b, t * g, t)  # (B, T*G, T)
-    loss = _loss(l_large, _one_expert_candidates(z_large, z_small, z_tuned, grid), fwd_t, rev_t)  # (B, T*G)
+    loss = _one_expert_loss(z_large, z_small, z_tuned, grid, fwd_t, rev_t)  # (B, T*G)
     best = torch.argmin(loss, dim=-1)  # first minimum
     result = DLFResult(a[torch.arange(b), best], loss.gather(-1, best.unsqueeze(-1)).squeeze(-1))
     if mode == "joint" and t > 1:
