@@ -21,9 +21,7 @@ def default_loader(reg: Registry, name: str):
     from logitfuse.backends.hf import HFCausalLM, HFReward
 
     if name in reg.models:
-        spec = reg.models[name]
-        if spec.remote is not None:
-            raise NotImplementedError(f"model {name!r}: remote backends are not available in this version")
+        spec = reg.models[name]  # remote entries are refused when the registry is validated
         return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
                                spec.gguf_file)
     if name in reg.rewards:
