@@ -68,21 +68,8 @@ async def completions(body: CompletionRequest, request: Request):
         echo = tok.decode(r.prompt_ids) if body.echo else None
         return CompletionChoice(i, tok, firsts[i], echo, body.logprobs is not None, sp.prompt_logprobs)
 
-    job = await sv.submit(reqs)
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model}
-    if body.stream:
-        include = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(sv.stream(
-            job, request, make, lambda c, d: {**head, "choices": [d]},
-            (lambda cs: {**head, "choices": [], "usage": usage(cs)}) if include else None,
-            lambda cs: count(request, body.model, cs)), media_type="text/event-stream")
-    choices = await sv.collect(job, request, make)
-    count(request, body.model, choices)
-    out = {**head, "choices": [c.final() for c in choices], "usage": usage(choices)}
-    if (d := diagnostics(choices)) is not None:
-        out["fusion_diagnostics"] = d
-    return JSONResponse(out)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    return await respond(sv, request, body, reqs, make, head, "text_completion", "text_completion")
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
@@ -97,18 +84,24 @@ async def chat(body: ChatCompletionRequest, request: Request):
     def make(i: int, r: GenerationRequest) -> ChatChoice:
         return ChatChoice(i, tok, firsts[i], body.logprobs)
 
-    job = await sv.submit(reqs)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    return await respond(sv, request, body, reqs, make, head, "chat.completion.chunk", "chat.completion")
+
+
+async def respond(sv: Serving, request: Request, body, reqs: list[GenerationRequest], make, head: dict,
+                  chunk_object: str, final_object: str):
+    """Submit the engine requests; answer with an SSE stream or one JSON body (both API shapes)."""
+    job = await sv.submit(reqs)
     if body.stream:
         include = body.stream_options is not None and body.stream_options.include_usage
-        chunk = {**head, "object": "chat.completion.chunk"}
+        chunk = {**head, "object": chunk_object}
         return StreamingResponse(sv.stream(
             job, request, make, lambda c, d: {**chunk, "choices": [d]},
             (lambda cs: {**chunk, "choices": [], "usage": usage(cs)}) if include else None,
             lambda cs: count(request, body.model, cs)), media_type="text/event-stream")
     choices = await sv.collect(job, request, make)
     count(request, body.model, choices)
-    out = {**head, "object": "chat.completion", "choices": [c.final() for c in choices], "usage": usage(choices)}
+    out = {**head, "object": final_object, "choices": [c.final() for c in choices], "usage": usage(choices)}
     if (d := diagnostics(choices)) is not None:
         out["fusion_diagnostics"] = d
     return JSONResponse(out)
