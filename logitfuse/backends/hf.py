@@ -6,6 +6,7 @@ running batch and forgotten speculative positions never shift a row's positions.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,9 @@ class HFCausalLM:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048))
         self.logits_width = int(model.get_output_embeddings().weight.shape[0])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # transformers renamed `past_key_values` to `cache` (argument and output) within 5.x
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None,
@@ -100,9 +104,9 @@ class HFCausalLM:
         mask = torch.cat([past, new_mask], dim=-1)  # (B, T + k)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past.shape[1]:]  # (B, k)
         cache = state.cache if state is not None else DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=keep)
-        return HFState(out.past_key_values, mask), out.logits.float()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=keep, **{self._cache_arg: cache})
+        return HFState(getattr(out, self._cache_arg), mask), out.logits.float()
 
     def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
         if any(len(p) == 0 for p in prompts):
