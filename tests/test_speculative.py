@@ -1,10 +1,12 @@
 """Speculative EFT: greedy output is plain fused greedy token for token; sampled output has exactly the
 fused distribution (checked on the acceptance rule itself, by simulation against the known p)."""
 
+import math
+
 import torch
 
 from logitfuse import SamplingParams
-from logitfuse.sampling import make_generator
+from logitfuse.sampling import SamplingTensors, make_generator, warp
 from logitfuse.speculative import SpeculativeEFT, accept_block
 
 PROMPTS = ["the red city of the north", "one", "king queen river blue green"]
@@ -51,3 +53,51 @@ def test_emitted_tokens_follow_the_fused_distribution():
             second[d1 if acc == 2 else nxt] += 1
     assert torch.allclose(first / n, p[0], atol=0.012), (first / n, p[0])
     assert torch.allclose(second / second.sum(), p[1], atol=0.015), (second / second.sum(), p[1])
+
+
+def test_adaptive_draft_length_keeps_greedy_output(lf):
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = lf.generate("proxy-a", PROMPTS, sp)
+    for threshold in (0.05, 0.2, 0.9):
+        spec = SpeculativeEFT(lf, k=4, min_draft_prob=threshold)
+        out = spec.generate([r for p in PROMPTS for r in lf.requests("proxy-a", p, sp)])
+        assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+        assert spec.stats.drafted < 4 * spec.stats.rounds * len(PROMPTS)  # some rows stopped drafting early
+
+
+def _fused_top3(lf, ids: list[int], temperature: float) -> dict[int, float]:
+    """The fused sampling distribution under top_k 3, from the plain engine's (unwarped) logprobs."""
+    out = lf.generate("proxy-a", [ids], SamplingParams(max_tokens=1, temperature=0, logprobs=3))[0]
+    top = {t.token_id: math.exp(t.logprob / temperature) for t in out.top_logprobs[0]}
+    total = sum(top.values())
+    return {t: v / total for t, v in top.items()}
+
+
+def test_sampled_speculative_tokens_follow_the_fused_distribution(lf):
+    """Joint law of the first three tokens (t1 from the prompt, t2 and t3 from one speculative round with
+    a draft length that varies by row) against the exact fused distribution computed by the plain engine."""
+    prompt = lf.pool.get("base-large").tokenizer("the red city").input_ids
+    T = 0.5
+    exact: dict[tuple[int, ...], float] = {}
+    for t1, p1 in _fused_top3(lf, prompt, T).items():
+        for t2, p2 in _fused_top3(lf, [*prompt, t1], T).items():
+            for t3, p3 in _fused_top3(lf, [*prompt, t1, t2], T).items():
+                exact[(t1, t2, t3)] = p1 * p2 * p3
+    # a threshold between the draft's confidences after the possible first tokens: some rows draft, some not
+    tuned = lf.pool.get("tuned-a")
+    warped = SamplingTensors.build([(T, 3, 1.0, 0.0)])
+    conf = sorted(float(torch.softmax(warp(tuned.prefill([[*prompt, t1]])[1], warped), -1).max())
+                  for t1 in {k[0] for k in exact})
+    assert conf[0] < conf[-1]
+    n = 3000
+    reqs = [r for i in range(n) for r in lf.requests(
+        "proxy-a", prompt, SamplingParams(max_tokens=3, temperature=T, top_k=3, seed=i, ignore_eos=True))]
+    spec = SpeculativeEFT(lf, k=2, min_draft_prob=(conf[0] + conf[-1]) / 2)
+    seen: dict[tuple[int, ...], int] = {}
+    for o in spec.generate(reqs):
+        seen[tuple(o.token_ids)] = seen.get(tuple(o.token_ids), 0) + 1
+    assert set(seen) <= set(exact)
+    assert 0 < spec.stats.drafted < 2 * n  # rows drafted different lengths
+    assert spec.stats.accepted > 0
+    for key, p in exact.items():
+        assert abs(seen.get(key, 0) / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (key, seen.get(key), p)
