@@ -3,6 +3,8 @@ the way reference proxy-tuning code decodes. Greedy. Used by bench/throughput.py
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -15,17 +17,25 @@ def naive_generate(models: dict, plan, prompt: list[int], max_tokens: int) -> li
     names = list(plan.models())
     caches = {n: DynamicCache() for n in names}
     ids = torch.tensor([prompt])
-    logits = {n: models[n](input_ids=ids, past_key_values=caches[n], use_cache=True).logits[:, -1].float()
-              for n in names}
+
+    def forward(n: str, x: torch.Tensor) -> torch.Tensor:
+        kw = {cache_arg(models[n]): caches[n]}
+        return models[n](input_ids=x, use_cache=True, **kw).logits[:, -1].float()
+
+    logits = {n: forward(n, ids) for n in names}
     out: list[int] = []
     for _ in range(max_tokens):
         scores = fuse(plan, logits)
         tok = int(scores.argmax(-1))
         out.append(tok)
         step = torch.tensor([[tok]])
-        logits = {n: models[n](input_ids=step, past_key_values=caches[n], use_cache=True).logits[:, -1].float()
-                  for n in names}
+        logits = {n: forward(n, step) for n in names}
     return out
+
+
+def cache_arg(model) -> str:
+    """The KV-cache argument's name in this transformers version (`cache`, formerly `past_key_values`)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def fuse(plan, z: dict) -> torch.Tensor:

@@ -84,23 +84,62 @@ def table(lf: LogitFuse, concurrency: list[int], tokens: int, naive_n: int) -> l
     return rows
 
 
-def speculative(lf: LogitFuse, tokens: int, ks: list[int], batch: int) -> list[dict]:
+def speculative(lf: LogitFuse, tokens: int, ks: list[int], min_probs: list[float], batch: int) -> list[dict]:
+    """Speculative EFT vs plain EFT (the engine), greedy, same prompts; 8 prompts in batches of `batch`."""
     from logitfuse.speculative import SpeculativeEFT
 
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    ps = prompts(batch)
-    reqs = lambda: [r for p in ps for r in lf.requests("large-eft", p, sp)]  # noqa: E731
-    plain_t, plain = timed(lambda: lf.generate("large-eft", ps, sp))
+    ps = prompts(8)
+    chunks = [ps[i:i + batch] for i in range(0, len(ps), batch)]
+    plain_run = lambda: [o for c in chunks for o in lf.generate("large-eft", c, sp)]  # noqa: E731
+    plain_run()  # warm-up
+    plain_t, plain = timed(plain_run)
     out = []
     for k in ks:
-        spec = SpeculativeEFT(lf, k=k)
-        dt, res = timed(lambda spec=spec: spec.generate(reqs()))
-        same = [o.token_ids for o in res] == [o.token_ids for o in plain]
-        out.append({"k": k, "batch": batch, "speedup": plain_t / dt, "acceptance": spec.stats.acceptance,
-                    "same_tokens": same})
-        print(f"k={k} batch={batch}: speed-up {plain_t / dt:5.2f}x  acceptance {spec.stats.acceptance:.2f}  "
-              f"greedy tokens identical: {same}", flush=True)
+        for min_prob in min_probs:
+            spec = SpeculativeEFT(lf, k=k, min_draft_prob=min_prob)
+            run = lambda spec=spec: [o for c in chunks  # noqa: E731
+                                     for o in spec.generate([r for p in c for r in lf.requests("large-eft", p, sp)])]
+            dt, res = timed(run)
+            same = [o.token_ids for o in res] == [o.token_ids for o in plain]
+            st = spec.stats
+            per_round = (sum(len(o.token_ids) for o in res) - len(res)) / st.rounds / batch  # first token: prefill
+            out.append({"k": k, "min_draft_prob": min_prob, "batch": batch, "speedup": plain_t / dt,
+                        "acceptance": st.acceptance, "drafts_per_round": st.drafted / st.rounds / batch,
+                        "tokens_per_round": per_round, "same_tokens": same})
+            print(f"speculative k={k} min_p={min_prob:.1f} batch={batch}: {plain_t / dt:5.2f}x plain EFT  "
+                  f"acceptance {st.acceptance:.2f}  tokens/round {per_round:.2f}  greedy identical: {same}",
+                  flush=True)
     return out
+
+
+def compiled(lf: LogitFuse, tokens: int, concurrency: list[int]) -> list[dict]:
+    """Eager vs torch.compile'd forward passes (the registry's `compile: true`), same requests, one run.
+    Each timing follows an identical untimed run, so compilation itself is not counted."""
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    cases = [(label, model) for label, model, _ in METHODS if label in ("base-only", "eft")]
+
+    def measure() -> dict:
+        out = {}
+        for c in concurrency:
+            for label, model in cases:
+                lf.generate(model, prompts(c), sp)
+                out[(label, c)] = timed(lambda m=model, c=c: lf.generate(m, prompts(c), sp))[0]
+        return out
+
+    eager = measure()
+    for name in dict.fromkeys(n for _, m in cases for n in lf.registry.plan(m).models()):
+        lf.pool.get(name).compile()
+    t0 = time.perf_counter()
+    comp = measure()
+    rows = []
+    for (label, c), t in eager.items():
+        rows.append({"method": label, "concurrency": c, "eager_ms_step": 1000 * t / tokens,
+                     "compiled_ms_step": 1000 * comp[(label, c)] / tokens, "speedup": t / comp[(label, c)]})
+        print(f"compile {label:10s} {c:4d}  eager {rows[-1]['eager_ms_step']:6.2f} ms/step  compiled "
+              f"{rows[-1]['compiled_ms_step']:6.2f} ms/step  {rows[-1]['speedup']:5.2f}x", flush=True)
+    print(f"(compiling and the compiled runs took {time.perf_counter() - t0:.0f} s)")
+    return rows
 
 
 def main() -> None:
@@ -110,7 +149,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--naive-requests", type=int, default=4, help="requests the naive loop runs (sequentially)")
-    ap.add_argument("--spec-k", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--spec-k", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--spec-min-prob", type=float, nargs="+", default=[0.0, 0.5, 0.9],
+                    help="speculative: stop drafting below this draft-model top probability (0 = always k)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models against eager ones")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -123,7 +165,10 @@ def main() -> None:
     print(f"{'method':14s} {'conc':>4s} {'tok/s':>9s} {'ms/tok':>8s} {'x naive':>8s} {'x base':>7s} {'floor':>6s}")
     report = {"device": str(lf.pool.get(lf.registry.plan("large-qa").base).device), "tokens": args.tokens,
               "table": table(lf, args.concurrency, args.tokens, args.naive_requests)}
-    report["speculative"] = [r for b in (1, 8) for r in speculative(lf, args.tokens * 2, args.spec_k, b)]
+    report["speculative"] = [r for b in (1, 8) for r in speculative(lf, args.tokens * 2, args.spec_k,
+                                                                     args.spec_min_prob, b)]
+    if args.compile:
+        report["compile"] = compiled(lf, args.tokens, [1, 8])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -23,7 +23,7 @@ def default_loader(reg: Registry, name: str):
     if name in reg.models:
         spec = reg.models[name]  # remote entries are refused when the registry is validated
         return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
-                               spec.gguf_file)
+                               spec.gguf_file, compile=spec.compile)
     if name in reg.rewards:
         spec = reg.rewards[name]
         return HFReward.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device)

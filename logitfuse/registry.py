@@ -35,6 +35,7 @@ class ModelSpec(Frozen):
     device: str = "auto"
     chat_template: bool = False  # this role formats chat prompts with its tokenizer's template
     gguf_file: str | None = None  # a GGUF checkpoint inside `path` (needs the gguf and accelerate packages)
+    compile: bool = False  # torch.compile the forward pass (dynamic shapes); the first calls of each shape compile
     remote: RemoteSpec | None = None
     tokenizer: str | None = None
 

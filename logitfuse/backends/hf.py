@@ -79,13 +79,24 @@ class HFCausalLM:
 
     @classmethod
     def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None,
-             chat_template: bool = False, gguf_file: str | None = None) -> HFCausalLM:
+             chat_template: bool = False, gguf_file: str | None = None, compile: bool = False) -> HFCausalLM:
         """`from_pretrained` on a local folder or hub id (or a GGUF file in it), on the configured device/dtype."""
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), **extra).to(dev)
-        return cls(name, model, AutoTokenizer.from_pretrained(path, **extra), chat_template=chat_template)
+        lm = cls(name, model, AutoTokenizer.from_pretrained(path, **extra), chat_template=chat_template)
+        if compile:
+            lm.compile()
+        return lm
+
+    def compile(self) -> None:
+        """torch.compile the forward pass with dynamic shapes. Batch size 1, prefill and decode, and one
+        versus several new tokens each compile once; continuous batching then reuses those graphs."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self.model.forward = torch.compile(self.model.forward, dynamic=True)
 
     def vocab_info(self) -> VocabInfo:
         tok = self.tokenizer
@@ -127,10 +138,14 @@ class HFCausalLM:
         return logits
 
     def select(self, state: HFState, rows: list[int]) -> HFState:
+        """The given rows, without leading positions none of them can see; the cache comes out contiguous."""
         idx = torch.tensor(rows, dtype=torch.long, device=state.mask.device)
         mask = state.mask.index_select(0, idx)
-        layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in state.layers]
-        return _trim(layers, mask)
+        visible = mask.any(dim=0).nonzero()
+        start = int(visible[0]) if visible.numel() else mask.shape[1]
+        layers = [(k[:, :, start:].index_select(0, idx), v[:, :, start:].index_select(0, idx))
+                  for k, v in state.layers]
+        return HFState.of(layers, mask[:, start:])
 
     def concat(self, states: list[HFState]) -> HFState:
         length = max(s.mask.shape[1] for s in states)
@@ -150,15 +165,6 @@ class HFCausalLM:
             if n > 0:
                 mask[row, t - n:] = 0
         state.mask = mask
-
-
-def _trim(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> HFState:
-    """Drop leading positions no row can see (left padding left behind by rows that finished)."""
-    visible = mask.any(dim=0).nonzero()
-    start = int(visible[0]) if visible.numel() else mask.shape[1]
-    if start:
-        layers, mask = [(k[:, :, start:], v[:, :, start:]) for k, v in layers], mask[:, start:]
-    return HFState.of(layers, mask)
 
 
 class HFReward:
