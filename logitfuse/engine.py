@@ -18,6 +18,7 @@ import torch
 from logitfuse.fuser import Fuser, score_prompt
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent, TopLogprob
 from logitfuse.sampling import SamplingTensors, make_generator, sample, token_logprobs, top_logprobs
+from logitfuse.speculative import SpecGroup, SpecStats
 from logitfuse.stopping import StopChecker
 
 
@@ -54,6 +55,8 @@ class Engine:
         self.waiting: deque[GenerationRequest] = deque()
         self.seqs: dict[str, Sequence] = {}
         self.slots: dict[str, Slot] = {}
+        self.spec_groups: dict[tuple, SpecGroup] = {}  # speculative rows keep their own KV states
+        self.spec_stats = SpecStats()
 
     # -- requests in and out -------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
@@ -112,21 +115,43 @@ class Engine:
         new: list[GenerationRequest] = []
         while self.waiting and len(self.seqs) + len(new) < self.max_batch:
             new.append(self.waiting.popleft())
-        if not new:
+        batches: dict[tuple | None, list[GenerationRequest]] = {}
+        for r in new:  # plain rows join the shared slots; speculative ones their group
+            batches.setdefault(r.plan.group_key() if r.plan.speculative else None, []).append(r)
+        for key, reqs in batches.items():
+            try:
+                prefilled, full = self._prefill(reqs)
+            except Exception as err:  # a failing prefill fails only the requests it was for
+                events += [_failed(r, err) for r in reqs]
+                continue
+            if key is None:
+                for name, backend, state, rids, logits in prefilled:
+                    self._join(name, backend, state, rids, logits)
+            for r in reqs:
+                self.seqs[r.rid] = self._sequence(r)
+                if r.sampling.prompt_logprobs:
+                    events.append(score_prompt(self.fuser, r, {n: full[(r.rid, n)] for n in r.plan.models()}))
+                if r.sampling.max_tokens == 0:
+                    self.seqs[r.rid].aborted = "length"
+            if key is not None:
+                self._join_speculative(key, reqs, prefilled, events)
+
+    def _join_speculative(self, key: tuple, reqs: list[GenerationRequest], prefilled: list, events: list) -> None:
+        """Speculative rows take their first token from the prefill now and join their group's states."""
+        going = [i for i, r in enumerate(reqs) if r.sampling.max_tokens > 0]
+        if not going:
             return
+        by_model = {name: (backend.select(state, going), logits[going])
+                    for name, backend, state, _, logits in prefilled}
         try:
-            prefilled, full = self._prefill(new)
-        except Exception as err:  # a failing prefill fails only the requests it was for
-            events += [_failed(r, err) for r in new]
-            return
-        for name, backend, state, rids, logits in prefilled:
-            self._join(name, backend, state, rids, logits)
-        for r in new:
-            self.seqs[r.rid] = self._sequence(r)
-            if r.sampling.prompt_logprobs:
-                events.append(score_prompt(self.fuser, r, {n: full[(r.rid, n)] for n in r.plan.models()}))
-            if r.sampling.max_tokens == 0:
-                self.seqs[r.rid].aborted = "length"
+            group = self.spec_groups.get(key) or SpecGroup(self, reqs[0].plan)
+            self.spec_groups[key] = group
+            finished = group.join([self.seqs[reqs[i].rid] for i in going], by_model, events)
+        except Exception as err:
+            finished = [reqs[i].rid for i in going]
+            events += [_failed(reqs[i], err) for i in going]
+        for rid in finished:
+            self.seqs[rid].aborted = "done"
 
     def _prefill(self, new: list[GenerationRequest]) -> tuple[list, dict]:
         """Every model's prefill of the new requests, before any of them joins the running slots."""
@@ -168,6 +193,8 @@ class Engine:
         gone = [rid for rid, s in self.seqs.items() if s.aborted]
         for rid in gone:
             s = self.seqs[rid]
+            if s.aborted == "done":
+                continue
             events.append(TokenEvent(rid, None, s.stopper.flush(), finish_reason=s.aborted,
                                      prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.stopper.generated))
         self._drop(gone)
@@ -175,8 +202,17 @@ class Engine:
     def _fuse_and_sample(self, events: list) -> list[str]:
         groups: dict[tuple, list[Sequence]] = {}
         for s in self.seqs.values():
-            groups.setdefault(s.req.plan.group_key(), []).append(s)
+            if not s.req.plan.speculative:
+                groups.setdefault(s.req.plan.group_key(), []).append(s)
         finished = []
+        for group in self.spec_groups.values():
+            if not group.rows:
+                continue
+            try:
+                finished += group.round(events, self.spec_stats)
+            except Exception as err:  # a failing round ends this group's sequences only
+                events += [_failed(s.req, err, s.stopper.generated) for s in group.rows]
+                finished += [s.req.rid for s in group.rows]
         for seqs in groups.values():
             try:
                 scores, diags = self.fuser.fuse(seqs, self.slots)  # (b, V)
@@ -217,6 +253,11 @@ class Engine:
         gone = set(rids)
         for rid in rids:
             self.seqs.pop(rid, None)
+        for key in list(self.spec_groups):
+            group = self.spec_groups[key]
+            group.drop(gone)
+            if not group.rows:
+                del self.spec_groups[key]
         for name in list(self.slots):
             slot = self.slots[name]
             keep = [i for i, r in enumerate(slot.rows) if r not in gone]

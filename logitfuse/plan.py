@@ -36,6 +36,15 @@ class TQStarPlan:
 
 
 @dataclass(frozen=True)
+class SpecPlan:
+    """Speculative decoding of a one-expert proxy/EFT plan: the tuned expert drafts up to k tokens per round,
+    and stops early where its own top probability is below min_draft_prob."""
+
+    k: int = 4
+    min_draft_prob: float = 0.0
+
+
+@dataclass(frozen=True)
 class FusionPlan:
     method: str
     base: str
@@ -44,6 +53,7 @@ class FusionPlan:
     grid: tuple[float, float, float] = (0.0, 2.0, 0.1)  # dlf: start, stop, step
     mode: str = "one_expert"  # dlf
     tqstar: TQStarPlan | None = None
+    speculative: SpecPlan | None = None
     ensemble: str | None = None  # the registry name the request used
 
     def models(self) -> tuple[str, ...]:
@@ -67,4 +77,4 @@ class FusionPlan:
             return (self.method, self.base, roles, self.grid, self.mode)
         if self.method == "tqstar":
             return (self.method, self.base, self.tqstar)
-        return (self.method, self.base, roles)
+        return (self.method, self.base, roles, self.speculative)

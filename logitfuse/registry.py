@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from logitfuse.plan import METHODS, ExpertRef, FusionPlan, TQStarPlan
+from logitfuse.plan import METHODS, ExpertRef, FusionPlan, SpecPlan, TQStarPlan
 from logitfuse.request import InvalidRequest, UnknownName
 
 Method = Literal["none", "proxy", "eft", "dlf", "tqstar"]
@@ -57,6 +57,11 @@ class ExpertSpec(Frozen):
     untuned: str
 
 
+class SpeculativeParams(Frozen):
+    k: int = Field(default=4, ge=0, le=16)  # draft tokens per round; 0 turns speculation off
+    min_draft_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
 class FusionParams(Frozen):
     """Method parameters: the same fields in an ensemble entry and in a request's `fusion` object."""
 
@@ -73,6 +78,7 @@ class FusionParams(Frozen):
     top_k: int | None = Field(default=None, ge=1, le=100)
     rollouts: int | None = Field(default=None, ge=1, le=16)
     rollout_tokens: int | None = Field(default=None, ge=1, le=256)
+    speculative: SpeculativeParams | None = None
 
     def merged(self, override: FusionParams | None) -> FusionParams:
         """Fields set in override replace ours; new experts without new weights get the default weights."""
@@ -81,7 +87,7 @@ class FusionParams(Frozen):
         update = override.model_dump(exclude_unset=True, exclude_none=True)
         if "experts" in update and "weights" not in update:
             update["weights"] = None
-        return self.model_copy(update=update)
+        return FusionParams.model_validate(self.model_dump(exclude_unset=True) | update)
 
 
 class EnsembleSpec(FusionParams):
@@ -174,6 +180,10 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str) -> Fus
     method = p.method or "proxy"
     if method not in METHODS:
         raise InvalidRequest(f"fusion.method must be one of {METHODS}, got {method!r}", "fusion.method")
+    spec = SpecPlan(p.speculative.k, p.speculative.min_draft_prob) if p.speculative and p.speculative.k else None
+    if spec and (method not in ("proxy", "eft") or len(p.experts or []) != 1):
+        raise InvalidRequest(f"fusion.speculative: speculative decoding needs method 'proxy' or 'eft' with exactly "
+                             f"one expert (got {method!r} with {len(p.experts or [])})", "fusion.speculative")
     if method == "none":
         return FusionPlan("none", base, ensemble=ensemble)
     if method == "tqstar":
@@ -199,7 +209,8 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str) -> Fus
             raise InvalidRequest(f"fusion.grid must be [start, stop, step] with step > 0 and at most 200 "
                                  f"points, got {list(grid)}", "fusion.grid")
         return FusionPlan("dlf", base, experts, grid=tuple(grid), mode=p.mode or "one_expert", ensemble=ensemble)
-    return FusionPlan(method, base, experts, coef=tuple(scale * w for w in weights), ensemble=ensemble)
+    return FusionPlan(method, base, experts, coef=tuple(scale * w for w in weights), speculative=spec,
+                      ensemble=ensemble)
 
 
 def _tqstar(reg: Registry, p: FusionParams) -> TQStarPlan:

@@ -1,25 +1,27 @@
-"""Speculative EFT up-scaling (Mitchell et al., 2023, section on speculative decoding).
+"""Speculative EFT up-scaling (Mitchell et al., 2023, section on speculative decoding), inside the engine.
 
-The small tuned expert drafts k tokens; the large base and the small untuned model score the whole block
-in one pass each; draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) where p is the fused
-(EFT) sampling distribution and q the draft's; at the first rejection the token is resampled from
-norm(max(0, p_i - q_i)); when all k are accepted a bonus token comes from p_{k+1}. The output distribution
-is exactly the fused one; under greedy decoding the tokens are those of plain fused greedy decoding.
-Rows of a batch accept different numbers of drafts: rejected positions are forgotten per row
-(backend.forget_last), never recomputed.
+The small tuned expert drafts up to k tokens; the large base and the small untuned model score the whole
+block in one pass each; draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) where p is the fused
+(proxy/EFT) sampling distribution and q the draft's; at the first rejection the token is resampled from
+norm(max(0, p_i - q_i)); when every draft is accepted a bonus token comes from p after the last one. The
+output distribution is exactly the fused one; under greedy decoding the tokens are those of plain fused
+greedy decoding. A row stops drafting early where the draft's own top probability is below min_draft_prob
+(decided from the draft model alone, before the draft token is drawn, so the rule stays exact).
+
+Rows of a group accept different numbers of drafts: rejected positions are forgotten per row
+(backend.forget_last), never recomputed. A group keeps its own KV states (its rows advance by different
+numbers of tokens per step, unlike the engine's shared slots); rows join at step boundaries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from logitfuse import fusion
-from logitfuse.api import Completion, LogitFuse
-from logitfuse.request import GenerationRequest, InvalidRequest
-from logitfuse.sampling import SamplingTensors, make_generator, sample, warp
-from logitfuse.stopping import StopChecker
+from logitfuse.plan import FusionPlan, SpecPlan
+from logitfuse.request import GenerationRequest, InvalidRequest, TokenEvent, TopLogprob
+from logitfuse.sampling import SamplingTensors, sample, top_logprobs, warp
 
 
 @dataclass
@@ -32,14 +34,11 @@ class SpecStats:
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def __sub__(self, other: SpecStats) -> SpecStats:
+        return SpecStats(self.rounds - other.rounds, self.drafted - other.drafted, self.accepted - other.accepted)
 
-@dataclass
-class Row:
-    req: GenerationRequest
-    stopper: StopChecker
-    gen: torch.Generator
-    out: Completion
-    pending: int = -1  # the last emitted token, not yet fed to any model
+    def __add__(self, other: SpecStats) -> SpecStats:
+        return SpecStats(self.rounds + other.rounds, self.drafted + other.drafted, self.accepted + other.accepted)
 
 
 def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch.Generator | None
@@ -62,152 +61,176 @@ def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch
     return k, int(torch.multinomial(p[k], 1, generator=gen))
 
 
-class SpeculativeEFT:
-    """Speculative decoding for a batch of EFT (or proxy) requests with one expert."""
+def check_plan(plan: FusionPlan) -> None:
+    if plan.method not in ("eft", "proxy") or len(plan.experts) != 1:
+        raise InvalidRequest("speculative decoding needs one eft/proxy plan with exactly one expert", "fusion")
 
-    def __init__(self, lf: LogitFuse, k: int = 4, min_draft_prob: float = 0.0) -> None:
-        if k < 1:
-            raise ValueError("k (draft tokens per round) must be at least 1")
-        self.lf, self.k, self.min_draft_prob, self.stats = lf, k, min_draft_prob, SpecStats()
 
-    def generate(self, reqs: list[GenerationRequest]) -> list[Completion]:
-        plan = reqs[0].plan
-        if plan.method not in ("eft", "proxy") or len(plan.experts) != 1 or any(r.plan != plan for r in reqs):
-            raise InvalidRequest("speculative decoding needs one eft/proxy plan with exactly one expert", "fusion")
-        get = self.lf.pool.get
+class SpecGroup:
+    """The engine's rows of one speculative plan group (same base, expert, k and threshold)."""
+
+    def __init__(self, engine, plan: FusionPlan) -> None:
+        check_plan(plan)
+        self.engine = engine
+        self.spec: SpecPlan = plan.speculative
+        get = engine.get_backend
         self.models = [get(plan.base), get(plan.experts[0].tuned), get(plan.experts[0].untuned)]
-        self.align = self.lf.engine.fuser.alignment(plan)
-        for r in reqs:
-            self.lf.engine.check(r)  # context length, vocabularies: the engine's own checks
-        dev = self.models[0].device
-        self.coef = torch.tensor([[plan.coef[0]]], device=dev)
-        self.outs: dict[str, Completion] = {}
-        rows = [self._row(r) for r in reqs]
-        states, logits = zip(*(m.prefill([r.prompts[m.name] for r in reqs]) for m in self.models))
-        states = list(states)
-        scores = self._fuse(*(z.to(dev) for z in logits))  # (B, V)
-        first = sample(scores, self._params(rows, device=dev), [self._gen(r) for r in rows])
-        first_lp = torch.log_softmax(scores, -1).gather(-1, first.view(-1, 1))[:, 0].tolist()
-        live = [i for i, row in enumerate(rows) if not self._emit(row, [int(first[i])], [first_lp[i]])]
-        states = [m.select(s, live) for m, s in zip(self.models, states)] if live else []
-        rows = [rows[i] for i in live]
-        while rows:
-            rows, states = self._round(rows, states)
-        return [self.outs[r.rid] for r in reqs]
+        self.align = engine.fuser.alignment(plan)
+        self.device = self.models[0].device
+        self.rows: list = []  # engine Sequences; each row's last emitted token is not yet fed to any model
+        self.states: list | None = None
 
-    def _row(self, r: GenerationRequest) -> Row:
-        stop = StopChecker.for_request(r, self.models[0].tokenizer, min(m.max_context for m in self.models))
-        row = Row(r, stop, make_generator(r.sampling.seed), Completion(r.rid, prompt_tokens=len(r.prompt_ids)))
-        self.outs[r.rid] = row.out
-        return row
+    # -- rows in and out ---------------------------------------------------------------------------------
+    def join(self, seqs: list, prefilled: dict[str, tuple], events: list) -> list[str]:
+        """New rows after their prefill (model name -> (state, logits (b, V))): sample each row's first token
+        from the fused prefill scores, keep the rows that go on. Returns the rids that finished."""
+        scores = self._fuse(seqs, *(prefilled[m.name][1].to(self.device) for m in self.models))
+        finished = self.engine._sample_group(seqs, scores, None, events)
+        live = [i for i, s in enumerate(seqs) if s.req.rid not in finished]
+        if live:
+            new = [m.select(prefilled[m.name][0], live) for m in self.models]
+            self.states = new if self.states is None else [
+                m.concat([old, st]) for m, old, st in zip(self.models, self.states, new)]
+            self.rows += [seqs[i] for i in live]
+        return finished
 
-    @staticmethod
-    def _gen(row: Row) -> torch.Generator | None:
-        return None if row.req.sampling.temperature <= 0 else row.gen
+    def drop(self, gone: set[str]) -> None:
+        keep = [i for i, s in enumerate(self.rows) if s.req.rid not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.states = [m.select(s, keep) for m, s in zip(self.models, self.states)] if keep else None
 
-    def _fuse(self, z_large: torch.Tensor, z_tuned: torch.Tensor, z_small: torch.Tensor) -> torch.Tensor:
-        """EFT scores for any leading shape (..., V)."""
-        shape = z_large.shape
-        a = self.align.apply
-        flat = [a(z).reshape(-1, a(z).shape[-1]) for z in (z_large, z_tuned, z_small)]
-        n = flat[0].shape[0]
-        out = fusion.eft(flat[0], flat[1].unsqueeze(1), flat[2], torch.ones(n, device=flat[0].device),
-                         self.coef.expand(n, 1))
-        return out.reshape(*shape[:-1], -1)
+    # -- one round -------------------------------------------------------------------------------------
+    def _fuse(self, seqs: list, z_large: torch.Tensor, z_tuned: torch.Tensor, z_small: torch.Tensor
+              ) -> torch.Tensor:
+        """Fused scores for any leading shape (B, ..., V) through the engine's own combine (per-row plans)."""
+        per_row = z_large[0].numel() // z_large.shape[-1]
+        flat = {m.name: z.reshape(-1, z.shape[-1]) for m, z in zip(self.models, (z_large, z_tuned, z_small))}
+        plans = [s.req.plan for s in seqs for _ in range(per_row)]
+        scores, _ = self.engine.fuser.combine(plans, flat.__getitem__)
+        return scores.reshape(*z_large.shape[:-1], -1)
 
-    @staticmethod
-    def _params(rows: list[Row], repeat: int = 1, device: torch.device | str = "cpu") -> SamplingTensors:
-        sp = [r.req.sampling for r in rows for _ in range(repeat)]
-        return SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], device)
+    def _params(self, repeat: int = 1) -> SamplingTensors:
+        sp = [s.req.sampling for s in self.rows for _ in range(repeat)]
+        return SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], self.device)
 
-    def _emit(self, row: Row, tokens: list[int], logprobs: list[float] | None = None) -> bool:
-        """Feed emitted tokens to the row's output; True when the row has finished."""
-        for j, t in enumerate(tokens):
-            delta, reason = row.stopper.add(t)
-            row.out.add_token(t, delta, logprobs[j] if logprobs else None, reason)
-            if reason:
-                return True
-        row.pending = tokens[-1]
-        return False
+    def _gens(self) -> list[torch.Generator | None]:
+        return [None if s.req.sampling.temperature <= 0 else s.generator for s in self.rows]
 
-    def _draft(self, rows: list[Row], state) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
-        """Up to k draft tokens per row from the tuned expert.
-
-        A row stops proposing at the first position where the draft's own top probability is below
-        min_draft_prob (decided before the draft token is drawn, from the draft model alone, so the
-        acceptance rule stays exact); drafting ends when no row proposes. Returns drafts (B, m), each row's
-        number of proposed drafts (<= m), the tuned logits (B, m+1, V) after pending, d_1..d_m, and q (B, m, V).
-        """
-        tuned, k = self.models[1], self.k
-        params = self._params(rows, device=self.models[0].device)
-        gens = [self._gen(r) for r in rows]
-        dev = self.models[0].device
-        tok = torch.tensor([r.pending for r in rows], device=dev)
-        active = torch.ones(len(rows), dtype=torch.bool, device=dev)
-        lengths = torch.zeros(len(rows), dtype=torch.long, device=dev)
+    def _draft(self) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+        """Up to k drafts per row from the tuned expert, fewer where the row's remaining max_tokens or the
+        draft's confidence says so; drafting ends when no row proposes. Returns drafts (B, m), each row's
+        number of proposed drafts (<= m), the tuned logits (B, m+1, V) after pending, d_1..d_m, and q (B, m, V)."""
+        tuned, dev = self.models[1], self.device
+        params, gens = self._params(), self._gens()
+        cap = torch.tensor([min(self.spec.k, s.req.sampling.max_tokens - s.stopper.generated - 1)
+                            for s in self.rows], device=dev)
+        tok = torch.tensor([s.last_token for s in self.rows], device=dev)
+        lengths = torch.zeros(len(self.rows), dtype=torch.long, device=dev)
+        active = cap > 0
         drafts, logits, q = [], [], []
-        for i in range(k + 1):
-            lg = tuned.decode(state, tok.view(-1, 1))[:, 0].to(dev)  # (B, V)
+        for i in range(self.spec.k + 1):
+            lg = tuned.decode(self.states[1], tok.view(-1, 1))[:, 0].to(dev)  # (B, V)
             logits.append(lg)
-            if i == k:
+            if i == self.spec.k:
                 break
             scores = self.align.apply(lg)
             qi = torch.softmax(warp(scores, params), dim=-1)
-            if self.min_draft_prob > 0:
-                active &= qi.max(dim=-1).values >= self.min_draft_prob
-                if not bool(active.any()):
-                    break
+            active &= cap > i
+            if self.spec.min_draft_prob > 0:
+                active &= qi.max(dim=-1).values >= self.spec.min_draft_prob
+            if not bool(active.any()):
+                break
             lengths += active.long()
             q.append(qi)
             tok = sample(scores, params, gens)
             drafts.append(tok)
-        b = len(rows)
+        b = len(self.rows)
         d = torch.stack(drafts, 1) if drafts else torch.zeros(b, 0, dtype=torch.long, device=dev)
         qs = torch.stack(q, 1) if q else torch.zeros(b, 0, logits[0].shape[-1], device=dev)
         return d, lengths.tolist(), torch.stack(logits, 1), qs
 
-    def _round(self, rows: list[Row], states: list) -> tuple[list[Row], list]:
-        drafts, lengths, z_tuned, q = self._draft(rows, states[1])
+    def round(self, events: list, stats: SpecStats) -> list[str]:
+        """Draft, verify and emit for every row; returns the rids that finished."""
+        rows, dev = self.rows, self.device
+        drafts, lengths, z_tuned, q = self._draft()
         m = drafts.shape[1]
-        dev = drafts.device
-        block = torch.cat([torch.tensor([[r.pending] for r in rows], device=dev), drafts], dim=1)  # (B, m+1)
-        z_large = self.models[0].decode(states[0], block).to(dev)  # (B, m+1, V)
-        z_small = self.models[2].decode(states[2], block).to(dev)
-        scores = self._fuse(z_large, z_tuned, z_small)  # (B, m+1, V)
+        block = torch.cat([torch.tensor([[s.last_token] for s in rows], device=dev), drafts], dim=1)  # (B, m+1)
+        z_large = self.models[0].decode(self.states[0], block).to(dev)  # (B, m+1, V)
+        z_small = self.models[2].decode(self.states[2], block).to(dev)
+        scores = self._fuse(rows, z_large, z_tuned, z_small)  # (B, m+1, V)
         b, v = scores.shape[0], scores.shape[-1]
         logp = torch.log_softmax(scores, dim=-1)
-        greedy = [self._gen(r) is None for r in rows]
+        gens = self._gens()
         # greedy rows: accept while the draft is the fused argmax (one comparison for the whole batch)
         best = scores.argmax(dim=-1)  # (B, m+1)
-        agree = (best[:, :m] == drafts).long().cumprod(dim=1)  # (B, m)
-        n_greedy = agree.sum(dim=1).tolist()
+        n_greedy = (best[:, :m] == drafts).long().cumprod(dim=1).sum(dim=1).tolist()
         p = None
-        if not all(greedy):
-            p = torch.softmax(warp(scores.reshape(-1, v), self._params(rows, m + 1, dev)), -1).reshape(b, m + 1, v)
-        emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)  # (B, m+1): accepted drafts, then next
+        if any(g is not None for g in gens):
+            p = torch.softmax(warp(scores.reshape(-1, v), self._params(m + 1)), -1).reshape(b, m + 1, v)
+        emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)  # accepted drafts, then the next token
         accepted = []
-        for i, row in enumerate(rows):
+        for i, gen in enumerate(gens):
             n = lengths[i]
-            if greedy[i]:
+            if gen is None:
                 n_acc = min(n_greedy[i], n)
                 nxt = int(best[i, n_acc])
             else:
-                n_acc, nxt = accept_block(p[i, : n + 1], q[i, :n], drafts[i, :n].tolist(), row.gen)
+                n_acc, nxt = accept_block(p[i, : n + 1], q[i, :n], drafts[i, :n].tolist(), gen)
             emitted[i, n_acc] = nxt
             accepted.append(n_acc)
-            self.stats.drafted += n
-            self.stats.accepted += n_acc
-        lps = logp.gather(-1, emitted.unsqueeze(-1))[..., 0].tolist()  # (B, m+1)
+            stats.drafted += n
+            stats.accepted += n_acc
+        stats.rounds += 1
+        finished = self._emit(emitted, accepted, logp, events)
+        for mdl, s in zip(self.models, self.states):
+            mdl.forget_last(s, [m - n for n in accepted])
+        return finished
+
+    def _emit(self, emitted: torch.Tensor, accepted: list[int], logp: torch.Tensor, events: list) -> list[str]:
+        chosen = logp.gather(-1, emitted.unsqueeze(-1))[..., 0].tolist()  # (B, m+1)
+        n_top = max((s.req.sampling.logprobs or 0) for s in self.rows)
+        top_ids, top_lp = top_logprobs(logp, n_top) if n_top else (None, None)  # (B, m+1, n)
+        tok = self.models[0].tokenizer
         tokens = emitted.tolist()
-        forget, live = [], []
-        for i, row in enumerate(rows):
-            n_acc = accepted[i]
-            forget.append(m - n_acc)
-            if not self._emit(row, tokens[i][: n_acc + 1], lps[i][: n_acc + 1]):
-                live.append(i)
-        self.stats.rounds += 1
-        for mdl, s in zip(self.models, states):
-            mdl.forget_last(s, forget)
-        if not live:
-            return [], []
-        return [rows[i] for i in live], [mdl.select(s, live) for mdl, s in zip(self.models, states)]
+        finished = []
+        for i, s in enumerate(self.rows):
+            for j in range(accepted[i] + 1):
+                t = tokens[i][j]
+                s.last_token = t
+                delta, reason = s.stopper.add(t)
+                top = None
+                if s.req.sampling.logprobs is not None:
+                    k = s.req.sampling.logprobs
+                    top = [TopLogprob(a, tok.decode([a]), lp) for a, lp in
+                           zip(top_ids[i, j, :k].tolist(), top_lp[i, j, :k].tolist())] if k else []
+                events.append(TokenEvent(s.req.rid, t, delta, chosen[i][j], top, None, reason,
+                                         prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.stopper.generated))
+                if reason:
+                    finished.append(s.req.rid)
+                    break
+        return finished
+
+
+class SpeculativeEFT:
+    """Library convenience: run one-expert proxy/EFT requests speculatively through the engine and keep
+    the draft statistics of its calls. (Ensembles and requests can ask for it too: `fusion.speculative`.)"""
+
+    def __init__(self, lf, k: int = 4, min_draft_prob: float = 0.0) -> None:
+        if k < 1:
+            raise ValueError("k (draft tokens per round) must be at least 1")
+        self.lf, self.spec, self.stats = lf, SpecPlan(k, min_draft_prob), SpecStats()
+
+    def generate(self, reqs: list[GenerationRequest]):
+        from logitfuse.api import Completion
+
+        for r in reqs:
+            check_plan(r.plan)
+        reqs = [replace(r, plan=replace(r.plan, speculative=self.spec)) for r in reqs]
+        before = replace(self.lf.engine.spec_stats)
+        done = {r.rid: Completion(r.rid) for r in reqs}
+        for ev in self.lf.engine.run(reqs):
+            done[ev.rid].add(ev)
+        self.stats = self.stats + (self.lf.engine.spec_stats - before)
+        return [done[r.rid] for r in reqs]

@@ -126,6 +126,21 @@ def test_fusion_override_changes_the_method(client, ref):
     assert out["choices"][0]["text"] == lib.text
 
 
+def test_speculative_requests_answer_like_plain_ones(client):
+    """Greedy speculative decoding (fusion.speculative) returns plain fused greedy decoding's answer."""
+    body = {**BODY, "temperature": 0, "max_tokens": 12, "logprobs": 2, "ignore_eos": True}
+    plain = post(client, "/v1/completions", body)["choices"][0]
+    spec_body = {**body, "fusion": {"speculative": {"k": 3}}}
+    spec = post(client, "/v1/completions", spec_body)["choices"][0]
+    assert spec["text"] == plain["text"] and spec["finish_reason"] == plain["finish_reason"] == "length"
+    assert spec["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
+    assert spec["logprobs"]["token_logprobs"] == pytest.approx(plain["logprobs"]["token_logprobs"], abs=1e-4)
+    for a, b in zip(spec["logprobs"]["top_logprobs"], plain["logprobs"]["top_logprobs"]):
+        assert list(a) == list(b)
+    chunks = stream(client, "/v1/completions", spec_body)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == plain["text"]
+
+
 def test_models_and_health(client):
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids[:4] == ["proxy-a", "eft-ab", "dlf-ab", "tq"] and "base-large" in ids
@@ -152,6 +167,9 @@ def test_models_and_health(client):
     ({"model": "proxy-a", "prompt": "x", "fusion": {"method": "magic"}}, 400, "fusion.method", ""),
     ({"model": "proxy-a", "prompt": "x", "fusion": {"experts": ["alien"]}}, 400, "model", "'foreign'"),
     ({"model": "tq", "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 1}, 400, "echo", "tqstar"),
+    ({"model": "dlf-ab", "prompt": "x", "fusion": {"speculative": {"k": 2}}}, 400, "fusion.speculative",
+     "exactly one expert"),
+    ({"model": "proxy-a", "prompt": "x", "fusion": {"speculative": {"k": 99}}}, 400, "fusion.speculative.k", ""),
 ])
 def test_bad_requests_get_their_status_and_envelope(client, body, status, param, match):
     error(client, body, status, param, match=match)

@@ -3,9 +3,11 @@ fused distribution (checked on the acceptance rule itself, by simulation against
 
 import math
 
+import pytest
 import torch
 
 from logitfuse import SamplingParams
+from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, make_generator, warp
 from logitfuse.speculative import SpeculativeEFT, accept_block
 
@@ -101,3 +103,40 @@ def test_sampled_speculative_tokens_follow_the_fused_distribution(lf):
     assert spec.stats.accepted > 0
     for key, p in exact.items():
         assert abs(seen.get(key, 0) / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (key, seen.get(key), p)
+
+
+def test_speculative_rows_share_the_engine_with_plain_rows_and_join_mid_decode(lf):
+    """Plain and speculative requests in one engine, a speculative one joining after three steps: each
+    gets what it gets alone (greedy tokens, logprobs, top logprobs), and max_tokens is exact."""
+    spec = {"speculative": {"k": 3}}
+    sps = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2) for n in (14, 5, 9)]
+    alone = [lf.generate("proxy-a", [p], sp)[0] for p, sp in zip(PROMPTS, sps)]
+    first = lf.requests("proxy-a", PROMPTS[0], sps[0])[0]  # plain
+    second = lf.requests("proxy-a", PROMPTS[1], sps[1], spec)[0]
+    late = lf.requests("proxy-a", PROMPTS[2], sps[2], spec)[0]
+    assert second.plan.speculative.k == 3 and first.plan.speculative is None
+    engine, got = lf.engine, {r.rid: [] for r in (first, second, late)}
+    engine.add(first)
+    engine.add(second)
+    for _ in range(3):
+        for ev in engine.step():
+            got[ev.rid].append(ev)
+    engine.add(late)
+    while engine.has_work():
+        for ev in engine.step():
+            got[ev.rid].append(ev)
+    assert not engine.spec_groups and not engine.slots
+    for req, want in zip((first, second, late), alone):
+        evs = [ev for ev in got[req.rid] if ev.token_id is not None]
+        assert [ev.token_id for ev in evs] == want.token_ids
+        assert len(evs) == req.sampling.max_tokens and evs[-1].finish_reason == "length"
+        assert [ev.logprob for ev in evs] == pytest.approx(want.logprobs, abs=1e-4)
+        assert [[t.token_id for t in ev.top] for ev in evs] == [[t.token_id for t in top] for top in want.top_logprobs]
+
+
+def test_speculative_needs_one_proxy_or_eft_expert(lf):
+    with pytest.raises(InvalidRequest, match="exactly one expert"):
+        lf.requests("eft-ab", "one", None, {"speculative": {"k": 2}})
+    with pytest.raises(InvalidRequest, match="exactly one expert"):
+        SpeculativeEFT(lf, k=2).generate(lf.requests("dlf-ab", "one"))
+    assert lf.requests("proxy-a", "one", None, {"speculative": {"k": 0}})[0].plan.speculative is None
