@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by endpoint and status, generated tokens, latency, engine occupancy."""
+"""Prometheus metrics: requests by endpoint and status, generated tokens, latency, engine occupancy,
+speculative drafts proposed and accepted."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ class Metrics:
         self.prompt_tokens = Counter("logitfuse_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.sequences = Gauge("logitfuse_sequences", "Sequences waiting or running in the engine", registry=r)
         self.loaded = Gauge("logitfuse_loaded_models", "Checkpoints loaded in memory", registry=r)
+        self.drafted = Gauge("logitfuse_spec_draft_tokens", "Speculative draft tokens proposed since start",
+                             registry=r)
+        self.accepted = Gauge("logitfuse_spec_accepted_tokens", "Speculative draft tokens accepted since start",
+                              registry=r)
 
 
 def install(app: FastAPI, metrics: Metrics) -> None:
@@ -37,4 +42,7 @@ def install(app: FastAPI, metrics: Metrics) -> None:
         serving = request.app.state.serving
         metrics.sequences.set(serving.runner.pending())
         metrics.loaded.set(len(serving.lf.pool.loaded()))
+        stats = serving.lf.engine.spec_stats  # read without the engine's lock: two ints, a snapshot suffices
+        metrics.drafted.set(stats.drafted)
+        metrics.accepted.set(stats.accepted)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -222,3 +222,8 @@ def test_metrics_count_requests_and_tokens(client):
     client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert (value(tokens), value(missing)) == (before[0] + 5, before[1] + 1)
     assert value("logitfuse_sequences") == 0
+    drafted = value("logitfuse_spec_draft_tokens")
+    post(client, "/v1/completions", {**BODY, "max_tokens": 8, "ignore_eos": True, "temperature": 0,
+                                     "fusion": {"speculative": {"k": 2}}})
+    assert value("logitfuse_spec_draft_tokens") > drafted
+    assert 0 <= value("logitfuse_spec_accepted_tokens") <= value("logitfuse_spec_draft_tokens")
