@@ -1,7 +1,9 @@
 """Throughput of fused decoding: ours (continuous batching) vs a naive per-request loop vs base-only,
-and speculative EFT vs plain EFT. All numbers of one table come from one run, side by side.
+speculative EFT vs plain EFT, and (--compile) torch.compile'd vs eager forward passes. All numbers of one
+table come from one run, side by side.
 
     .venv/bin/python bench/throughput.py [--config configs/default.yaml] [--tokens 32] [--concurrency 1 8 16 32]
+        [--spec-k 2 4] [--spec-min-prob 0 0.5 0.9] [--compile]
     .venv/bin/python bench/throughput.py --shapes gpu    # 1B-class base, 100M-class experts, random weights
 
 Columns: tok/s = generated tokens per second over all requests; ms/tok = per-token latency of one request
@@ -84,32 +86,56 @@ def table(lf: LogitFuse, concurrency: list[int], tokens: int, naive_n: int) -> l
     return rows
 
 
-def speculative(lf: LogitFuse, tokens: int, ks: list[int], min_probs: list[float], batch: int) -> list[dict]:
-    """Speculative EFT vs plain EFT (the engine), greedy, same prompts; 8 prompts in batches of `batch`."""
+def alpha_for(tokens_per_round: float, k: int) -> float | None:
+    """The per-position acceptance rate a with E(a) = (1 - a^(k+1)) / (1 - a) tokens per k-draft round
+    (the i.i.d. model of speculative decoding); None when beyond reach (E > k + 1)."""
+    if tokens_per_round > k + 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        a = (lo + hi) / 2
+        lo, hi = (a, hi) if (1 - a ** (k + 1)) / (1 - a) < tokens_per_round else (lo, a)
+    return hi
+
+
+def speculative(lf: LogitFuse, model: str, tokens: int, ks: list[int], min_probs: list[float], batch: int
+                ) -> list[dict]:
+    """Speculative vs plain decoding of a one-expert EFT ensemble (the engine), greedy, 8 prompts in batches
+    of `batch`. With min_draft_prob 0 every round drafts k tokens, which prices a round in plain steps and
+    gives the acceptance rate a pair of models would need for 1.5x (acceptance is the models' property)."""
     from logitfuse.speculative import SpeculativeEFT
 
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     ps = prompts(8)
     chunks = [ps[i:i + batch] for i in range(0, len(ps), batch)]
-    plain_run = lambda: [o for c in chunks for o in lf.generate("large-eft", c, sp)]  # noqa: E731
+    plain_run = lambda: [o for c in chunks for o in lf.generate(model, c, sp)]  # noqa: E731
     plain_run()  # warm-up
     plain_t, plain = timed(plain_run)
+    plain_step = plain_t / (tokens * len(chunks))
     out = []
     for k in ks:
         for min_prob in min_probs:
             spec = SpeculativeEFT(lf, k=k, min_draft_prob=min_prob)
             run = lambda spec=spec: [o for c in chunks  # noqa: E731
-                                     for o in spec.generate([r for p in c for r in lf.requests("large-eft", p, sp)])]
+                                     for o in spec.generate([r for p in c for r in lf.requests(model, p, sp)])]
             dt, res = timed(run)
             same = [o.token_ids for o in res] == [o.token_ids for o in plain]
             st = spec.stats
             per_round = (sum(len(o.token_ids) for o in res) - len(res)) / st.rounds / batch  # first token: prefill
-            out.append({"k": k, "min_draft_prob": min_prob, "batch": batch, "speedup": plain_t / dt,
-                        "acceptance": st.acceptance, "drafts_per_round": st.drafted / st.rounds / batch,
-                        "tokens_per_round": per_round, "same_tokens": same})
-            print(f"speculative k={k} min_p={min_prob:.1f} batch={batch}: {plain_t / dt:5.2f}x plain EFT  "
-                  f"acceptance {st.acceptance:.2f}  tokens/round {per_round:.2f}  greedy identical: {same}",
-                  flush=True)
+            row = {"k": k, "min_draft_prob": min_prob, "batch": batch, "speedup": plain_t / dt,
+                   "acceptance": st.acceptance, "drafts_per_round": st.drafted / st.rounds / batch,
+                   "tokens_per_round": per_round, "same_tokens": same}
+            line = (f"speculative k={k} min_p={min_prob:.1f} batch={batch}: {plain_t / dt:5.2f}x plain  "
+                    f"acceptance {st.acceptance:.2f}  tokens/round {per_round:.2f}  greedy identical: {same}")
+            if min_prob == 0:  # every round drafts k: price a round, and the acceptance 1.5x would need
+                cost = (dt / st.rounds) / plain_step
+                row |= {"round_cost_plain_steps": cost, "alpha": alpha_for(per_round, k),
+                        "alpha_for_1.5x": alpha_for(1.5 * cost, k)}
+                need = row["alpha_for_1.5x"]
+                line += (f"\n    a round costs {cost:.2f} plain steps; per-position acceptance {row['alpha']:.2f}, "
+                         "1.5x needs " + (f"{need:.2f}" if need is not None else "more than k + 1 tokens a round"))
+            out.append(row)
+            print(line, flush=True)
     return out
 
 
@@ -165,7 +191,7 @@ def main() -> None:
     print(f"{'method':14s} {'conc':>4s} {'tok/s':>9s} {'ms/tok':>8s} {'x naive':>8s} {'x base':>7s} {'floor':>6s}")
     report = {"device": str(lf.pool.get(lf.registry.plan("large-qa").base).device), "tokens": args.tokens,
               "table": table(lf, args.concurrency, args.tokens, args.naive_requests)}
-    report["speculative"] = [r for b in (1, 8) for r in speculative(lf, args.tokens * 2, args.spec_k,
+    report["speculative"] = [r for b in (1, 8) for r in speculative(lf, "large-eft", args.tokens * 2, args.spec_k,
                                                                      args.spec_min_prob, b)]
     if args.compile:
         report["compile"] = compiled(lf, args.tokens, [1, 8])
