@@ -72,6 +72,9 @@ class Engine:
                 raise InvalidRequest(
                     f"this model's maximum context length is {backend.max_context} tokens; the prompt has {n} "
                     f"tokens and max_tokens is {sp.max_tokens} ({n + sp.max_tokens} in all)", "max_tokens")
+        if sp.prompt_logprobs and not all(getattr(self.get_backend(n), "can_score_prompt", True)
+                                          for n in plan.models()):
+            raise InvalidRequest("echo with logprobs (prompt scoring) is not available with a remote model", "echo")
         if sp.prompt_logprobs and plan.method == "tqstar":
             raise InvalidRequest("echo with logprobs (prompt scoring) is not available for method tqstar", "echo")
         if sp.prompt_logprobs and len({tuple(p) for p in req.prompts.values()}) > 1:
@@ -130,7 +133,12 @@ class Engine:
             for r in reqs:
                 self.seqs[r.rid] = self._sequence(r)
                 if r.sampling.prompt_logprobs:
-                    events.append(score_prompt(self.fuser, r, {n: full[(r.rid, n)] for n in r.plan.models()}))
+                    try:
+                        events.append(score_prompt(self.fuser, r, {n: full[(r.rid, n)] for n in r.plan.models()}))
+                    except Exception as err:  # fails this request alone; its rows leave at the next reap
+                        events.append(_failed(r, err))
+                        self.seqs[r.rid].aborted = "done"
+                        continue
                 if r.sampling.max_tokens == 0:
                     self.seqs[r.rid].aborted = "length"
             if key is not None:
@@ -138,7 +146,7 @@ class Engine:
 
     def _join_speculative(self, key: tuple, reqs: list[GenerationRequest], prefilled: list, events: list) -> None:
         """Speculative rows take their first token from the prefill now and join their group's states."""
-        going = [i for i, r in enumerate(reqs) if r.sampling.max_tokens > 0]
+        going = [i for i, r in enumerate(reqs) if r.sampling.max_tokens > 0 and not self.seqs[r.rid].aborted]
         if not going:
             return
         by_model = {name: (backend.select(state, going), logits[going])

@@ -94,7 +94,7 @@ def score_prompt(fuser: Fuser, req: GenerationRequest, logits: dict[str, torch.T
         nxt = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)
         lps += logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).tolist()
         if top_n:
-            top = torch.topk(logp, top_n, dim=-1)
+            top = torch.topk(logp, min(top_n, logp.shape[-1]), dim=-1)
             tops += [[TopLogprob(j, tok.decode([j]), v) for j, v in zip(i_row, v_row)]
                      for i_row, v_row in zip(top.indices.tolist(), top.values.tolist())]
         else:

@@ -114,6 +114,7 @@ class EngineRunner:
         rids = list(self.engine.seqs) + [r.rid for r in self.engine.waiting]
         self.engine.seqs.clear()
         self.engine.slots.clear()
+        self.engine.spec_groups.clear()
         self.engine.waiting.clear()
         msg = f"{type(err).__name__}: {err}"
         return [TokenEvent(rid, None, "", finish_reason="error", error=msg) for rid in rids]
