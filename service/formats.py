@@ -9,8 +9,9 @@ from logitfuse.request import PromptScores, TokenEvent
 
 
 class Choice:
-    def __init__(self, index: int, tokenizer, first_of_prompt: bool) -> None:
+    def __init__(self, index: int, tokenizer, first_of_prompt: bool, ids_as_tokens: bool = False) -> None:
         self.index = index
+        self.ids_as_tokens = ids_as_tokens  # vLLM's return_tokens_as_token_ids: tokens named "token_id:N"
         self.tok = tokenizer
         self.first_of_prompt = first_of_prompt
         self.text = ""
@@ -32,16 +33,18 @@ class Choice:
         elif ev.finish_reason:
             self.finish_reason = "length" if ev.finish_reason in ("length", "abort") else ev.finish_reason
 
-    def token_str(self, token_id: int) -> str:
-        return self.tok.decode([token_id])
+    def token_str(self, token_id: int, text: str | None = None) -> str:
+        if self.ids_as_tokens:
+            return f"token_id:{token_id}"
+        return self.tok.decode([token_id]) if text is None else text
 
 
 class CompletionChoice(Choice):
     """Legacy completions: text, and logprobs as {tokens, token_logprobs, top_logprobs, text_offset}."""
 
     def __init__(self, index: int, tokenizer, first_of_prompt: bool, echo_text: str | None, want_logprobs: bool,
-                 scoring: bool) -> None:
-        super().__init__(index, tokenizer, first_of_prompt)
+                 scoring: bool, ids_as_tokens: bool = False) -> None:
+        super().__init__(index, tokenizer, first_of_prompt, ids_as_tokens)
         self.echo_text, self.scoring = echo_text, scoring
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} \
             if want_logprobs else None
@@ -67,16 +70,17 @@ class CompletionChoice(Choice):
 
     def add(self, ev: TokenEvent | PromptScores) -> dict | None:
         if isinstance(ev, PromptScores):
-            tops = [None if top is None else {t.token: t.logprob for t in top} | {tok: lp}
-                    for top, tok, lp in zip(ev.top, ev.tokens, ev.logprobs)]
-            part = self._append(ev.tokens, ev.logprobs, tops) if self.logprobs is not None else None
+            names = [self.token_str(i, t) for i, t in zip(ev.token_ids, ev.tokens)]
+            tops = [None if top is None else {self.token_str(t.token_id, t.token): t.logprob for t in top} | {tok: lp}
+                    for top, tok, lp in zip(ev.top, names, ev.logprobs)]
+            part = self._append(names, ev.logprobs, tops) if self.logprobs is not None else None
             self.text += self.echo_text or ""
             return self._delta(self.echo_text or "", part)
         self._account(ev)
         part = None
         if ev.token_id is not None and self.logprobs is not None:
             tok = self.token_str(ev.token_id)
-            top = {t.token: t.logprob for t in (ev.top or [])} | {tok: ev.logprob}
+            top = {self.token_str(t.token_id, t.token): t.logprob for t in (ev.top or [])} | {tok: ev.logprob}
             part = self._append([tok], [ev.logprob], [top])
         self.text += ev.text
         if not ev.text and part is None and not ev.finish_reason:
@@ -90,8 +94,9 @@ class CompletionChoice(Choice):
 class ChatChoice(Choice):
     """Chat: message {role, content}; logprobs {content: [{token, logprob, bytes, top_logprobs}]}."""
 
-    def __init__(self, index: int, tokenizer, first_of_prompt: bool, want_logprobs: bool) -> None:
-        super().__init__(index, tokenizer, first_of_prompt)
+    def __init__(self, index: int, tokenizer, first_of_prompt: bool, want_logprobs: bool,
+                 ids_as_tokens: bool = False) -> None:
+        super().__init__(index, tokenizer, first_of_prompt, ids_as_tokens)
         self.content: list[dict] | None = [] if want_logprobs else None
 
     def opening(self) -> dict:
@@ -106,8 +111,8 @@ class ChatChoice(Choice):
         if ev.token_id is not None and self.content is not None:
             tok = self.token_str(ev.token_id)
             entry = {"token": tok, "logprob": ev.logprob, "bytes": list(tok.encode()),
-                     "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
-                                      for t in (ev.top or [])]}
+                     "top_logprobs": [{"token": self.token_str(t.token_id, t.token), "logprob": t.logprob,
+                                       "bytes": list(t.token.encode())} for t in (ev.top or [])]}
             self.content.append(entry)
         self.text += ev.text
         if not ev.text and entry is None and not ev.finish_reason:

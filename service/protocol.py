@@ -37,6 +37,7 @@ class _Sampling(BaseModel):
     min_p: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (exact where strings collide)
     # -- extensions (logitfuse) --
     fusion: FusionParams | None = None
 

@@ -66,7 +66,8 @@ async def completions(body: CompletionRequest, request: Request):
 
     def make(i: int, r: GenerationRequest) -> CompletionChoice:
         echo = tok.decode(r.prompt_ids) if body.echo else None
-        return CompletionChoice(i, tok, firsts[i], echo, body.logprobs is not None, sp.prompt_logprobs)
+        return CompletionChoice(i, tok, firsts[i], echo, body.logprobs is not None, sp.prompt_logprobs,
+                                body.return_tokens_as_token_ids)
 
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     return await respond(sv, request, body, reqs, make, head, "text_completion", "text_completion")
@@ -82,7 +83,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
     firsts = _first_of_prompt(reqs, body.n)
 
     def make(i: int, r: GenerationRequest) -> ChatChoice:
-        return ChatChoice(i, tok, firsts[i], body.logprobs)
+        return ChatChoice(i, tok, firsts[i], body.logprobs, body.return_tokens_as_token_ids)
 
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     return await respond(sv, request, body, reqs, make, head, "chat.completion.chunk", "chat.completion")

@@ -141,6 +141,15 @@ def test_speculative_requests_answer_like_plain_ones(client):
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == plain["text"]
 
 
+def test_tokens_as_token_ids(client, ref):
+    body = {**BODY, "temperature": 0, "logprobs": 3, "return_tokens_as_token_ids": True, "echo": True}
+    lp = post(client, "/v1/completions", body)["choices"][0]["logprobs"]
+    lib = ref.generate("proxy-a", ["the red city"], SamplingParams(max_tokens=6, temperature=0))[0]
+    prompt_ids = ref.pool.get("base-large").tokenizer("the red city").input_ids
+    assert lp["tokens"] == [f"token_id:{i}" for i in prompt_ids + lib.token_ids]
+    assert all(k.startswith("token_id:") for top in lp["top_logprobs"][1:] for k in top)
+
+
 def test_models_and_health(client):
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids[:4] == ["proxy-a", "eft-ab", "dlf-ab", "tq"] and "base-large" in ids
