@@ -21,7 +21,11 @@ def default_loader(reg: Registry, name: str):
     from logitfuse.backends.hf import HFCausalLM, HFReward
 
     if name in reg.models:
-        spec = reg.models[name]  # remote entries are refused when the registry is validated
+        spec = reg.models[name]
+        if spec.remote is not None:
+            from logitfuse.backends.remote import RemoteCausalLM
+
+            return RemoteCausalLM.load(name, spec.remote, reg.resolve_path(spec.tokenizer), spec.chat_template)
         return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
                                spec.gguf_file, compile=spec.compile)
     if name in reg.rewards:

@@ -23,10 +23,16 @@ class Frozen(BaseModel):
 
 
 class RemoteSpec(Frozen):
-    url: str
-    model: str
-    api_key_env: str | None = None
-    top_logprobs: int = 20
+    """A model behind an OpenAI-compatible completions endpoint (backends/remote.py)."""
+
+    url: str  # the API root, e.g. http://host:8000/v1
+    model: str  # the name the endpoint serves it under
+    api_key_env: str | None = None  # environment variable holding the key sent as a bearer token
+    top_logprobs: int = Field(default=20, ge=1)  # the top-N log-probabilities asked for each step
+    max_context: int = Field(default=4096, ge=1)
+    timeout: float = Field(default=60.0, gt=0)  # seconds per HTTP call
+    retries: int = Field(default=2, ge=0)  # on connection errors, 429 and 5xx, with exponential backoff
+    max_concurrency: int = Field(default=32, ge=1)  # rows of a step requested at once
 
 
 class ModelSpec(Frozen):
@@ -37,12 +43,14 @@ class ModelSpec(Frozen):
     gguf_file: str | None = None  # a GGUF checkpoint inside `path` (needs the gguf and accelerate packages)
     compile: bool = False  # torch.compile the forward pass (dynamic shapes); the first calls of each shape compile
     remote: RemoteSpec | None = None
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # remote models: a local folder or hub id holding the model's tokenizer
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.path is None) == (self.remote is None):
             raise ValueError("a model needs exactly one of 'path' or 'remote'")
+        if self.remote is not None and not self.tokenizer:
+            raise ValueError("a remote model needs 'tokenizer' (a local folder or hub id with its tokenizer)")
         return self
 
 
@@ -118,10 +126,6 @@ class Registry(Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Registry:
-        for name, m in self.models.items():
-            if m.remote is not None:
-                raise ValueError(f"models.{name}.remote: remote (OpenAI-API) backends are not available yet; "
-                                 "serve the checkpoint locally with 'path'")
         for name, e in self.experts.items():
             for role in ("tuned", "untuned"):
                 if getattr(e, role) not in self.models:

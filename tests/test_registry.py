@@ -51,7 +51,7 @@ def test_invalid_file_names_the_key(tmp_path):
         Registry.load(write(tmp_path, "models: {a: {path: a}}\nexperts: {x: {tuned: a, untuned: missing}}\n"))
     with pytest.raises(ValueError, match=r"ensembles\.e.*expert 'q' not found"):
         Registry.load(write(tmp_path, "models: {a: {path: a}}\nensembles: {e: {base: a, experts: [q]}}\n"))
-    with pytest.raises(ValueError, match=r"models\.r\.remote: remote .* not available"):
+    with pytest.raises(ValueError, match=r"models\.r: .*remote model needs 'tokenizer'"):
         Registry.load(write(tmp_path, "models: {r: {remote: {url: 'http://h/v1', model: m}}}\n"))
     with pytest.raises(ValueError, match=r"models\.a\.dtyp"):
         Registry.load(write(tmp_path, "models: {a: {path: a, dtyp: float16}}\n"))
