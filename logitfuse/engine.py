@@ -111,7 +111,7 @@ class Engine:
         if self.seqs:
             finished = self._fuse_and_sample(events)
             self._drop(finished)
-            self._advance()
+            self._advance(events)
         return events
 
     def _admit(self, events: list) -> None:
@@ -278,11 +278,23 @@ class Engine:
             slot.rows = [slot.rows[i] for i in keep]
             slot.logits = slot.logits[keep]
 
-    def _advance(self) -> None:
-        """Every model takes its rows' newly sampled tokens: one forward per model per step."""
-        for slot in self.slots.values():
-            tokens = torch.tensor([self.seqs[r].last_token for r in slot.rows], dtype=torch.long)
-            slot.logits = slot.backend.decode(slot.state, tokens.view(-1, 1))[:, 0]
+    def _advance(self, events: list) -> None:
+        """Every model takes its rows' newly sampled tokens: one forward per model per step. A model whose
+        step fails (a remote endpoint down, out of memory) ends the sequences that use it, and only those."""
+        failed: list[str] = []
+        for name, slot in list(self.slots.items()):
+            try:
+                tokens = torch.tensor([self.seqs[r].last_token for r in slot.rows], dtype=torch.long)
+                slot.logits = slot.backend.decode(slot.state, tokens.view(-1, 1))[:, 0]
+            except Exception as err:
+                del self.slots[name]  # its state is now unusable; every row in it ends here
+                for rid in slot.rows:
+                    s = self.seqs[rid]
+                    if not s.aborted:
+                        events.append(_failed(s.req, err, s.stopper.generated))
+                        s.aborted = "done"
+                failed += slot.rows
+        self._drop(failed)
 
 
 def _failed(req: GenerationRequest, err: Exception, generated: int = 0) -> TokenEvent:

@@ -219,3 +219,24 @@ def test_a_failing_request_ends_alone_and_the_others_finish(lf, monkeypatch):
     monkeypatch.undo()
     rest = [ev for ev in lf.stream([]) if ev.rid == "running"]
     assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 6
+
+
+def test_a_model_failing_its_decode_step_ends_only_the_sequences_using_it(lf, monkeypatch):
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    uses_b = lf.requests("eft-ab", PROMPTS[0], sp, rid="uses-b")[0]
+    other = lf.requests("proxy-a", PROMPTS[1], sp, rid="other")[0]
+    tuned_b = lf.pool.get("tuned-b")
+    engine = lf.engine
+    engine.add(uses_b)
+    engine.add(other)
+    engine.step()
+    monkeypatch.setattr(tuned_b, "decode", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("endpoint down")))
+    events = engine.step()
+    monkeypatch.undo()
+    events += list(lf.stream([]))
+    ends = {ev.rid: ev for ev in events if ev.finish_reason}
+    assert ends["uses-b"].finish_reason == "error" and "endpoint down" in ends["uses-b"].error
+    assert ends["other"].finish_reason == "length" and ends["other"].completion_tokens == 6
+    assert not engine.has_work() and not engine.slots
+    alone = lf.generate("proxy-a", [PROMPTS[1]], sp)[0]
+    assert [ev.token_id for ev in events if ev.rid == "other" and ev.token_id is not None][-4:] == alone.token_ids[-4:]

@@ -25,11 +25,11 @@ def remote_url(family, tmp_path_factory):
     server.should_exit = True
 
 
-def client_config(family, tmp_path, url: str, remote_model: str = "base-large") -> str:
+def client_config(family, tmp_path, url: str, remote_model: str = "base-large", tokenizer: str = "base-large") -> str:
     local = "{{path: {}, dtype: float32, chat_template: true}}"
     text = f"""
 models:
-  big:   {{remote: {{url: {url}/v1, model: {remote_model}, top_logprobs: 400}}, tokenizer: {family['base-large']},
+  big:   {{remote: {{url: {url}/v1, model: {remote_model}, top_logprobs: 400}}, tokenizer: {family[tokenizer]},
           chat_template: true}}
   big5:  {{remote: {{url: {url}/v1, model: {remote_model}, top_logprobs: 5}}, tokenizer: {family['base-large']},
           chat_template: true}}
@@ -91,8 +91,47 @@ def test_top_n_logprobs_restrict_each_step_to_the_base_top_n(client_lf):
 def test_remote_errors_are_clear(family, remote_url, tmp_path, client_lf):
     with pytest.raises(RemoteError, match="does not serve 'nope'; it serves proxy-a"):
         LogitFuse(client_config(family, tmp_path, remote_url, "nope")).pool.get("big")
+    with pytest.raises(RemoteError, match="local tokenizer does not match"):
+        LogitFuse(client_config(family, tmp_path, remote_url, tokenizer="foreign")).pool.get("big")
     with pytest.raises(RemoteError, match="cannot reach"):
         LogitFuse(client_config(family, tmp_path, "http://127.0.0.1:9")).pool.get("big")
     with pytest.raises(InvalidRequest, match="remote"):
         client_lf.engine.check(client_lf.requests("remote-proxy", "one", SamplingParams(
             max_tokens=1, logprobs=1, prompt_logprobs=True))[0])
+
+
+def test_retries_on_429_and_5xx_but_not_on_a_bad_request(family, monkeypatch):
+    import httpx
+    from transformers import AutoTokenizer
+
+    from logitfuse.backends.remote import RemoteCausalLM
+    from logitfuse.registry import RemoteSpec
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    answers, calls = [], []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return answers.pop(0)
+
+    ok = {"choices": [{"logprobs": {"top_logprobs": [{"token_id:5": -0.1, "token_id:9": -2.5}]}}]}
+    spec = RemoteSpec(url="http://remote/v1", model="m", top_logprobs=2, retries=2)
+    tok = AutoTokenizer.from_pretrained(family["base-large"])
+    client = httpx.Client(base_url=spec.url, transport=httpx.MockTransport(handler))
+    lm = RemoteCausalLM("big", spec, tok, client=client)
+    answers += [httpx.Response(503, text="busy"), httpx.Response(429, headers={"retry-after": "0"}),
+                httpx.Response(200, json=ok)]
+    state, logits = lm.prefill([[1, 2, 3]])
+    assert len(calls) == 3 and logits.shape == (1, len(tok))
+    assert logits[0, 5] == pytest.approx(-0.1) and logits[0, 9] == pytest.approx(-2.5)
+    assert torch.isinf(logits[0]).sum() == len(tok) - 2
+    sent = __import__("json").loads(calls[-1].content)
+    assert sent["prompt"] == [1, 2, 3] and sent["logprobs"] == 2 and sent["return_tokens_as_token_ids"]
+    answers += [httpx.Response(400, json={"error": {"message": "bad prompt"}})]
+    with pytest.raises(RemoteError, match=r"400.*bad prompt"):
+        lm.decode(state, torch.tensor([[7]]))
+    assert len(calls) == 4  # a bad request is not retried
+    answers += [httpx.Response(500, text="x")] * 3
+    with pytest.raises(RemoteError, match="500"):
+        lm.decode(state, torch.tensor([[7]]))
+    assert len(calls) == 7  # one try and two retries

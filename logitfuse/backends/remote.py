@@ -79,7 +79,21 @@ class RemoteCausalLM:
         if spec.model not in served:
             raise RemoteError(f"model {name!r}: {lm.url} does not serve {spec.model!r}; it serves "
                               f"{', '.join(map(str, served)) or '(nothing)'}")
+        lm.check_tokenizer()
         return lm
+
+    PROBE = "The quick brown fox, 12 + 30 = 42; naïve café!"
+
+    def check_tokenizer(self) -> None:
+        """The server's tokenization of a probe text (echoed with logprobs) must be the local tokenizer's."""
+        local = list(self.tokenizer(self.PROBE).input_ids)
+        body = {"model": self.model, "prompt": self.PROBE, "max_tokens": 1, "echo": True, "logprobs": 0,
+                "temperature": 0, "return_tokens_as_token_ids": True}
+        tokens = ((self._post(body)["choices"][0].get("logprobs") or {}).get("tokens") or [])[:-1]
+        ids = [self._token_id(t) for t in tokens]
+        if ids != local:
+            raise RemoteError(f"model {self.name!r}: the local tokenizer does not match {self.url}'s "
+                              f"{self.model!r}: a probe text is {local[:12]} locally but {ids[:12]} there")
 
     # -- protocol ----------------------------------------------------------------------------------------
     def vocab_info(self) -> VocabInfo:
