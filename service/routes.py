@@ -92,7 +92,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
 async def respond(sv: Serving, request: Request, body, reqs: list[GenerationRequest], make, head: dict,
                   chunk_object: str, final_object: str):
     """Submit the engine requests; answer with an SSE stream or one JSON body (both API shapes)."""
-    job = await sv.submit(reqs)
+    job = await sv.submit(reqs, streaming=body.stream)
     if body.stream:
         include = body.stream_options is not None and body.stream_options.include_usage
         chunk = {**head, "object": chunk_object}

@@ -28,11 +28,13 @@ DONE = "data: [DONE]\n\n"
 @dataclass
 class Job:
     """The engine requests of one API call, and the buffer their events arrive in. The engine thread
-    appends and wakes the event loop at most once until the loop has drained the buffer (one wake-up per
-    engine step, not per token)."""
+    appends and wakes the event loop at most once until the loop has drained the buffer: one wake-up per
+    engine step for a stream, one per finished sequence for a JSON answer (the loop has nothing to send
+    before that)."""
 
     requests: list[GenerationRequest]
     ready: asyncio.Event
+    streaming: bool = True
     open: set[str] = field(default_factory=set)
     buffer: deque = field(default_factory=deque)
     signalled: bool = False
@@ -65,16 +67,16 @@ class Serving:
                                 f"limit of {self.server.max_tqstar_work}", "fusion.rollout_tokens")
         return reqs
 
-    async def submit(self, reqs: list[GenerationRequest]) -> Job:
+    async def submit(self, reqs: list[GenerationRequest], streaming: bool = True) -> Job:
         if self.runner.pending() + len(reqs) > self.server.max_queue:
             raise APIError(429, f"server overloaded: {self.runner.pending()} sequences queued", None,
                            {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        job = Job(reqs, asyncio.Event(), {r.rid for r in reqs})
+        job = Job(reqs, asyncio.Event(), streaming, {r.rid for r in reqs})
 
         def sink(ev: TokenEvent | PromptScores) -> None:
             job.buffer.append(ev)
-            if not job.signalled:
+            if not job.signalled and (job.streaming or (isinstance(ev, TokenEvent) and ev.finish_reason)):
                 job.signalled = True
                 loop.call_soon_threadsafe(job.ready.set)
 
