@@ -98,10 +98,11 @@ class HFCausalLM:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.model.forward = torch.compile(self.model.forward, dynamic=True)
 
-    def vocab_info(self) -> VocabInfo:
+    def vocab_info(self, with_texts: bool = False) -> VocabInfo:
         tok = self.tokenizer
         special = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")}
-        return VocabInfo(self.name, tok.get_vocab(), special, self.logits_width)
+        texts = [tok.decode([i]) for i in range(len(tok))] if with_texts else None
+        return VocabInfo(self.name, tok.get_vocab(), special, self.logits_width, texts)
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -159,11 +160,12 @@ class HFCausalLM:
         return HFState.of(layers, mask)
 
     def forget_last(self, state: HFState, counts: list[int]) -> None:
-        t = state.mask.shape[1]
+        """Hide each row's last counts[i] visible positions (positions hidden before do not count)."""
         mask = state.mask.clone()
         for row, n in enumerate(counts):
             if n > 0:
-                mask[row, t - n:] = 0
+                visible = mask[row].nonzero()[:, 0]
+                mask[row, visible[len(visible) - n:]] = 0
         state.mask = mask
 
 

@@ -96,10 +96,11 @@ class RemoteCausalLM:
                               f"{self.model!r}: a probe text is {local[:12]} locally but {ids[:12]} there")
 
     # -- protocol ----------------------------------------------------------------------------------------
-    def vocab_info(self) -> VocabInfo:
+    def vocab_info(self, with_texts: bool = False) -> VocabInfo:
         tok = self.tokenizer
         special = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")}
-        return VocabInfo(self.name, tok.get_vocab(), special, self.logits_width)
+        texts = [tok.decode([i]) for i in range(len(tok))] if with_texts else None
+        return VocabInfo(self.name, tok.get_vocab(), special, self.logits_width, texts)
 
     def param_bytes(self) -> int:
         return 0  # the weights live on the remote server
