@@ -72,7 +72,8 @@ class LogitFuse:
             fusion = FusionParams.model_validate(fusion)
         plan = self.registry.plan(model, fusion)
         sampling = (sampling or SamplingParams()).check(self.registry.server.max_logprobs)
-        prompts = role_prompts({m: self.pool.get(m) for m in plan.models()}, prompt, messages)
+        prompts = role_prompts({m: self.pool.get(m) for m in plan.models()}, prompt, messages, plan.base,
+                               plan.cross_models())
         rid = rid or f"req-{next(self._ids)}"
         out = []
         for i in range(n):

@@ -44,6 +44,8 @@ class Sequence:
     last_token: int = -1
     aborted: str | None = None
     diagnostics: list = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # base token ids emitted so far
+    cross_ids: dict[str, list[int]] = field(default_factory=dict)  # cross-tokenizer model -> its ids of them
 
 
 class Engine:
@@ -182,7 +184,9 @@ class Engine:
         context = min(self.get_backend(n).max_context for n in r.plan.models())
         stopper = StopChecker.for_request(r, self.get_backend(r.plan.base).tokenizer, context)
         seed = r.sampling.seed
-        return Sequence(r, stopper, make_generator(seed), make_generator(None if seed is None else seed + 1))
+        seq = Sequence(r, stopper, make_generator(seed), make_generator(None if seed is None else seed + 1))
+        seq.cross_ids = {name: [] for name in r.plan.cross_models()}
+        return seq
 
     def _join(self, name: str, backend, state, rids: list[str], logits: torch.Tensor) -> None:
         slot = self.slots.get(name)
@@ -242,6 +246,7 @@ class Engine:
         finished = []
         for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
             s.last_token = t
+            s.generated.append(t)
             delta, reason = s.stopper.add(t)
             top = None
             if s.req.sampling.logprobs is not None:
@@ -284,6 +289,9 @@ class Engine:
         failed: list[str] = []
         for name, slot in list(self.slots.items()):
             try:
+                if any(name in self.seqs[r].cross_ids for r in slot.rows):
+                    self._advance_retokenized(name, slot)
+                    continue
                 tokens = torch.tensor([self.seqs[r].last_token for r in slot.rows], dtype=torch.long)
                 slot.logits = slot.backend.decode(slot.state, tokens.view(-1, 1))[:, 0]
             except Exception as err:
@@ -295,6 +303,50 @@ class Engine:
                         s.aborted = "done"
                 failed += slot.rows
         self._drop(failed)
+
+
+    def _advance_retokenized(self, name: str, slot: Slot) -> None:
+        """A slot with rows of a cross-tokenizer model: each such row re-tokenizes its generated text with the
+        model's tokenizer, forgets the positions where that differs from what the model has seen and takes
+        the new tokens (0, 1 or several); other rows take their sampled token. One forward for the slot."""
+        tok = slot.backend.tokenizer
+        forget, new = [], []
+        for rid in slot.rows:
+            s = self.seqs[rid]
+            if name not in s.cross_ids:
+                forget.append(0)
+                new.append([s.last_token])
+                continue
+            ids = tok.encode(generated_text(self.get_backend(s.req.plan.base).tokenizer, s), add_special_tokens=False)
+            old = s.cross_ids[name]
+            common = 0
+            while common < min(len(old), len(ids)) and old[common] == ids[common]:
+                common += 1
+            f, add = len(old) - common, ids[common:]
+            if not add and f:  # the text shrank to a prefix: take its last token again for fresh logits
+                seen = s.req.prompts[name] + ids
+                f, add = f + 1, [seen[-1]]
+            s.cross_ids[name] = ids
+            forget.append(f)
+            new.append(add)
+        width = max(len(a) for a in new)
+        if any(forget):
+            slot.backend.forget_last(slot.state, forget)
+        if width == 0:
+            return  # no row has anything new: every row's logits still hold
+        block = torch.tensor([a + [a[-1] if a else 0] * (width - len(a)) for a in new], dtype=torch.long)
+        logits = slot.backend.decode(slot.state, block)  # (B, width, V)
+        slot.backend.forget_last(slot.state, [width - len(a) for a in new])  # the padding
+        keep = torch.tensor([len(a) > 0 for a in new], device=slot.logits.device)
+        last = logits[torch.arange(len(new)), torch.tensor([max(len(a), 1) - 1 for a in new])]
+        slot.logits = torch.where(keep.unsqueeze(-1), last.to(slot.logits.device), slot.logits)
+
+
+def generated_text(base_tokenizer, seq: Sequence) -> str:
+    """The text a sequence has generated so far, decoded with a few prompt tokens before it so the first
+    token keeps its leading space: what a cross-tokenizer model re-tokenizes."""
+    tail = seq.req.prompts[seq.req.plan.base][-4:]
+    return base_tokenizer.decode(tail + seq.generated)[len(base_tokenizer.decode(tail)):]
 
 
 def _failed(req: GenerationRequest, err: Exception, generated: int = 0) -> TokenEvent:

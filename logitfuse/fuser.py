@@ -25,10 +25,14 @@ class Fuser:
 
     def alignment(self, plan: FusionPlan) -> Alignment:
         """The shared vocabulary of the plan's models, checked once per set of models."""
-        key = plan.models()
+        cross = plan.cross_models()
+        key = (plan.models(), cross)
         if key not in self._alignments:
+            info = lambda n, texts=False: self.get_backend(n).vocab_info(with_texts=texts)  # noqa: E731
             try:
-                self._alignments[key] = align([self.get_backend(n).vocab_info() for n in key])
+                same = [info(plan.base, bool(cross))] + [info(n) for n in plan.models()[1:] if n not in cross]
+                pairs = [(info(e.tuned, True), info(e.untuned, True)) for e in plan.experts if e.cross]
+                self._alignments[key] = align(same, pairs)
             except VocabMismatchError as err:
                 raise InvalidRequest(str(err), "model") from None
         return self._alignments[key]
@@ -59,8 +63,8 @@ class Fuser:
         if plan.method == "none":
             return fusion.base_only(base), None
         dev = base.device
-        tuned = torch.stack([al.apply(rows_of(e.tuned)).to(dev).float() for e in plan.experts], dim=1)  # (b,T,V)
-        untuned = torch.stack([al.apply(rows_of(e.untuned)).to(dev).float() for e in plan.experts], dim=1)
+        tuned = torch.stack([al.apply(rows_of(e.tuned), e.tuned).to(dev).float() for e in plan.experts], 1)  # (b,T,V)
+        untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
         if plan.method == "dlf":
             grid = make_grid(*plan.grid)
             result = solve_dlf(base, untuned[:, 0], tuned, grid, plan.mode)

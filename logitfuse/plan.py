@@ -16,6 +16,7 @@ class ExpertRef:
     name: str
     tuned: str
     untuned: str
+    cross: bool = False  # its tokenizer differs from the base's (vocab.py maps it by token text)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class FusionPlan:
             names.append(self.tqstar.baseline)
         return tuple(dict.fromkeys(names))
 
+    def cross_models(self) -> tuple[str, ...]:
+        """Models whose tokenizer differs from the base's: they follow the generated text, re-tokenized."""
+        return tuple(dict.fromkeys(n for e in self.experts if e.cross for n in (e.tuned, e.untuned)))
+
     def rewards(self) -> tuple[str, ...]:
         if self.tqstar is None:
             return ()
@@ -72,7 +77,7 @@ class FusionPlan:
 
     def group_key(self) -> tuple:
         """Rows with equal keys are fused together; coefficients stay per row."""
-        roles = tuple((e.tuned, e.untuned) for e in self.experts)
+        roles = tuple((e.tuned, e.untuned, e.cross) for e in self.experts)
         if self.method == "dlf":
             return (self.method, self.base, roles, self.grid, self.mode)
         if self.method == "tqstar":

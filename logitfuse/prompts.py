@@ -42,9 +42,13 @@ def encode_chat(backend, messages: Sequence[dict]) -> list[int]:
     return list(tok(render_plain(messages)).input_ids)
 
 
-def role_prompts(backends: dict, prompt: Prompt | None = None, messages: Sequence[dict] | None = None) -> dict:
-    """Each model's own prompt ids for a completion prompt or a chat conversation."""
+def role_prompts(backends: dict, prompt: Prompt | None = None, messages: Sequence[dict] | None = None,
+                 base: str | None = None, cross: Sequence[str] = ()) -> dict:
+    """Each model's own prompt ids for a completion prompt or a chat conversation. Token ids are the base's:
+    a cross-tokenizer model gets their text in its own tokens."""
     if messages is not None:
         return {name: encode_chat(b, messages) for name, b in backends.items()}
-    ids = {name: encode_text(b, prompt) for name, b in backends.items()}
-    return ids
+    if isinstance(prompt, list) and cross:
+        text = backends[base].tokenizer.decode(encode_text(backends[base], prompt), skip_special_tokens=True)
+        return {name: encode_text(b, text if name in cross else prompt) for name, b in backends.items()}
+    return {name: encode_text(b, prompt) for name, b in backends.items()}

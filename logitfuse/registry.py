@@ -63,6 +63,7 @@ class RewardSpec(Frozen):
 class ExpertSpec(Frozen):
     tuned: str
     untuned: str
+    cross_tokenizer: bool = False  # the pair's tokenizer differs from the base's: map scores by token text
 
 
 class SpeculativeParams(Frozen):
@@ -196,9 +197,13 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str) -> Fus
     if not names:
         raise InvalidRequest(f"fusion.experts: method {method!r} needs at least one expert", "fusion.experts")
     experts = tuple(
-        ExpertRef(n, reg._lookup(reg.experts, n, "expert", "fusion.experts").tuned, reg.experts[n].untuned)
+        ExpertRef(n, reg._lookup(reg.experts, n, "expert", "fusion.experts").tuned, reg.experts[n].untuned,
+                  reg.experts[n].cross_tokenizer)
         for n in names
     )
+    if any(e.cross for e in experts) and (method not in ("proxy", "eft") or spec):
+        raise InvalidRequest(f"fusion.experts: cross-tokenizer experts work with proxy and eft, without speculative "
+                             f"decoding (got {method!r}{' with speculative' if spec else ''})", "fusion.experts")
     weights = p.weights if p.weights is not None else [1.0 / len(names)] * len(names)
     if len(weights) != len(names):
         raise InvalidRequest(

@@ -22,6 +22,7 @@ models:
   tuned-b: {{path: {tuned-b}, dtype: float32, chat_template: true}}
   padded: {{path: {padded}, dtype: float32}}
   foreign: {{path: {foreign}, dtype: float32}}
+  foreign-small: {{path: {foreign-small}, dtype: float32}}
 rewards:
   rm: {{path: {reward}, dtype: float32}}
 experts:
@@ -29,6 +30,7 @@ experts:
   b: {{tuned: tuned-b, untuned: base-small}}
   pad: {{tuned: padded, untuned: base-small}}
   alien: {{tuned: foreign, untuned: base-small}}
+  xa: {{tuned: foreign, untuned: foreign-small, cross_tokenizer: true}}
 ensembles:
   proxy-a: {{base: base-large, method: proxy, experts: [a], alpha: 1.0}}
   eft-ab: {{base: base-large, method: eft, experts: [a, b], weights: [0.5, 0.5], beta: 1.0}}

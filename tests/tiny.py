@@ -80,4 +80,5 @@ def build_family(root: Path) -> dict[str, Path]:
     }
     other = build_tokenizer(vocab_size=280, extra=["<extra>"])
     out["foreign"] = save(build_model(other, 7), other, root / "foreign")
+    out["foreign-small"] = save(build_model(other, 8, scale=8.0), other, root / "foreign-small")
     return out
