@@ -61,3 +61,21 @@ def test_select_trims_padding_no_row_needs(model):
 def test_empty_prompt_is_refused(model):
     with pytest.raises(ValueError, match="empty prompt"):
         model.prefill([[1, 2], []])
+
+
+def test_compacting_forgotten_positions_changes_nothing(model):
+    state, _ = model.prefill(PROMPTS)
+    seqs = [list(p) for p in PROMPTS]
+    for step in range(12):  # rounds of three drafts of which rows keep 0 or 1, or all 3 now and then
+        model.decode(state, torch.tensor([[80 + step, 81, 82]] * 3))
+        keep = [3 if (step + i) % 5 == 0 else (step + i) % 2 for i in range(3)]
+        model.forget_last(state, [3 - k for k in keep])
+        for i in range(3):
+            seqs[i] += [80 + step, 81, 82][:keep[i]]
+    assert state.mask.shape[1] < max(map(len, PROMPTS)) + 3 * 12  # compacted on the way
+    compact = model.compact(state)
+    assert compact.mask.shape[1] == max(map(len, seqs)) and compact.mask.sum().item() == sum(map(len, seqs))
+    for s in (state, compact):
+        out = model.decode(s, torch.tensor([[90]] * 3))[:, 0]
+        for i in range(3):
+            torch.testing.assert_close(out[i], alone(model, seqs[i] + [90]), **TOL)

@@ -160,13 +160,35 @@ class HFCausalLM:
         return HFState.of(layers, mask)
 
     def forget_last(self, state: HFState, counts: list[int]) -> None:
-        """Hide each row's last counts[i] visible positions (positions hidden before do not count)."""
+        """Hide each row's last counts[i] visible positions (positions hidden before do not count). When
+        hidden positions make up more than half of the cache, it is compacted."""
         mask = state.mask.clone()
         for row, n in enumerate(counts):
             if n > 0:
                 visible = mask[row].nonzero()[:, 0]
                 mask[row, visible[len(visible) - n:]] = 0
         state.mask = mask
+        longest = int(mask.sum(dim=1).max())
+        if mask.shape[1] - longest > max(16, longest):
+            compacted = self.compact(state)
+            state.cache, state.mask = compacted.cache, compacted.mask
+
+    def compact(self, state: HFState) -> HFState:
+        """The same rows with only their visible positions, right-aligned (left padding as after a prefill).
+        Cached keys keep the rotary positions they were computed with, and new positions count visible
+        tokens only, so decoding goes on exactly as before."""
+        mask = state.mask
+        counts = mask.sum(dim=1)
+        length = int(counts.max())
+        # visible positions first in each row's order, then right-aligned by a per-row shift
+        order = torch.argsort(mask * torch.arange(1, mask.shape[1] + 1, device=mask.device), dim=1, stable=True)
+        idx = order[:, mask.shape[1] - length:]  # (B, length): the last `length` of the sort are the visible
+        new_mask = mask.gather(1, idx)
+        layers = []
+        for k, v in state.layers:
+            g = idx[:, None, :, None].expand(k.shape[0], k.shape[1], length, k.shape[3])
+            layers.append((k.gather(2, g), v.gather(2, g)))
+        return HFState.of(layers, new_mask)
 
 
 class HFReward:
