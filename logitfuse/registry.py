@@ -115,6 +115,8 @@ class ServerSpec(Frozen):
     api_keys: list[str] = []
     preload: bool = True  # load the models of every ensemble at start-up
     cpu_threads: int | None = None  # torch intra-op threads for CPU work (None: torch's default)
+    request_timeout: float | None = Field(default=None, gt=0)  # seconds a request may generate for; then it
+    # ends with the tokens it has, finish_reason "length" (None: no limit)
 
 
 class Registry(Frozen):

@@ -61,6 +61,10 @@ class Serving:
         for i, p in enumerate(prompts):
             reqs += self.lf.requests(model, None if chat else p, sampling, fusion, messages=messages, n=n,
                                      rid=f"{base_id}-{i}")
+        if self.server.request_timeout is not None:
+            deadline = time.monotonic() + self.server.request_timeout
+            for r in reqs:
+                r.deadline = deadline
         tq = reqs[0].plan.tqstar
         if tq is not None and tq.work > self.server.max_tqstar_work:
             raise APIError(400, f"tqstar work top_k * rollouts * rollout_tokens = {tq.work} is over this server's "

@@ -217,6 +217,18 @@ def test_api_keys(config_file, tmp_path):
         assert c.get("/health").status_code == 200
 
 
+def test_request_timeout_ends_a_long_request_with_what_it_has(config_file, tmp_path):
+    cfg = tmp_path / "timeout.yaml"
+    cfg.write_text(config_file.read_text().replace("server: {", "server: {request_timeout: 0.3, "))
+    with TestClient(create_app(cfg)) as c:
+        body = {"model": "tq", "prompt": "the red city", "max_tokens": 200, "ignore_eos": True,
+                "fusion": {"top_k": 10, "rollout_tokens": 20}}
+        out = post(c, "/v1/completions", body)
+        assert out["choices"][0]["finish_reason"] == "length" and 0 < out["usage"]["completion_tokens"] < 200
+        short = post(c, "/v1/completions", {**BODY, "max_tokens": 3, "ignore_eos": True})
+        assert short["usage"]["completion_tokens"] == 3
+
+
 def test_metrics_count_requests_and_tokens(client):
     def value(name):
         line = next((x for x in client.get("/metrics").text.splitlines() if x.startswith(name)), f"{name} 0")
