@@ -39,10 +39,11 @@ class TQStarPlan:
 @dataclass(frozen=True)
 class SpecPlan:
     """Speculative decoding of a one-expert proxy/EFT plan: the tuned expert drafts up to k tokens per round,
-    and stops early where its own top probability is below min_draft_prob."""
+    and stops early where its own top probability is below min_draft_prob; above max_batch rows it pauses."""
 
     k: int = 4
     min_draft_prob: float = 0.0
+    max_batch: int | None = None  # draft only while the group has at most this many rows (else plain steps)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class ExpertSpec(Frozen):
 class SpeculativeParams(Frozen):
     k: int = Field(default=4, ge=0, le=16)  # draft tokens per round; 0 turns speculation off
     min_draft_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_batch: int | None = Field(default=None, ge=1)  # draft only while this many rows or fewer share a step
 
 
 class FusionParams(Frozen):
@@ -187,7 +188,8 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str) -> Fus
     method = p.method or "proxy"
     if method not in METHODS:
         raise InvalidRequest(f"fusion.method must be one of {METHODS}, got {method!r}", "fusion.method")
-    spec = SpecPlan(p.speculative.k, p.speculative.min_draft_prob) if p.speculative and p.speculative.k else None
+    sp = p.speculative
+    spec = SpecPlan(sp.k, sp.min_draft_prob, sp.max_batch) if sp and sp.k else None
     if spec and (method not in ("proxy", "eft") or len(p.experts or []) != 1):
         raise InvalidRequest(f"fusion.speculative: speculative decoding needs method 'proxy' or 'eft' with exactly "
                              f"one expert (got {method!r} with {len(p.experts or [])})", "fusion.speculative")

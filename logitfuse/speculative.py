@@ -120,11 +120,13 @@ class SpecGroup:
 
     def _draft(self) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
         """Up to k drafts per row from the tuned expert, fewer where the row's remaining max_tokens or the
-        draft's confidence says so; drafting ends when no row proposes. Returns drafts (B, m), each row's
+        draft's confidence says so, none while the group is larger than max_batch (a plain step then);
+        drafting ends when no row proposes. Returns drafts (B, m), each row's
         number of proposed drafts (<= m), the tuned logits (B, m+1, V) after pending, d_1..d_m, and q (B, m, V)."""
         tuned, dev = self.models[1], self.device
         params, gens = self._params(), self._gens()
-        cap = torch.tensor([min(self.spec.k, s.req.sampling.max_tokens - s.stopper.generated - 1)
+        paused = self.spec.max_batch is not None and len(self.rows) > self.spec.max_batch
+        cap = torch.tensor([0 if paused else min(self.spec.k, s.req.sampling.max_tokens - s.stopper.generated - 1)
                             for s in self.rows], device=dev)
         tok = torch.tensor([s.last_token for s in self.rows], device=dev)
         lengths = torch.zeros(len(self.rows), dtype=torch.long, device=dev)
@@ -217,10 +219,10 @@ class SpeculativeEFT:
     """Library convenience: run one-expert proxy/EFT requests speculatively through the engine and keep
     the draft statistics of its calls. (Ensembles and requests can ask for it too: `fusion.speculative`.)"""
 
-    def __init__(self, lf, k: int = 4, min_draft_prob: float = 0.0) -> None:
+    def __init__(self, lf, k: int = 4, min_draft_prob: float = 0.0, max_batch: int | None = None) -> None:
         if k < 1:
             raise ValueError("k (draft tokens per round) must be at least 1")
-        self.lf, self.spec, self.stats = lf, SpecPlan(k, min_draft_prob), SpecStats()
+        self.lf, self.spec, self.stats = lf, SpecPlan(k, min_draft_prob, max_batch), SpecStats()
 
     def generate(self, reqs: list[GenerationRequest]):
         from logitfuse.api import Completion

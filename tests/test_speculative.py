@@ -140,3 +140,14 @@ def test_speculative_needs_one_proxy_or_eft_expert(lf):
     with pytest.raises(InvalidRequest, match="exactly one expert"):
         SpeculativeEFT(lf, k=2).generate(lf.requests("dlf-ab", "one"))
     assert lf.requests("proxy-a", "one", None, {"speculative": {"k": 0}})[0].plan.speculative is None
+
+
+def test_drafting_pauses_while_the_group_is_larger_than_max_batch(lf):
+    same = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)] * 3
+    mixed = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 3, 16)]
+    for sps, drafts in ((same, False), (mixed, True)):
+        plain = [lf.generate("proxy-a", [p], sp)[0] for p, sp in zip(PROMPTS, sps)]
+        spec = SpeculativeEFT(lf, k=3, max_batch=1)
+        out = spec.generate([r for p, sp in zip(PROMPTS, sps) for r in lf.requests("proxy-a", p, sp)])
+        assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+        assert (spec.stats.drafted > 0) == drafts  # only once the two short requests have left
