@@ -56,7 +56,9 @@ class LogitFuse:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.apply_threads()
         self.pool = pool or ModelPool(self.registry)
-        self.engine = Engine(self.pool.get, self.pool.get, max_batch=self.registry.server.max_batch)
+        server = self.registry.server
+        self.engine = Engine(self.pool.get, self.pool.get, max_batch=server.max_batch,
+                             solver_threads=server.solver_threads)
         self._ids = itertools.count()
 
     def apply_threads(self) -> None:

@@ -50,8 +50,8 @@ class Sequence:
 
 class Engine:
     def __init__(self, get_backend: Callable[[str], object], get_reward: Callable[[str], object] | None = None,
-                 max_batch: int = 64) -> None:
-        self.fuser = Fuser(get_backend, get_reward)
+                 max_batch: int = 64, solver_threads: int | None = None) -> None:
+        self.fuser = Fuser(get_backend, get_reward, solver_threads)
         self.get_backend = get_backend
         self.max_batch = max_batch
         self.waiting: deque[GenerationRequest] = deque()

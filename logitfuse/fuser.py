@@ -6,7 +6,8 @@ batched slots, applies the ensemble's vocabulary alignment and calls the method'
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -18,9 +19,11 @@ from logitfuse.weights import make_grid, solve_dlf
 
 
 class Fuser:
-    def __init__(self, get_backend: Callable[[str], object], get_reward: Callable[[str], object] | None) -> None:
+    def __init__(self, get_backend: Callable[[str], object], get_reward: Callable[[str], object] | None,
+                 solver_threads: int | None = None) -> None:
         self.get_backend = get_backend
         self.get_reward = get_reward
+        self.solver_threads = solver_threads  # torch intra-op threads for the DLF weight search (None: as is)
         self._alignments: dict[tuple[str, ...], Alignment] = {}
 
     def alignment(self, plan: FusionPlan) -> Alignment:
@@ -67,7 +70,8 @@ class Fuser:
         untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
         if plan.method == "dlf":
             grid = make_grid(*plan.grid)
-            result = solve_dlf(base, untuned[:, 0], tuned, grid, plan.mode)
+            with intra_op_threads(self.solver_threads):
+                result = solve_dlf(base, untuned[:, 0], tuned, grid, plan.mode)
             w = result.weights.float()
             names = [e.name for e in plan.experts]
             diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]
@@ -78,6 +82,20 @@ class Fuser:
         if plan.method == "eft":
             return fusion.eft(base, tuned, untuned, torch.ones(len(plans), device=dev), coef), None
         raise InvalidRequest(f"unknown method {plan.method!r}", "fusion.method")
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block (the setting is per thread and cheap to change)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def score_prompt(fuser: Fuser, req: GenerationRequest, logits: dict[str, torch.Tensor]) -> PromptScores:

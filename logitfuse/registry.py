@@ -116,6 +116,7 @@ class ServerSpec(Frozen):
     api_keys: list[str] = []
     preload: bool = True  # load the models of every ensemble at start-up
     cpu_threads: int | None = None  # torch intra-op threads for CPU work (None: torch's default)
+    solver_threads: int | None = Field(default=None, ge=1)  # threads for DLF's weight search (None: cpu_threads)
     request_timeout: float | None = Field(default=None, gt=0)  # seconds a request may generate for; then it
     # ends with the tokens it has, finish_reason "length" (None: no limit)
 

@@ -70,10 +70,13 @@ def _one_expert_loss(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torc
     diff = torch.where(finite, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
     base = torch.where(finite.all(dim=1), z_large, torch.full_like(z_large, float("-inf")))  # masked anywhere
     a = grid.view(1, 1, -1)  # (1, 1, G)
-    cand = base[:, None, None, :] + a.unsqueeze(-1) * diff.unsqueeze(2)  # (B, T, G, V)
-    lse = torch.logsumexp(cand, dim=-1)  # (B, T, G)
+    cand = torch.addcmul(base[:, None, None, :], a.unsqueeze(-1), diff.unsqueeze(2))  # (B, T, G, V)
+    top = cand.amax(dim=-1, keepdim=True)  # one exp pass serves both the normaliser and P~ . d
+    e = torch.exp(cand - top)
+    total = e.sum(dim=-1)
+    lse = torch.log(total) + top[..., 0]  # (B, T, G)
     lse_base = torch.logsumexp(base, dim=-1)[:, None, None]  # (B, 1, 1)
-    p_fused_d = (torch.exp(cand - lse.unsqueeze(-1)) * diff.unsqueeze(2)).sum(-1)  # (B, T, G)
+    p_fused_d = torch.matmul(e, diff.unsqueeze(-1))[..., 0] / total  # (B, T, G)
     p_base_d = torch.einsum("bv,btv->bt", torch.softmax(base, dim=-1), diff).unsqueeze(-1)  # (B, T, 1)
     fwd = a * p_fused_d - lse + lse_base  # KL(P~ || P)
     rev = lse - lse_base - a * p_base_d  # KL(P || P~)

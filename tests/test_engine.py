@@ -240,3 +240,18 @@ def test_a_model_failing_its_decode_step_ends_only_the_sequences_using_it(lf, mo
     assert not engine.has_work() and not engine.slots
     alone = lf.generate("proxy-a", [PROMPTS[1]], sp)[0]
     assert [ev.token_id for ev in events if ev.rid == "other" and ev.token_id is not None][-4:] == alone.token_ids[-4:]
+
+
+def test_solver_threads_change_nothing_but_the_search_threads(lf, monkeypatch):
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    want = lf.generate("dlf-ab", PROMPTS, sp)
+    seen = []
+    import logitfuse.fuser as fuser_module
+
+    solve = fuser_module.solve_dlf
+    monkeypatch.setattr(fuser_module, "solve_dlf", lambda *a: seen.append(torch.get_num_threads()) or solve(*a))
+    before = torch.get_num_threads()
+    monkeypatch.setattr(lf.engine.fuser, "solver_threads", before + 1)
+    got = lf.generate("dlf-ab", PROMPTS, sp)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert seen and set(seen) == {before + 1} and torch.get_num_threads() == before
