@@ -169,9 +169,14 @@ class HFCausalLM:
                 mask[row, visible[len(visible) - n:]] = 0
         state.mask = mask
         longest = int(mask.sum(dim=1).max())
-        if mask.shape[1] - longest > max(16, longest):
+        if self.compact_when(mask.shape[1] - longest, longest):
             compacted = self.compact(state)
             state.cache, state.mask = compacted.cache, compacted.mask
+
+    @staticmethod
+    def compact_when(hidden: int, visible: int) -> bool:
+        """Compact once hidden positions outnumber the longest row's visible ones (and at least 16)."""
+        return hidden > max(16, visible)
 
     def compact(self, state: HFState) -> HFState:
         """The same rows with only their visible positions, right-aligned (left padding as after a prefill).
