@@ -17,6 +17,7 @@ import torch
 
 from logitfuse.fuser import Fuser, score_prompt
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent, TopLogprob
+from logitfuse.retokenize import advance_ragged, retokenized_update
 from logitfuse.sampling import SamplingTensors, make_generator, sample, token_logprobs, top_logprobs
 from logitfuse.speculative import SpecGroup, SpecStats
 from logitfuse.stopping import StopChecker
@@ -306,47 +307,15 @@ class Engine:
 
 
     def _advance_retokenized(self, name: str, slot: Slot) -> None:
-        """A slot with rows of a cross-tokenizer model: each such row re-tokenizes its generated text with the
-        model's tokenizer, forgets the positions where that differs from what the model has seen and takes
-        the new tokens (0, 1 or several); other rows take their sampled token. One forward for the slot."""
-        tok = slot.backend.tokenizer
+        """A slot with rows of a cross-tokenizer model (see retokenize.py); other rows take their token."""
         forget, new = [], []
         for rid in slot.rows:
             s = self.seqs[rid]
-            if name not in s.cross_ids:
-                forget.append(0)
-                new.append([s.last_token])
-                continue
-            ids = tok.encode(generated_text(self.get_backend(s.req.plan.base).tokenizer, s), add_special_tokens=False)
-            old = s.cross_ids[name]
-            common = 0
-            while common < min(len(old), len(ids)) and old[common] == ids[common]:
-                common += 1
-            f, add = len(old) - common, ids[common:]
-            if not add and f:  # the text shrank to a prefix: take its last token again for fresh logits
-                seen = s.req.prompts[name] + ids
-                f, add = f + 1, [seen[-1]]
-            s.cross_ids[name] = ids
+            f, add = (retokenized_update(slot.backend.tokenizer, self.get_backend(s.req.plan.base).tokenizer, s, name)
+                      if name in s.cross_ids else (0, [s.last_token]))
             forget.append(f)
             new.append(add)
-        width = max(len(a) for a in new)
-        if any(forget):
-            slot.backend.forget_last(slot.state, forget)
-        if width == 0:
-            return  # no row has anything new: every row's logits still hold
-        block = torch.tensor([a + [a[-1] if a else 0] * (width - len(a)) for a in new], dtype=torch.long)
-        logits = slot.backend.decode(slot.state, block)  # (B, width, V)
-        slot.backend.forget_last(slot.state, [width - len(a) for a in new])  # the padding
-        keep = torch.tensor([len(a) > 0 for a in new], device=slot.logits.device)
-        last = logits[torch.arange(len(new)), torch.tensor([max(len(a), 1) - 1 for a in new])]
-        slot.logits = torch.where(keep.unsqueeze(-1), last.to(slot.logits.device), slot.logits)
-
-
-def generated_text(base_tokenizer, seq: Sequence) -> str:
-    """The text a sequence has generated so far, decoded with a few prompt tokens before it so the first
-    token keeps its leading space: what a cross-tokenizer model re-tokenizes."""
-    tail = seq.req.prompts[seq.req.plan.base][-4:]
-    return base_tokenizer.decode(tail + seq.generated)[len(base_tokenizer.decode(tail)):]
+        slot.logits = advance_ragged(slot.backend, slot.state, slot.logits, forget, new)
 
 
 def _failed(req: GenerationRequest, err: Exception, generated: int = 0) -> TokenEvent:

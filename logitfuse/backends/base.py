@@ -59,6 +59,13 @@ class CausalLM(Protocol):
     def rows(self, state: Any) -> int: ...
 
 
+def tokenizer_vocab_info(name: str, tokenizer, logits_width: int, with_texts: bool = False) -> VocabInfo:
+    """What vocabulary alignment needs of a model with a `transformers` tokenizer (texts: decoded ids)."""
+    special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
+    texts = [tokenizer.decode([i]) for i in range(len(tokenizer))] if with_texts else None
+    return VocabInfo(name, tokenizer.get_vocab(), special, logits_width, texts)
+
+
 class RewardModel(Protocol):
     name: str
 

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from logitfuse.backends.base import tokenizer_vocab_info
 from logitfuse.vocab import VocabInfo
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,10 +100,7 @@ class HFCausalLM:
         self.model.forward = torch.compile(self.model.forward, dynamic=True)
 
     def vocab_info(self, with_texts: bool = False) -> VocabInfo:
-        tok = self.tokenizer
-        special = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")}
-        texts = [tok.decode([i]) for i in range(len(tok))] if with_texts else None
-        return VocabInfo(self.name, tok.get_vocab(), special, self.logits_width, texts)
+        return tokenizer_vocab_info(self.name, self.tokenizer, self.logits_width, with_texts)
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

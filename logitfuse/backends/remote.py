@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from logitfuse.backends.base import tokenizer_vocab_info
 from logitfuse.vocab import VocabInfo
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,7 @@ class RemoteCausalLM:
 
     # -- protocol ----------------------------------------------------------------------------------------
     def vocab_info(self, with_texts: bool = False) -> VocabInfo:
-        tok = self.tokenizer
-        special = {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")}
-        texts = [tok.decode([i]) for i in range(len(tok))] if with_texts else None
-        return VocabInfo(self.name, tok.get_vocab(), special, self.logits_width, texts)
+        return tokenizer_vocab_info(self.name, self.tokenizer, self.logits_width, with_texts)
 
     def param_bytes(self) -> int:
         return 0  # the weights live on the remote server
