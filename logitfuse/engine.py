@@ -11,14 +11,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from logitfuse.fuser import Fuser, score_prompt
-from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent, TopLogprob
+from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent
 from logitfuse.retokenize import advance_ragged, retokenized_update
 from logitfuse.sampling import SamplingTensors, make_generator, sample, token_logprobs, top_logprobs
+from logitfuse.sequence import Sequence
 from logitfuse.speculative import SpecGroup, SpecStats
 from logitfuse.stopping import StopChecker
 
@@ -34,19 +35,6 @@ class Slot:
 
     def index(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.rows)}
-
-
-@dataclass
-class Sequence:
-    req: GenerationRequest
-    stopper: StopChecker
-    generator: torch.Generator
-    rollout_generator: torch.Generator
-    last_token: int = -1
-    aborted: str | None = None
-    diagnostics: list = field(default_factory=list)
-    generated: list[int] = field(default_factory=list)  # base token ids emitted so far
-    cross_ids: dict[str, list[int]] = field(default_factory=dict)  # cross-tokenizer model -> its ids of them
 
 
 class Engine:
@@ -244,20 +232,12 @@ class Engine:
         n_top = max((p.logprobs or 0) for p in sp)
         top_ids, top_lp = top_logprobs(scores, n_top) if n_top else (None, None)
         tok = self.get_backend(seqs[0].req.plan.base).tokenizer
+        ids, lps = (top_ids.tolist(), top_lp.tolist()) if n_top else (None, None)
         finished = []
         for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
-            s.last_token = t
-            s.generated.append(t)
-            delta, reason = s.stopper.add(t)
-            top = None
-            if s.req.sampling.logprobs is not None:
-                k = s.req.sampling.logprobs
-                top = [TopLogprob(j, tok.decode([j]), v)
-                       for j, v in zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())] if k else []
-            events.append(TokenEvent(
-                s.req.rid, t, delta, chosen[i], top, diags[i] if diags else None, reason,
-                prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.stopper.generated))
-            if reason:
+            ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tok, diags[i] if diags else None)
+            events.append(ev)
+            if ev.finish_reason:
                 finished.append(s.req.rid)
         return finished
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from logitfuse.plan import FusionPlan, SpecPlan
-from logitfuse.request import GenerationRequest, InvalidRequest, TokenEvent, TopLogprob
+from logitfuse.request import GenerationRequest, InvalidRequest
 from logitfuse.sampling import SamplingTensors, sample, top_logprobs, warp
 
 
@@ -196,20 +196,13 @@ class SpecGroup:
         top_ids, top_lp = top_logprobs(logp, n_top) if n_top else (None, None)  # (B, m+1, n)
         tok = self.models[0].tokenizer
         tokens = emitted.tolist()
+        ids, lps = (top_ids.tolist(), top_lp.tolist()) if n_top else (None, None)
         finished = []
         for i, s in enumerate(self.rows):
             for j in range(accepted[i] + 1):
-                t = tokens[i][j]
-                s.last_token = t
-                delta, reason = s.stopper.add(t)
-                top = None
-                if s.req.sampling.logprobs is not None:
-                    k = s.req.sampling.logprobs
-                    top = [TopLogprob(a, tok.decode([a]), lp) for a, lp in
-                           zip(top_ids[i, j, :k].tolist(), top_lp[i, j, :k].tolist())] if k else []
-                events.append(TokenEvent(s.req.rid, t, delta, chosen[i][j], top, None, reason,
-                                         prompt_tokens=len(s.req.prompt_ids), completion_tokens=s.stopper.generated))
-                if reason:
+                ev = s.emit(tokens[i][j], chosen[i][j], ids and ids[i][j], lps and lps[i][j], tok)
+                events.append(ev)
+                if ev.finish_reason:
                     finished.append(s.req.rid)
                     break
         return finished
