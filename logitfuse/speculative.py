@@ -179,7 +179,8 @@ class SpecGroup:
                 n_acc = min(n_greedy[i], n)
                 nxt = int(best[i, n_acc])
             else:
-                n_acc, nxt = accept_block(p[i, : n + 1], q[i, :n], drafts[i, :n].tolist(), gen)
+                # generators are CPU ones (seeded per request), so the draws happen on the CPU
+                n_acc, nxt = accept_block(p[i, : n + 1].cpu(), q[i, :n].cpu(), drafts[i, :n].tolist(), gen)
             emitted[i, n_acc] = nxt
             accepted.append(n_acc)
             stats.drafted += n
