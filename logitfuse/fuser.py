@@ -14,6 +14,7 @@ import torch
 from logitfuse import fusion
 from logitfuse.plan import FusionPlan
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TopLogprob
+from logitfuse.stopping import token_piece
 from logitfuse.vocab import Alignment, VocabMismatchError, align
 from logitfuse.weights import make_grid, solve_dlf
 
@@ -117,8 +118,10 @@ def score_prompt(fuser: Fuser, req: GenerationRequest, logits: dict[str, torch.T
         lps += logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).tolist()
         if top_n:
             top = torch.topk(logp, min(top_n, logp.shape[-1]), dim=-1)
-            tops += [[TopLogprob(j, tok.decode([j]), v) for j, v in zip(i_row, v_row)]
+            tops += [[TopLogprob(j, token_piece(tok, j), v) for j, v in zip(i_row, v_row)]
                      for i_row, v_row in zip(top.indices.tolist(), top.values.tolist())]
         else:
             tops += [[] for _ in range(n - 1)]
-    return PromptScores(req.rid, list(ids), [tok.decode([i]) for i in ids], lps, tops)
+    # the first token as the text starts, the others as they continue it: the pieces join into the prompt text
+    pieces = [tok.decode([ids[0]])] + [token_piece(tok, i) for i in ids[1:]]
+    return PromptScores(req.rid, list(ids), pieces, lps, tops)

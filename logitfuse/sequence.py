@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from logitfuse.request import GenerationRequest, TokenEvent, TopLogprob
-from logitfuse.stopping import StopChecker
+from logitfuse.stopping import StopChecker, token_piece
 
 
 @dataclass
@@ -32,6 +32,6 @@ class Sequence:
         top = None
         k = self.req.sampling.logprobs
         if k is not None:
-            top = [TopLogprob(j, tokenizer.decode([j]), v) for j, v in zip(top_ids[:k], top_lps[:k])] if k else []
+            top = [TopLogprob(j, token_piece(tokenizer, j), v) for j, v in zip(top_ids[:k], top_lps[:k])] if k else []
         return TokenEvent(self.req.rid, token, delta, logprob, top, diagnostics, reason,
                           prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.stopper.generated)

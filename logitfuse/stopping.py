@@ -6,6 +6,8 @@ O(window), and text that could be the start of a stop string is held back until 
 
 from __future__ import annotations
 
+import contextlib
+
 
 class StopChecker:
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
@@ -71,3 +73,22 @@ class StopChecker:
         delta = self.text[self.sent:]
         self.sent = len(self.text)
         return delta
+
+
+def token_piece(tokenizer, token_id: int) -> str:
+    """The text a token adds after other text, its leading space kept (how OpenAI's logprobs name tokens,
+    so that a completion's tokens join into its text). A lone decode drops that space for tokenizers that
+    mark word starts (SentencePiece's "▁"), so the token is decoded after an anchor token and the anchor's
+    text removed."""
+    anchor = _anchor(tokenizer)
+    return tokenizer.decode([anchor, token_id])[len(tokenizer.decode([anchor])):]
+
+
+def _anchor(tokenizer) -> int:
+    anchor = getattr(tokenizer, "_logitfuse_anchor", None)
+    if anchor is None:
+        anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+        with contextlib.suppress(AttributeError):  # remembered on the tokenizer where it takes attributes
+            tokenizer._logitfuse_anchor = anchor
+    return anchor
+

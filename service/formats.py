@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from logitfuse.request import PromptScores, TokenEvent
+from logitfuse.stopping import token_piece
 
 
 class Choice:
@@ -36,7 +37,7 @@ class Choice:
     def token_str(self, token_id: int, text: str | None = None) -> str:
         if self.ids_as_tokens:
             return f"token_id:{token_id}"
-        return self.tok.decode([token_id]) if text is None else text
+        return token_piece(self.tok, token_id) if text is None else text
 
 
 class CompletionChoice(Choice):

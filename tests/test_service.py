@@ -104,6 +104,28 @@ def test_echo_logprobs_are_the_library_prompt_scores(client, ref):
     assert zero["usage"]["completion_tokens"] == 0
 
 
+
+def test_logprob_tokens_join_into_the_text():
+    """OpenAI's invariant: the tokens of a completion (and of an echoed prompt) concatenate to its text, and
+    text_offset is where each starts. The embedded family's tokenizer marks word starts as SentencePiece
+    does, which a lone decode of a token drops."""
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    with TestClient(create_app(root / "configs" / "default.yaml")) as c:
+        prompt = "<|user|> what is the capital of ludu ? <|assistant|>"
+        for body in ({"max_tokens": 8, "logprobs": 2, "ignore_eos": True},
+                     {"max_tokens": 4, "logprobs": 1, "echo": True, "ignore_eos": True}):
+            out = post(c, "/v1/completions", {"model": "large-qa", "prompt": prompt, "temperature": 0, **body})
+            choice = out["choices"][0]
+            lp = choice["logprobs"]
+            # special tokens (</s>, generated here under ignore_eos) are named but, as in vLLM, not in the text
+            text_tokens = [t for t in lp["tokens"] if t != "</s>"]
+            assert "".join(text_tokens) == choice["text"]
+            offsets = [o for t, o in zip(lp["tokens"], lp["text_offset"]) if t != "</s>"]
+            assert offsets == [len("".join(text_tokens[:i])) for i in range(len(text_tokens))]
+            assert sum(t.startswith(" ") for t in lp["tokens"]) >= 3
+            assert all(k.startswith(" ") or k.startswith("<") for top in lp["top_logprobs"][1:] for k in top)
+
+
 def test_chat_json_stream_and_dlf_diagnostics(client, ref):
     body = {"model": "dlf-ab", "messages": [{"role": "user", "content": "king queen"}], "max_tokens": 5,
             "temperature": 0, "logprobs": True, "top_logprobs": 2}
