@@ -177,7 +177,9 @@ class Registry(Frozen):
             raise UnknownName(f"model {model!r} not found; available: {', '.join(self.names())}", param="model")
         if base not in self.models:
             raise UnknownName(f"base model {base!r} not found; available: {', '.join(self.models)}", param="base")
-        return _build_plan(self, params, base, ensemble=model)
+        # the ensemble's own settings must hold; under overrides, only a speculative the request asks for
+        asked = fusion is None or "speculative" in fusion.model_fields_set
+        return _build_plan(self, params, base, ensemble=model, speculative_asked=asked)
 
     def _lookup(self, table: dict, name: str, kind: str, param: str):
         if name not in table:
@@ -185,12 +187,18 @@ class Registry(Frozen):
         return table[name]
 
 
-def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str) -> FusionPlan:
+def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, speculative_asked: bool = True
+                ) -> FusionPlan:
+    """The plan for merged parameters. An ensemble's speculative setting that a request's overrides make
+    inapplicable (another method, several experts) is dropped; a request asking for it gets the error."""
     method = p.method or "proxy"
     if method not in METHODS:
         raise InvalidRequest(f"fusion.method must be one of {METHODS}, got {method!r}", "fusion.method")
     sp = p.speculative
     spec = SpecPlan(sp.k, sp.min_draft_prob, sp.max_batch) if sp and sp.k else None
+    cross = any(reg.experts[n].cross_tokenizer for n in (p.experts or []) if n in reg.experts)
+    if spec and not speculative_asked and (method not in ("proxy", "eft") or len(p.experts or []) != 1 or cross):
+        spec = None
     if spec and (method not in ("proxy", "eft") or len(p.experts or []) != 1):
         raise InvalidRequest(f"fusion.speculative: speculative decoding needs method 'proxy' or 'eft' with exactly "
                              f"one expert (got {method!r} with {len(p.experts or [])})", "fusion.speculative")

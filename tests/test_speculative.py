@@ -151,3 +151,23 @@ def test_drafting_pauses_while_the_group_is_larger_than_max_batch(lf):
         out = spec.generate([r for p, sp in zip(PROMPTS, sps) for r in lf.requests("proxy-a", p, sp)])
         assert [o.token_ids for o in out] == [o.token_ids for o in plain]
         assert (spec.stats.drafted > 0) == drafts  # only once the two short requests have left
+
+
+def test_an_ensembles_speculative_setting_gives_way_to_overrides_it_cannot_serve(config_file, tmp_path):
+    from logitfuse import LogitFuse
+
+    cfg = tmp_path / "spec.yaml"
+    cfg.write_text(config_file.read_text().replace(
+        "ensembles:\n", "ensembles:\n  spec-a: {base: base-large, method: eft, experts: [a], speculative: {k: 3}}\n"))
+    lf = LogitFuse(cfg)
+    assert lf.registry.plan("spec-a").speculative.k == 3
+    assert lf.registry.plan("spec-a", {"experts": ["a", "b"]}).speculative is None  # two experts: plain EFT
+    assert lf.registry.plan("spec-a", {"method": "dlf", "experts": ["a", "b"]}).speculative is None
+    assert lf.registry.plan("spec-a", {"experts": ["xa"]}).speculative is None  # cross-tokenizer: plain
+    with pytest.raises(InvalidRequest, match="exactly one expert"):  # asked for in the request itself
+        lf.registry.plan("spec-a", {"experts": ["a", "b"], "speculative": {"k": 2}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config_file.read_text().replace(
+        "ensembles:\n", "ensembles:\n  bad: {base: base-large, method: dlf, experts: [a, b], speculative: {k: 3}}\n"))
+    with pytest.raises(ValueError, match=r"ensembles\.bad: .*exactly one expert"):
+        LogitFuse(bad)
