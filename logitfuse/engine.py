@@ -228,13 +228,15 @@ class Engine:
         sp = [s.req.sampling for s in seqs]
         params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device)
         tokens = sample(scores, params, [s.generator for s in seqs])
-        chosen = token_logprobs(scores, tokens).tolist()
+        # the tokens and their logprobs reach the host in one copy: the stop checks need them, nothing else waits
+        host = torch.stack([tokens.double(), token_logprobs(scores, tokens).double()]).tolist()
+        token_ids, chosen = [int(t) for t in host[0]], host[1]
         n_top = max((p.logprobs or 0) for p in sp)
         top_ids, top_lp = top_logprobs(scores, n_top) if n_top else (None, None)
         tok = self.get_backend(seqs[0].req.plan.base).tokenizer
         ids, lps = (top_ids.tolist(), top_lp.tolist()) if n_top else (None, None)
         finished = []
-        for i, (s, t) in enumerate(zip(seqs, tokens.tolist())):
+        for i, (s, t) in enumerate(zip(seqs, token_ids)):
             ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tok, diags[i] if diags else None)
             events.append(ev)
             if ev.finish_reason:

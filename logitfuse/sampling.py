@@ -20,6 +20,11 @@ class SamplingTensors:
     top_k: torch.Tensor  # (B,) int, <= 0 = off
     top_p: torch.Tensor  # (B,) in (0, 1]
     min_p: torch.Tensor  # (B,) in [0, 1]
+    # which steps any row needs, known on the host: deciding them never waits for the device
+    all_greedy: bool = False
+    any_top_k: bool = True
+    any_top_p: bool = True
+    any_min_p: bool = True
 
     @staticmethod
     def build(rows: list[tuple[float, int, float, float]], device: torch.device | str = "cpu") -> SamplingTensors:
@@ -28,7 +33,8 @@ class SamplingTensors:
         f = dict(dtype=torch.float32, device=device)
         return SamplingTensors(
             torch.tensor(t, **f), torch.tensor(k, dtype=torch.long, device=device), torch.tensor(p, **f),
-            torch.tensor(m, **f),
+            torch.tensor(m, **f), all_greedy=all(x <= 0 for x in t), any_top_k=any(x > 0 for x in k),
+            any_top_p=any(x < 1 for x in p), any_min_p=any(x > 0 for x in m),
         )
 
 
@@ -68,21 +74,21 @@ def apply_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def warp(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """The sampling distribution's scores: temperature, then top-k, top-p, min-p (vLLM's order)."""
     out = apply_temperature(scores, params.temperature)
-    if bool((params.top_k > 0).any()):
+    if params.any_top_k:
         out = apply_top_k(out, params.top_k)
-    if bool((params.top_p < 1).any()):
+    if params.any_top_p:
         out = apply_top_p(out, params.top_p)
-    if bool((params.min_p > 0).any()):
+    if params.any_min_p:
         out = apply_min_p(out, params.min_p)
     return out
 
 
 def sample(scores: torch.Tensor, params: SamplingTensors, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row: argmax for greedy rows, else a draw from softmax(warp(scores)). (B, V) -> (B,)."""
-    greedy = params.temperature <= 0
     tokens = scores.argmax(dim=-1)
-    if bool(greedy.all()):
+    if params.all_greedy:
         return tokens
+    greedy = params.temperature <= 0
     probs = torch.softmax(warp(scores, params).float(), dim=-1).cpu()
     tokens = tokens.cpu()
     for i in torch.nonzero(~greedy.cpu()).flatten().tolist():
