@@ -46,6 +46,12 @@ class SpecPlan:
     max_batch: int | None = None  # draft only while the group has at most this many rows (else plain steps)
 
 
+def speculation_fits(method: str, experts: tuple[ExpertRef, ...]) -> bool:
+    """Speculative decoding needs proxy or EFT with one expert whose tokenizer is the base's (its tuned
+    model's drafts must be base tokens)."""
+    return method in ("proxy", "eft") and len(experts) == 1 and not experts[0].cross
+
+
 @dataclass(frozen=True)
 class FusionPlan:
     method: str

@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from logitfuse.plan import METHODS, ExpertRef, FusionPlan, SpecPlan, TQStarPlan
+from logitfuse.plan import METHODS, ExpertRef, FusionPlan, SpecPlan, TQStarPlan, speculation_fits
 from logitfuse.request import InvalidRequest, UnknownName
 
 Method = Literal["none", "proxy", "eft", "dlf", "tqstar"]
@@ -190,22 +190,29 @@ class Registry(Frozen):
 def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, speculative_asked: bool = True
                 ) -> FusionPlan:
     """The plan for merged parameters. An ensemble's speculative setting that a request's overrides make
-    inapplicable (another method, several experts) is dropped; a request asking for it gets the error."""
+    inapplicable (another method, several experts, a cross-tokenizer expert) is dropped; a request asking
+    for it gets the error."""
     method = p.method or "proxy"
     if method not in METHODS:
         raise InvalidRequest(f"fusion.method must be one of {METHODS}, got {method!r}", "fusion.method")
     sp = p.speculative
     spec = SpecPlan(sp.k, sp.min_draft_prob, sp.max_batch) if sp and sp.k else None
-    cross = any(reg.experts[n].cross_tokenizer for n in (p.experts or []) if n in reg.experts)
-    if spec and not speculative_asked and (method not in ("proxy", "eft") or len(p.experts or []) != 1 or cross):
-        spec = None
-    if spec and (method not in ("proxy", "eft") or len(p.experts or []) != 1):
+
+    def settle(experts: tuple[ExpertRef, ...]) -> SpecPlan | None:
+        if spec is None or speculation_fits(method, experts):
+            return spec
+        if not speculative_asked:
+            return None
+        if any(e.cross for e in experts):
+            raise InvalidRequest("fusion.experts: cross-tokenizer experts work with proxy and eft, without "
+                                 "speculative decoding", "fusion.experts")
         raise InvalidRequest(f"fusion.speculative: speculative decoding needs method 'proxy' or 'eft' with exactly "
-                             f"one expert (got {method!r} with {len(p.experts or [])})", "fusion.speculative")
-    if method == "none":
-        return FusionPlan("none", base, ensemble=ensemble)
-    if method == "tqstar":
-        return FusionPlan("tqstar", base, tqstar=_tqstar(reg, p), ensemble=ensemble)
+                             f"one expert (got {method!r} with {len(experts)})", "fusion.speculative")
+
+    if method in ("none", "tqstar"):
+        settle(())
+        tq = _tqstar(reg, p) if method == "tqstar" else None
+        return FusionPlan(method, base, tqstar=tq, ensemble=ensemble)
     names = p.experts or []
     if not names:
         raise InvalidRequest(f"fusion.experts: method {method!r} needs at least one expert", "fusion.experts")
@@ -214,9 +221,10 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, specul
                   reg.experts[n].cross_tokenizer)
         for n in names
     )
-    if any(e.cross for e in experts) and (method not in ("proxy", "eft") or spec):
+    spec = settle(experts)
+    if any(e.cross for e in experts) and method not in ("proxy", "eft"):
         raise InvalidRequest(f"fusion.experts: cross-tokenizer experts work with proxy and eft, without speculative "
-                             f"decoding (got {method!r}{' with speculative' if spec else ''})", "fusion.experts")
+                             f"decoding (got {method!r})", "fusion.experts")
     weights = p.weights if p.weights is not None else [1.0 / len(names)] * len(names)
     if len(weights) != len(names):
         raise InvalidRequest(

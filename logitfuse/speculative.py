@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from logitfuse.plan import FusionPlan, SpecPlan
+from logitfuse.plan import FusionPlan, SpecPlan, speculation_fits
 from logitfuse.request import GenerationRequest, InvalidRequest
 from logitfuse.sampling import SamplingTensors, sample, top_logprobs, warp
 
@@ -62,8 +62,9 @@ def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch
 
 
 def check_plan(plan: FusionPlan) -> None:
-    if plan.method not in ("eft", "proxy") or len(plan.experts) != 1:
-        raise InvalidRequest("speculative decoding needs one eft/proxy plan with exactly one expert", "fusion")
+    if not speculation_fits(plan.method, plan.experts):
+        raise InvalidRequest("speculative decoding needs one eft/proxy plan with exactly one expert sharing the "
+                             "base's tokenizer", "fusion")
 
 
 class SpecGroup:

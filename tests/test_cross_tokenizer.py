@@ -8,6 +8,7 @@ from logitfuse import SamplingParams, fusion
 from logitfuse.engine import Engine
 from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, make_generator, sample
+from logitfuse.speculative import SpeculativeEFT
 from logitfuse.vocab import VocabInfo, align, cross_map
 
 PROMPTS = ["the red city of the north", "one", "king queen river blue green", "two three four"]
@@ -92,5 +93,7 @@ def test_cross_tokenizer_limits_are_clear(lf):
         lf.requests("dlf-ab", "one", None, {"experts": ["xa"]})
     with pytest.raises(InvalidRequest, match="without speculative"):
         lf.requests("proxy-a", "one", None, {"experts": ["xa"], "speculative": {"k": 2}})
+    with pytest.raises(InvalidRequest, match="sharing the base's tokenizer"):  # nor through the library wrapper
+        SpeculativeEFT(lf, k=2).generate(lf.requests("proxy-a", "one", None, {"experts": ["xa"]}))
     with pytest.raises(InvalidRequest, match="cross_tokenizer: true"):  # a mismatch not declared stays an error
         lf.engine.check(lf.requests("proxy-a", "one", None, {"experts": ["alien"]})[0])
