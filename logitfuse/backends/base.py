@@ -7,6 +7,7 @@ remote model or another runtime can implement the same calls.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import torch
@@ -62,8 +63,17 @@ class CausalLM(Protocol):
 def tokenizer_vocab_info(name: str, tokenizer, logits_width: int, with_texts: bool = False) -> VocabInfo:
     """What vocabulary alignment needs of a model with a `transformers` tokenizer (texts: decoded ids)."""
     special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
-    texts = [tokenizer.decode([i]) for i in range(len(tokenizer))] if with_texts else None
-    return VocabInfo(name, tokenizer.get_vocab(), special, logits_width, texts)
+    return VocabInfo(name, tokenizer.get_vocab(), special, logits_width, token_texts(tokenizer) if with_texts else None)
+
+
+def token_texts(tokenizer) -> list[str]:
+    """Every id's decoded text, computed once per tokenizer (kept on it where it takes attributes)."""
+    texts = getattr(tokenizer, "_logitfuse_texts", None)
+    if texts is None:
+        texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        with contextlib.suppress(AttributeError):
+            tokenizer._logitfuse_texts = texts
+    return texts
 
 
 class RewardModel(Protocol):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from logitfuse.backends.base import tokenizer_vocab_info
+from logitfuse.backends.base import token_texts, tokenizer_vocab_info
 from logitfuse.vocab import VocabInfo
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,8 @@ class RemoteCausalLM:
         if key.startswith("token_id:"):
             return int(key[len("token_id:"):])
         if self._by_text is None:  # a server without return_tokens_as_token_ids: map decoded strings back
-            self._by_text = {}
-            for i in range(len(self.tokenizer) - 1, -1, -1):  # lowest id wins for strings decoding alike
-                self._by_text[self.tokenizer.decode([i])] = i
+            texts = token_texts(self.tokenizer)
+            self._by_text = {texts[i]: i for i in range(len(texts) - 1, -1, -1)}  # lowest id wins on a tie
         return self._by_text.get(key)
 
     def _post(self, body: dict) -> dict:
