@@ -47,7 +47,7 @@ def base_only(base_logits: torch.Tensor) -> torch.Tensor:
 def proxy_tune(
     base_logits: torch.Tensor, tuned_logits: torch.Tensor, untuned_logits: torch.Tensor, alpha: torch.Tensor
 ) -> torch.Tensor:
-    """Proxy-tuning (Liu et al., 2024): `z_L + alpha * (z_S+ - z_S)` on raw logits.
+    """Proxy-tuning ("Tuning Language Models by Proxy", 2024): `z_L + alpha * (z_S+ - z_S)` on raw logits.
 
     tuned_logits (B, T, V) allows several experts, each with its own alpha column in alpha (B, T).
     """
@@ -61,7 +61,8 @@ def eft(
     beta: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Emulated fine-tuning (Mitchell et al., 2023): `l_N + beta * sum_i w_i (l_M+_i - l_M)` on log-probs.
+    """Emulated fine-tuning ("An Emulator for Fine-Tuning Large Language Models using Small Language Models",
+    2023): `l_N + beta * sum_i w_i (l_M+_i - l_M)` on log-probs.
 
     Up-scaling (large N, small M), down-scaling (the reverse) and behaviour interpolation (several tuned
     models, weights w) are the same formula with other models in the roles. beta (B,), weights (B, T).
@@ -73,7 +74,8 @@ def eft(
 def dlf_combine(
     base_logits: torch.Tensor, tuned_logits: torch.Tensor, untuned_logits: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Dynamic logit fusion (Fan et al., 2024): `l_L + sum_i alpha_i(t) (l_S+_i - l_S)`, weights from weights.py."""
+    """Dynamic logit fusion ("On Giant's Shoulders", 2024): `l_L + sum_i alpha_i(t) (l_S+_i - l_S)`, weights
+    from weights.py."""
     return steer(log_probs(base_logits), log_probs(tuned_logits), log_probs(untuned_logits), weights)
 
 
@@ -83,7 +85,7 @@ def top_k_candidates(sft_logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def tqstar_q_direct(rewards: torch.Tensor) -> torch.Tensor:
-    """Direct transfer (Chakraborty et al., 2024): `Q(s, z) = mean_i r(tau_i)`. rewards (B, K, N) -> (B, K)."""
+    """Direct transfer ("Transfer Q Star", 2024): `Q(s, z) = mean_i r(tau_i)`. rewards (B, K, N) -> (B, K)."""
     return rewards.mean(dim=-1)
 
 

@@ -1,4 +1,4 @@
-"""Speculative EFT up-scaling (Mitchell et al., 2023, section on speculative decoding), inside the engine.
+"""Speculative EFT up-scaling (the emulated fine-tuning paper's section on speculative decoding), inside the engine.
 
 The small tuned expert drafts up to k tokens; the large base and the small untuned model score the whole
 block in one pass each; draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) where p is the fused
@@ -8,6 +8,10 @@ output distribution is exactly the fused one; under greedy decoding the tokens a
 greedy decoding. A row stops drafting early where the draft's own top probability is below min_draft_prob
 (decided from the draft model alone, before the draft token is drawn, so the rule stays exact).
 
+Cost of a round: the tuned expert's k passes while drafting (greedy drafts need only an argmax), one pass
+each of the base and the untuned model over the block, and the tuned pass over d_k only when some row
+accepted every draft (the bonus token needs it; otherwise it is never made, and nothing is forgotten).
+
 Rows of a group accept different numbers of drafts: rejected positions are forgotten per row
 (backend.forget_last), never recomputed. A group keeps its own KV states (its rows advance by different
 numbers of tokens per step, unlike the engine's shared slots); rows join at step boundaries.
@@ -15,7 +19,7 @@ numbers of tokens per step, unlike the engine's shared slots); rows join at step
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 
 import torch
 
@@ -26,26 +30,32 @@ from logitfuse.sampling import SamplingTensors, sample, top_logprobs, warp
 
 @dataclass
 class SpecStats:
-    rounds: int = 0
+    rounds: int = 0  # group rounds
     drafted: int = 0
     accepted: int = 0
+    row_rounds: int = 0  # rows taking part, summed over rounds: each emits its accepted drafts + 1 token
+
+    @property
+    def tokens_per_row_round(self) -> float:
+        return (self.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
 
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     def __sub__(self, other: SpecStats) -> SpecStats:
-        return SpecStats(self.rounds - other.rounds, self.drafted - other.drafted, self.accepted - other.accepted)
+        return SpecStats(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
     def __add__(self, other: SpecStats) -> SpecStats:
-        return SpecStats(self.rounds + other.rounds, self.drafted + other.drafted, self.accepted + other.accepted)
+        return SpecStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
-def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch.Generator | None
-                 ) -> tuple[int, int]:
-    """Speculative sampling for one row. p (k+1, V) fused probs, q (k, V) draft probs, drafts (k,).
-    Returns (accepted drafts, next token). gen None means greedy (accept while the draft is p's argmax)."""
-    k = len(drafts)
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch.Generator | None
+                  ) -> tuple[int, int | None]:
+    """The acceptance half of speculative sampling for one row: p (>= n, V) fused probs at the drafts'
+    positions, q (n, V) draft probs, drafts (n,). Returns (accepted drafts, the token resampled from
+    norm(max(0, p - q)) at the first rejection, or None when every draft was accepted). gen None means greedy
+    (accept while the draft is p's argmax)."""
     for i, d in enumerate(drafts):
         if gen is None:
             if int(p[i].argmax()) != d:
@@ -56,9 +66,20 @@ def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch
             residual = (p[i] - q[i]).clamp(min=0)
             residual = residual if residual.sum() > 0 else p[i]
             return i, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
-    if gen is None:
-        return k, int(p[k].argmax())
-    return k, int(torch.multinomial(p[k], 1, generator=gen))
+    return len(drafts), None
+
+
+def bonus_token(p: torch.Tensor, gen: torch.Generator | None) -> int:
+    """The token after a fully accepted block, from p (V,) the fused probs there."""
+    return int(p.argmax()) if gen is None else int(torch.multinomial(p, 1, generator=gen))
+
+
+def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch.Generator | None
+                 ) -> tuple[int, int]:
+    """Speculative sampling for one row. p (k+1, V) fused probs, q (k, V) draft probs, drafts (k,).
+    Returns (accepted drafts, next token)."""
+    n, nxt = accept_drafts(p, q, drafts, gen)
+    return n, nxt if nxt is not None else bonus_token(p[n], gen)
 
 
 def check_plan(plan: FusionPlan) -> None:
@@ -119,77 +140,108 @@ class SpecGroup:
     def _gens(self) -> list[torch.Generator | None]:
         return [None if s.req.sampling.temperature <= 0 else s.generator for s in self.rows]
 
-    def _draft(self) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    def _draft(self) -> tuple[torch.Tensor, list[int], list[torch.Tensor], torch.Tensor | None]:
         """Up to k drafts per row from the tuned expert, fewer where the row's remaining max_tokens or the
         draft's confidence says so, none while the group is larger than max_batch (a plain step then);
-        drafting ends when no row proposes. Returns drafts (B, m), each row's
-        number of proposed drafts (<= m), the tuned logits (B, m+1, V) after pending, d_1..d_m, and q (B, m, V)."""
+        drafting ends when no row proposes. Returns drafts (B, m), each row's number of proposed drafts
+        (<= m), the tuned logits (B, V) after pending, d_1, ... (m of them, or m + 1 when a confidence
+        check needed the last one: the tuned pass over d_m is otherwise left to `round`, which makes it only
+        when some row accepts all m drafts), and q (B, m, V), the draft distributions, which only sampled
+        rows need (None when every row is greedy)."""
         tuned, dev = self.models[1], self.device
         params, gens = self._params(), self._gens()
+        need_q, min_prob = not params.all_greedy, self.spec.min_draft_prob
         paused = self.spec.max_batch is not None and len(self.rows) > self.spec.max_batch
-        cap = torch.tensor([0 if paused else min(self.spec.k, s.req.sampling.max_tokens - s.stopper.generated - 1)
-                            for s in self.rows], device=dev)
+        caps = [0 if paused else min(self.spec.k, s.req.sampling.max_tokens - s.stopper.generated - 1)
+                for s in self.rows]
+        cap = torch.tensor(caps, device=dev)
         tok = torch.tensor([s.last_token for s in self.rows], device=dev)
-        lengths = torch.zeros(len(self.rows), dtype=torch.long, device=dev)
         active = cap > 0
-        drafts, logits, q = [], [], []
-        for i in range(self.spec.k + 1):
+        drafts, logits, q, actives = [], [], [], []
+        for i in range(self.spec.k):
+            active = active & (cap > i)
+            if not bool(active.any()):  # nobody drafts d_(i+1): the pass over tok can wait
+                break
             lg = tuned.decode(self.states[1], tok.view(-1, 1))[:, 0].to(dev)  # (B, V)
             logits.append(lg)
-            if i == self.spec.k:
-                break
             scores = self.align.apply(lg)
-            qi = torch.softmax(warp(scores, params), dim=-1)
-            active &= cap > i
-            if self.spec.min_draft_prob > 0:
-                active &= qi.max(dim=-1).values >= self.spec.min_draft_prob
-            if not bool(active.any()):
-                break
-            lengths += active.long()
-            q.append(qi)
+            if need_q or min_prob > 0:  # greedy drafts need neither the distribution nor its softmax
+                qi = torch.softmax(warp(scores, params), dim=-1)
+                if min_prob > 0:
+                    active &= qi.max(dim=-1).values >= min_prob
+                    if not bool(active.any()):
+                        break
+                if need_q:
+                    q.append(qi)
+            actives.append(active)
             tok = sample(scores, params, gens)
             drafts.append(tok)
         b = len(self.rows)
         d = torch.stack(drafts, 1) if drafts else torch.zeros(b, 0, dtype=torch.long, device=dev)
-        qs = torch.stack(q, 1) if q else torch.zeros(b, 0, logits[0].shape[-1], device=dev)
-        return d, lengths.tolist(), torch.stack(logits, 1), qs
+        # a row drafts while active: its number of drafts is the count of its active steps (active only falls)
+        lengths = torch.stack(actives, 1).sum(dim=1).tolist() if actives else [0] * b
+        qs = None
+        if need_q:
+            qs = torch.stack(q, 1) if q else torch.zeros(b, 0, logits[0].shape[-1] if logits else 0, device=dev)
+        return d, lengths, logits, qs
 
     def round(self, events: list, stats: SpecStats) -> list[str]:
         """Draft, verify and emit for every row; returns the rids that finished."""
         rows, dev = self.rows, self.device
         drafts, lengths, z_tuned, q = self._draft()
-        m = drafts.shape[1]
-        block = torch.cat([torch.tensor([[s.last_token] for s in rows], device=dev), drafts], dim=1)  # (B, m+1)
+        b, m = drafts.shape
+        pending = torch.tensor([[s.last_token] for s in rows], device=dev)
+        block = torch.cat([pending, drafts], dim=1)  # (B, m+1)
         z_large = self.models[0].decode(self.states[0], block).to(dev)  # (B, m+1, V)
         z_small = self.models[2].decode(self.states[2], block).to(dev)
-        scores = self._fuse(rows, z_large, z_tuned, z_small)  # (B, m+1, V)
-        b, v = scores.shape[0], scores.shape[-1]
-        logp = torch.log_softmax(scores, dim=-1)
         gens = self._gens()
-        # greedy rows: accept while the draft is the fused argmax (one comparison for the whole batch)
-        best = scores.argmax(dim=-1)  # (B, m+1)
-        n_greedy = (best[:, :m] == drafts).long().cumprod(dim=1).sum(dim=1).tolist()
-        p = None
-        if any(g is not None for g in gens):
-            p = torch.softmax(warp(scores.reshape(-1, v), self._params(m + 1)), -1).reshape(b, m + 1, v)
-        emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)  # accepted drafts, then the next token
-        accepted = []
+        sampled = any(g is not None for g in gens)
+
+        def fused(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Fused scores (B, hi-lo, V) at positions lo..hi-1 and, for sampled rows, their probabilities."""
+            sc = self._fuse(rows, z_large[:, lo:hi], torch.stack(z_tuned[lo:hi], 1), z_small[:, lo:hi])
+            if not sampled:
+                return sc, None
+            v = sc.shape[-1]
+            return sc, torch.softmax(warp(sc.reshape(-1, v), self._params(hi - lo)), -1).reshape(b, hi - lo, v)
+
+        scores, p = fused(0, m) if m else (None, None)
+        accepted, nexts = [], []  # nexts: the token after the accepted drafts, None = the bonus after d_m
+        if m:
+            best = scores.argmax(dim=-1)  # (B, m)
+            n_greedy = (best == drafts).long().cumprod(dim=1).sum(dim=1).tolist()
+            best = best.tolist()
         for i, gen in enumerate(gens):
             n = lengths[i]
             if gen is None:
-                n_acc = min(n_greedy[i], n)
-                nxt = int(best[i, n_acc])
-            else:
-                # generators are CPU ones (seeded per request), so the draws happen on the CPU
-                n_acc, nxt = accept_block(p[i, : n + 1].cpu(), q[i, :n].cpu(), drafts[i, :n].tolist(), gen)
-            emitted[i, n_acc] = nxt
+                n_acc = min(n_greedy[i], n) if m else 0
+                nxt = best[i][n_acc] if n_acc < m else None
+            else:  # generators are CPU ones (seeded per request), so the draws happen on the CPU
+                n_acc, nxt = accept_drafts(p[i].cpu() if m else None, q[i, :n].cpu(), drafts[i, :n].tolist(), gen)
+                if nxt is None and n < m:
+                    nxt = bonus_token(p[i, n].cpu(), gen)
             accepted.append(n_acc)
+            nexts.append(nxt)
             stats.drafted += n
             stats.accepted += n_acc
         stats.rounds += 1
-        finished = self._emit(emitted, accepted, logp, events)
-        for mdl, s in zip(self.models, self.states):
-            mdl.forget_last(s, [m - n for n in accepted])
+        stats.row_rounds += b
+        tuned_fed = len(z_tuned)
+        if any(x is None for x in nexts):  # some row accepted all m drafts: the tuned pass over d_m is due
+            if tuned_fed == m:
+                z_tuned.append(self.models[1].decode(self.states[1], block[:, m:])[:, 0].to(dev))
+                tuned_fed += 1
+            last, p_last = fused(m, m + 1)
+            scores = last if scores is None else torch.cat([scores, last], dim=1)
+            for i, gen in enumerate(gens):
+                if nexts[i] is None:
+                    nexts[i] = int(last[i, 0].argmax()) if gen is None else bonus_token(p_last[i, 0].cpu(), gen)
+        emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)[:, : scores.shape[1]]
+        emitted[torch.arange(b, device=dev), torch.tensor(accepted, device=dev)] = torch.tensor(nexts, device=dev)
+        finished = self._emit(emitted, accepted, torch.log_softmax(scores, dim=-1), events)
+        # each model keeps the prefix through the last accepted draft; the emitted token is the next pending
+        for mdl, s, fed in zip(self.models, self.states, (m + 1, tuned_fed, m + 1)):
+            mdl.forget_last(s, [fed - 1 - n for n in accepted])
         return finished
 
     def _emit(self, emitted: torch.Tensor, accepted: list[int], logp: torch.Tensor, events: list) -> list[str]:

@@ -1,4 +1,4 @@
-"""Transfer Q* at decoding time (Chakraborty et al., 2024): rollouts of a baseline model, scored by a reward.
+"""Transfer Q* at decoding time ("Transfer Q Star", 2024): rollouts of a baseline model, scored by a reward.
 
 For every row: the base's top-k candidates z; from [s, z] N continuations of m tokens by the baseline
 model, all rows and branches in one batch that reuses the baseline's prefix KV state; one batched reward

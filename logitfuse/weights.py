@@ -1,4 +1,4 @@
-"""Pure: the per-step weight problem of dynamic logit fusion (Fan et al., 2024, "On Giant's Shoulders").
+"""Pure: the per-step weight problem of dynamic logit fusion ("On Giant's Shoulders", 2024).
 
 At every step and row, choose expert weights `a` minimising
     sum_t [ (KL(P~(a) || P) - KL(Q_t || Q))^2 + (KL(P || P~(a)) - KL(Q || Q_t))^2 ]

@@ -171,3 +171,21 @@ def test_an_ensembles_speculative_setting_gives_way_to_overrides_it_cannot_serve
         "ensembles:\n", "ensembles:\n  bad: {base: base-large, method: dlf, experts: [a, b], speculative: {k: 3}}\n"))
     with pytest.raises(ValueError, match=r"ensembles\.bad: .*exactly one expert"):
         LogitFuse(bad)
+
+
+def test_the_tuned_pass_over_the_last_draft_waits_for_a_fully_accepted_block(lf, monkeypatch):
+    """The tuned expert scores the position after d_k only for rows that accepted all k drafts (the bonus
+    token needs it); a round where every row rejected one skips that pass, and output stays plain greedy."""
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = lf.generate("proxy-a", PROMPTS[:1], sp)
+    tuned = lf.pool.get(lf.registry.plan("proxy-a").experts[0].tuned)
+    calls = []
+    real = tuned.decode
+    monkeypatch.setattr(tuned, "decode", lambda state, tokens: calls.append(tokens.shape) or real(state, tokens))
+    k, spec = 3, SpeculativeEFT(lf, k=3)
+    out = spec.generate(lf.requests("proxy-a", PROMPTS[0], sp))
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    st = spec.stats
+    full_blocks = st.accepted // k  # at most this many rounds accepted all k drafts
+    assert st.rounds > full_blocks  # some rounds rejected a draft (random tiny models)
+    assert len(calls) <= st.rounds * k + full_blocks < st.rounds * (k + 1)
