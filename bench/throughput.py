@@ -107,33 +107,34 @@ def speculative(lf: LogitFuse, model: str, tokens: int, ks: list[int], min_probs
     rate a pair of models would need for 1.5x (acceptance is the models' property, not the code's)."""
     from logitfuse.speculative import SpeculativeEFT
 
-    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    ps = prompts(8)
+    ps, sp = prompts(8), SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     chunks = [ps[i:i + batch] for i in range(0, len(ps), batch)]
-    plain_run = lambda: [o for c in chunks for o in lf.generate(model, c, sp)]  # noqa: E731
+    plain_run = lambda: [lf.generate(model, c, sp) for c in chunks]  # noqa: E731
     plain = plain_run()  # warm-up, and the reference tokens
+    steps = sum(max(len(o.token_ids) for o in c) for c in plain)  # plain decoding steps (first: prefill)
     out = []
     for k in ks:
         for min_prob in min_probs:
             spec = SpeculativeEFT(lf, k=k, min_draft_prob=min_prob)
-            run = lambda spec=spec: [o for c in chunks  # noqa: E731
-                                     for o in spec.generate([r for p in c for r in lf.requests(model, p, sp)])]
+            run = lambda spec=spec: [spec.generate([r for p in c for r in lf.requests(model, p, sp)])  # noqa: E731
+                                     for c in chunks]
             pairs = [(timed(plain_run)[0], timed(run)) for _ in range(repeats)]
             ratios = sorted(p / s for p, (s, _) in pairs)
-            same = all([o.token_ids for o in res] == [o.token_ids for o in plain] for _, (_, res) in pairs)
-            st, res = spec.stats, pairs[-1][1][1]
-            rounds = st.rounds / repeats
-            per_round = (sum(len(o.token_ids) for o in res) - len(res)) / rounds / batch  # first token: prefill
-            row = {"k": k, "min_draft_prob": min_prob, "batch": batch, "speedup": median(ratios),
-                   "speedups": ratios, "acceptance": st.acceptance, "drafts_per_round": st.drafted / st.rounds / batch,
-                   "tokens_per_round": per_round, "same_tokens": same}
+            same = all([o.token_ids for c in res for o in c] == [o.token_ids for c in plain for o in c]
+                       for _, (_, res) in pairs)
+            st = spec.stats
+            row = {"k": k, "min_draft_prob": min_prob, "batch": batch,
+                   "speedup": median(ratios), "speedups": ratios, "acceptance": st.acceptance,
+                   "drafts_per_round": st.drafted / st.row_rounds, "tokens_per_round": st.tokens_per_row_round,
+                   "tokens_per_request": sum(len(o.token_ids) for c in plain for o in c) / len(ps),
+                   "same_tokens": same}
             line = (f"speculative k={k} min_p={min_prob:.1f} batch={batch}: {row['speedup']:5.2f}x plain "
                     f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})  acceptance {st.acceptance:.2f}  "
-                    f"tokens/round {per_round:.2f}  greedy identical: {same}")
+                    f"tokens/round {row['tokens_per_round']:.2f}  greedy identical: {same}")
             if min_prob == 0:  # every round drafts k: price a round, and the acceptance 1.5x would need
-                plain_step = median(p for p, _ in pairs) / (tokens * len(chunks))
-                cost = (median(s for _, (s, _) in pairs) / rounds) / plain_step
-                row |= {"round_cost_plain_steps": cost, "alpha": alpha_for(per_round, k),
+                plain_step = median(p for p, _ in pairs) / steps
+                cost = (median(s for _, (s, _) in pairs) / (st.rounds / repeats)) / plain_step
+                row |= {"round_cost_plain_steps": cost, "alpha": alpha_for(row["tokens_per_round"], k),
                         "alpha_for_1.5x": alpha_for(1.5 * cost, k)}
                 need = row["alpha_for_1.5x"]
                 line += (f"\n    a round costs {cost:.2f} plain steps; per-position acceptance {row['alpha']:.2f}, "
@@ -183,6 +184,8 @@ def main() -> None:
     ap.add_argument("--spec-min-prob", type=float, nargs="+", default=[0.0, 0.5, 0.9],
                     help="speculative: stop drafting below this draft-model top probability (0 = always k)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models against eager ones")
+    ap.add_argument("--skip", nargs="+", choices=["table", "speculative"], default=[],
+                    help="leave sections out (e.g. --skip table: only the speculative comparison)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -192,11 +195,13 @@ def main() -> None:
         lf = gpu_family()
     else:
         lf = LogitFuse(args.config)
-    print(f"{'method':14s} {'conc':>4s} {'tok/s':>9s} {'ms/tok':>8s} {'x naive':>8s} {'x base':>7s} {'floor':>6s}")
-    report = {"device": str(lf.pool.get(lf.registry.plan("large-qa").base).device), "tokens": args.tokens,
-              "table": table(lf, args.concurrency, args.tokens, args.naive_requests)}
-    report["speculative"] = [r for b in (1, 8) for r in speculative(lf, "large-eft", args.tokens * 2, args.spec_k,
-                                                                     args.spec_min_prob, b)]
+    report: dict = {"device": str(lf.pool.get(lf.registry.plan("large-qa").base).device), "tokens": args.tokens}
+    if "table" not in args.skip:
+        print(f"{'method':14s} {'conc':>4s} {'tok/s':>9s} {'ms/tok':>8s} {'x naive':>8s} {'x base':>7s} {'floor':>6s}")
+        report["table"] = table(lf, args.concurrency, args.tokens, args.naive_requests)
+    if "speculative" not in args.skip:
+        report["speculative"] = [r for b in (1, 8) for r in speculative(lf, "large-eft", args.tokens * 2,
+                                                                         args.spec_k, args.spec_min_prob, b)]
     if args.compile:
         report["compile"] = compiled(lf, args.tokens, [1, 8])
     out = Path(args.out)
