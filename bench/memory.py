@@ -21,14 +21,6 @@ from logitfuse.backends.hf import HFCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def kv_bytes_per_token(backend) -> int:
-    cfg = backend.model.config.get_text_config()
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    width = next(backend.model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * heads * head_dim * width  # keys and values
-
-
 def held(lf: LogitFuse) -> tuple[int, int, int]:
     """(bytes, cached positions, visible positions) over the engine's slots and speculative groups."""
     states = [slot.state for slot in lf.engine.slots.values()]
@@ -71,7 +63,7 @@ def main() -> None:
     for label, model, fusion in METHODS:
         total, _, _ = run_until(lf, model, n, tokens, fusion)
         plan = lf.registry.plan(model)
-        per_tok = {m: kv_bytes_per_token(lf.pool.get(m)) for m in plan.models()}
+        per_tok = {m: lf.pool.get(m).kv_bytes_per_token() for m in plan.models()}
         floor = sum(per_tok.values()) / per_tok[plan.base]
         base_bytes = base_bytes or total
         rows.append({"method": label, "bytes_per_seq": total / n, "x_base": total / base_bytes, "floor": floor})

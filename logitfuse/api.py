@@ -57,8 +57,9 @@ class LogitFuse:
         self.apply_threads()
         self.pool = pool or ModelPool(self.registry)
         server = self.registry.server
+        kv_budget = int(server.kv_budget_mb * 2**20) if server.kv_budget_mb else None
         self.engine = Engine(self.pool.get, self.pool.get, max_batch=server.max_batch,
-                             solver_threads=server.solver_threads)
+                             solver_threads=server.solver_threads, kv_budget=kv_budget)
         self._ids = itertools.count()
 
     def apply_threads(self) -> None:

@@ -39,7 +39,7 @@ class Slot:
 
 class Engine:
     def __init__(self, get_backend: Callable[[str], object], get_reward: Callable[[str], object] | None = None,
-                 max_batch: int = 64, solver_threads: int | None = None) -> None:
+                 max_batch: int = 64, solver_threads: int | None = None, kv_budget: int | None = None) -> None:
         self.fuser = Fuser(get_backend, get_reward, solver_threads)
         self.get_backend = get_backend
         self.max_batch = max_batch
@@ -48,6 +48,9 @@ class Engine:
         self.slots: dict[str, Slot] = {}
         self.spec_groups: dict[tuple, SpecGroup] = {}  # speculative rows keep their own KV states
         self.spec_stats = SpecStats()
+        self.kv_budget = kv_budget  # bytes of KV cache the running sequences may need at worst (None: no limit)
+        self.kv_reserved = 0  # what the running sequences may need at worst (kv_need), kept current
+        self._kv_per_token: dict[str, int] = {}
 
     # -- requests in and out -------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:
@@ -70,6 +73,36 @@ class Engine:
             raise InvalidRequest("echo with logprobs (prompt scoring) is not available for method tqstar", "echo")
         if sp.prompt_logprobs and len({tuple(p) for p in req.prompts.values()}) > 1:
             raise InvalidRequest("prompt scoring needs the same prompt tokens for every role", "echo")
+        if self.kv_budget is not None and (need := self.kv_need([req])) > self.kv_budget:
+            raise InvalidRequest(
+                f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens positions in "
+                f"{', '.join(plan.models())}); the server allows {self.kv_budget / 2**20:.1f} MiB in all "
+                "(server.kv_budget_mb): lower max_tokens or shorten the prompt", "max_tokens")
+
+    def kv_need(self, reqs: list[GenerationRequest]) -> int:
+        """Bytes of KV cache these requests may need at worst, decoded together. A model's batched cache holds
+        rows x its longest row (rows are left-padded to one length), a row being at most prompt + max_tokens
+        positions; speculative rows keep their group's own caches, where forgotten drafts stay until they
+        outnumber the visible positions (then the cache is compacted), so up to twice that plus a block. (A
+        cross-tokenizer expert's re-tokenized text is counted as max_tokens positions: an estimate there.)"""
+        pools: dict[tuple, list[int]] = {}  # (model, shared slots or a speculative group) -> row lengths
+        for r in reqs:
+            spec = r.plan.speculative
+            for name in r.plan.models():
+                n = len(r.prompts[name]) + r.sampling.max_tokens
+                pools.setdefault((name, r.plan.group_key() if spec else None), []).append(
+                    2 * n + spec.k + 1 if spec else n)
+        return sum(self._kv_bytes(name) * len(ns) * max(ns) for (name, _), ns in pools.items())
+
+    def _kv_bytes(self, name: str) -> int:
+        if name not in self._kv_per_token:
+            self._kv_per_token[name] = self.get_backend(name).kv_bytes_per_token()
+        return self._kv_per_token[name]
+
+    def _fits(self, new: list[GenerationRequest]) -> bool:
+        if self.kv_budget is None:
+            return True
+        return self.kv_need([s.req for s in self.seqs.values()] + new) <= self.kv_budget
 
     def add(self, req: GenerationRequest) -> None:
         if req.rid in self.seqs or any(r.rid == req.rid for r in self.waiting):
@@ -108,7 +141,11 @@ class Engine:
     def _admit(self, events: list) -> None:
         new: list[GenerationRequest] = []
         while self.waiting and len(self.seqs) + len(new) < self.max_batch:
+            if (self.seqs or new) and not self._fits(new + [self.waiting[0]]):
+                break  # first come, first served: the head of the queue waits for KV cache to free up
             new.append(self.waiting.popleft())
+        if new:
+            self.kv_reserved = self.kv_need([s.req for s in self.seqs.values()] + new)
         batches: dict[tuple | None, list[GenerationRequest]] = {}
         for r in new:  # plain rows join the shared slots; speculative ones their group
             batches.setdefault(r.plan.group_key() if r.plan.speculative else None, []).append(r)
@@ -249,6 +286,7 @@ class Engine:
         gone = set(rids)
         for rid in rids:
             self.seqs.pop(rid, None)
+        self.kv_reserved = self.kv_need([s.req for s in self.seqs.values()])
         for key in list(self.spec_groups):
             group = self.spec_groups[key]
             group.drop(gone)

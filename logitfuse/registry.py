@@ -119,6 +119,8 @@ class ServerSpec(Frozen):
     solver_threads: int | None = Field(default=None, ge=1)  # threads for DLF's weight search (None: cpu_threads)
     request_timeout: float | None = Field(default=None, gt=0)  # seconds a request may generate for; then it
     # ends with the tokens it has, finish_reason "length" (None: no limit)
+    kv_budget_mb: float | None = Field(default=None, gt=0)  # KV cache the sequences in flight may need at
+    # worst; requests wait in the queue until theirs fits, and one that never fits gets a 400 (None: no limit)
 
 
 class Registry(Frozen):

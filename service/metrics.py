@@ -1,5 +1,5 @@
 """Prometheus metrics: requests by endpoint and status, generated tokens, latency, engine occupancy,
-speculative drafts proposed and accepted."""
+speculative drafts proposed and accepted, KV cache reserved by admission."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class Metrics:
                              registry=r)
         self.accepted = Gauge("logitfuse_spec_accepted_tokens", "Speculative draft tokens accepted since start",
                               registry=r)
+        self.kv_reserved = Gauge("logitfuse_kv_reserved_bytes", "KV cache the running sequences may need at "
+                                 "worst (what admission under server.kv_budget_mb counts)", registry=r)
 
 
 def install(app: FastAPI, metrics: Metrics) -> None:
@@ -45,4 +47,5 @@ def install(app: FastAPI, metrics: Metrics) -> None:
         stats = serving.lf.engine.spec_stats  # read without the engine's lock: two ints, a snapshot suffices
         metrics.drafted.set(stats.drafted)
         metrics.accepted.set(stats.accepted)
+        metrics.kv_reserved.set(serving.lf.engine.kv_reserved)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -35,6 +35,10 @@ class CausalLM(Protocol):
 
     def param_bytes(self) -> int: ...
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of cache one position of one row holds here (0 where the cache lives elsewhere)."""
+        ...
+
     def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[Any, torch.Tensor]:
         """Run ragged prompts; return (state, logits): (B, V) at the last token, or (B, L, V) for every
         position of the left-padded batch when all_logits (row i's tokens are its last len_i positions)."""

@@ -105,6 +105,14 @@ class HFCausalLM:
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of every layer for one position, from the model's config and dtype."""
+        cfg = self.model.config.get_text_config()
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        width = next(self.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * heads * head_dim * width
+
     def rows(self, state: HFState) -> int:
         return state.mask.shape[0]
 

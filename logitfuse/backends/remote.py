@@ -103,6 +103,9 @@ class RemoteCausalLM:
     def param_bytes(self) -> int:
         return 0  # the weights live on the remote server
 
+    def kv_bytes_per_token(self) -> int:
+        return 0  # so does the cache
+
     def rows(self, state: RemoteState) -> int:
         return len(state.rows)
 
