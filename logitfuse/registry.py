@@ -7,7 +7,7 @@ Method defaults live here and nowhere else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -72,15 +72,21 @@ class SpeculativeParams(Frozen):
     max_batch: int | None = Field(default=None, ge=1)  # draft only while this many rows or fewer share a step
 
 
+# fusion coefficients: finite and within a range where scores stay finite in float16/32 arithmetic
+COEF = 100.0
+Coef = Annotated[float, Field(ge=-COEF, le=COEF, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class FusionParams(Frozen):
     """Method parameters: the same fields in an ensemble entry and in a request's `fusion` object."""
 
     method: Method | None = None
     experts: list[str] | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    weights: list[float] | None = None
-    grid: tuple[float, float, float] | None = None
+    alpha: Finite | None = None  # proxy's coefficient (checked against COEF there) or tqstar's temperature
+    beta: Coef | None = None
+    weights: list[Coef] | None = None
+    grid: tuple[Finite, Finite, Finite] | None = None
     mode: Literal["one_expert", "joint"] | None = None
     baseline: str | None = None
     reward: str | None = None
@@ -233,6 +239,8 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, specul
             f"fusion.weights needs one weight per expert ({len(names)}), got {len(weights)}", "fusion.weights"
         )
     scale = (p.alpha if p.alpha is not None else 1.0) if method == "proxy" else (p.beta if p.beta is not None else 1.0)
+    if abs(scale) > COEF:
+        raise InvalidRequest(f"fusion.alpha must be in [-{COEF:g}, {COEF:g}] for proxy, got {scale}", "fusion.alpha")
     if method == "dlf":
         if len({e.untuned for e in experts}) != 1:
             raise InvalidRequest("fusion.experts: dlf needs experts tuned from one untuned model", "fusion.experts")

@@ -93,8 +93,14 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
+        """The message's text; content parts must be text (the models here read nothing else)."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(f"content part of type {part.get('type')!r} is not supported: the models "
+                                         "served here read text only ({\"type\": \"text\", \"text\": ...})",
+                                         "messages")
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 

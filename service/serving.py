@@ -72,9 +72,12 @@ class Serving:
         return reqs
 
     async def submit(self, reqs: list[GenerationRequest], streaming: bool = True) -> Job:
+        if len(reqs) > self.server.max_queue:  # waiting would not help: say so instead of "retry later"
+            raise APIError(400, f"this request makes {len(reqs)} sequences (prompts x n); the server queues at "
+                                f"most {self.server.max_queue} (server.max_queue)", "prompt")
         if self.runner.pending() + len(reqs) > self.server.max_queue:
-            raise APIError(429, f"server overloaded: {self.runner.pending()} sequences queued", None,
-                           {"Retry-After": "1"})
+            raise APIError(429, f"server overloaded: {self.runner.pending()} sequences queued, this request adds "
+                                f"{len(reqs)}, the queue holds {self.server.max_queue}", None, {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         job = Job(reqs, asyncio.Event(), streaming, {r.rid for r in reqs})
 

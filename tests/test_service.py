@@ -201,6 +201,10 @@ def test_models_and_health(client):
     ({"model": "dlf-ab", "prompt": "x", "fusion": {"speculative": {"k": 2}}}, 400, "fusion.speculative",
      "exactly one expert"),
     ({"model": "proxy-a", "prompt": "x", "fusion": {"speculative": {"k": 99}}}, 400, "fusion.speculative.k", ""),
+    (b'{"model": "proxy-a", "prompt": "x", "fusion": {"alpha": NaN}}', 400, "fusion.alpha", "finite"),
+    ({"model": "proxy-a", "prompt": "x", "fusion": {"alpha": 1e308}}, 400, "fusion.alpha", "100"),
+    (b'{"model": "eft-ab", "prompt": "x", "fusion": {"weights": [0.5, Infinity]}}', 400, "fusion.weights", "finite"),
+    ({"model": "proxy-a", "prompt": ["x"] * 17, "n": 64}, 400, "prompt", "1088 sequences"),
 ])
 def test_bad_requests_get_their_status_and_envelope(client, body, status, param, match):
     error(client, body, status, param, match=match)
@@ -212,6 +216,15 @@ def test_malformed_json_and_bad_chat(client):
     error(client, {"model": "proxy-a", "messages": []}, 400, "messages", path="/v1/chat/completions")
     error(client, {"model": "proxy-a", "messages": [{"role": "wizard", "content": "x"}]}, 400,
           path="/v1/chat/completions")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    error(client, {"model": "proxy-a", "messages": [{"role": "user", "content": [image]}]}, 400, "messages",
+          path="/v1/chat/completions", match="text only")
+    parts = [{"type": "text", "text": "king "}, {"type": "text", "text": "queen"}]
+    joined = post(client, "/v1/chat/completions", {"model": "proxy-a", "messages": [{"role": "user", "content": parts}],
+                                                   "max_tokens": 3, "temperature": 0})
+    plain = post(client, "/v1/chat/completions", {"model": "proxy-a", "max_tokens": 3, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": "king queen"}]})
+    assert joined["choices"][0]["message"] == plain["choices"][0]["message"]
 
 
 def test_client_disconnect_aborts_generation(client):
