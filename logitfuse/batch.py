@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from logitfuse.batch_io import BadLine, Record, Writer, finished_ids, read_input, record_seed
-from logitfuse.request import InvalidRequest, PromptScores, SamplingParams, TokenEvent, UnknownName
+from logitfuse.request import InvalidRequest, PromptScores, SamplingParams, TokenEvent, UnknownName, logit_bias_pairs
 
 
 @dataclass
@@ -91,6 +91,8 @@ def build(lf, args, rec: Record) -> list:
     params = line_params(args, rec)
     n = params.pop("n", 1)
     fusion = (args.fusion or {}) | (rec.fusion or {}) or None
+    if "logit_bias" in params:
+        params["logit_bias"] = logit_bias_pairs(params["logit_bias"])
     sp = SamplingParams(**{k: tuple(v) if k in ("stop", "stop_token_ids") and isinstance(v, list) else
                            ((v,) if k == "stop" and isinstance(v, str) else v) for k, v in params.items()})
     reqs = lf.requests(args.model, rec.prompt, sp, fusion, messages=rec.messages, n=n, rid=rec.id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed",
-                   "logprobs", "ignore_eos", "n")
+                   "logprobs", "ignore_eos", "n", "logit_bias")
 
 
 @dataclass

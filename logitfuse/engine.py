@@ -56,7 +56,10 @@ class Engine:
     def check(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest for a request this engine cannot run (context overflow, vocab mismatch...)."""
         plan, sp = req.plan, req.sampling
-        self.fuser.alignment(plan)
+        width = self.fuser.alignment(plan).width
+        if any(t >= width for t, _ in sp.logit_bias):
+            raise InvalidRequest(f"logit_bias names token {max(t for t, _ in sp.logit_bias)}, outside this "
+                                 f"model's vocabulary of {width} tokens", "logit_bias")
         for name in plan.models():
             backend = self.get_backend(name)
             n = len(req.prompts[name])
@@ -263,7 +266,8 @@ class Engine:
 
     def _sample_group(self, seqs: list[Sequence], scores: torch.Tensor, diags: list | None, events: list):
         sp = [s.req.sampling for s in seqs]
-        params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device)
+        params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device,
+                                       [p.logit_bias for p in sp], scores.shape[-1])
         tokens = sample(scores, params, [s.generator for s in seqs])
         # the tokens and their logprobs reach the host in one copy: the stop checks need them, nothing else waits
         host = torch.stack([tokens.double(), token_logprobs(scores, tokens).double()]).tolist()

@@ -5,6 +5,7 @@ Plain data, validated once at the boundary (`SamplingParams.check`) with message
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from logitfuse.plan import FusionPlan
@@ -39,6 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N fused logprobs per generated token (0 = only the chosen token's)
     prompt_logprobs: bool = False  # score the prompt (echo + logprobs)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added before sampling
 
     def check(self, max_logprobs: int = 20) -> SamplingParams:
         """Raise InvalidRequest naming the first out-of-range field; return self."""
@@ -55,11 +57,28 @@ class SamplingParams:
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative token ids", self.stop_token_ids),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits", self.seed),
+            (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
+             "must map token ids to biases in [-100, 100]", dict(self.logit_bias)),
         ]
         for ok, name, rule, value in checks:
             if not ok:
                 raise InvalidRequest(f"{name} {rule}, got {value!r}", param=name)
         return self
+
+
+def logit_bias_pairs(mapping: dict | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs sorted by id; a key that is not a token id or a bias
+    that is not a finite number is bad input."""
+    out = []
+    for key, value in (mapping or {}).items():
+        try:
+            tok = int(key)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidRequest(f"logit_bias values must be numbers in [-100, 100], got {value!r}", "logit_bias")
+        out.append((tok, float(value)))
+    return tuple(sorted(out))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Pure: temperature, top-k / top-p / min-p on fused scores, seeded per-row sampling, logprobs.
+"""Pure: logit_bias, temperature, top-k / top-p / min-p on fused scores, seeded per-row sampling, logprobs.
 
 All functions take per-row parameters as (B,) tensors so one batch can mix requests. A row with
 temperature 0 is greedy. Each row samples with its own torch.Generator, so a seeded request gives the
@@ -25,17 +25,32 @@ class SamplingTensors:
     any_top_k: bool = True
     any_top_p: bool = True
     any_min_p: bool = True
+    bias: torch.Tensor | None = None  # (B, V) added to the scores before anything else (logit_bias); None: none
 
     @staticmethod
-    def build(rows: list[tuple[float, int, float, float]], device: torch.device | str = "cpu") -> SamplingTensors:
-        """From (temperature, top_k, top_p, min_p) per row."""
+    def build(rows: list[tuple[float, int, float, float]], device: torch.device | str = "cpu",
+              biases: list[tuple[tuple[int, float], ...]] | None = None, width: int | None = None) -> SamplingTensors:
+        """From (temperature, top_k, top_p, min_p) per row, and optionally each row's (token id, bias) pairs
+        over a vocabulary of `width`."""
         t, k, p, m = zip(*rows) if rows else ((), (), (), ())
         f = dict(dtype=torch.float32, device=device)
+        bias = None
+        if biases and any(biases):
+            bias = torch.zeros(len(rows), width, dtype=torch.float32)
+            for i, pairs in enumerate(biases):
+                for tok, value in pairs:
+                    bias[i, tok] = value
+            bias = bias.to(device)
         return SamplingTensors(
             torch.tensor(t, **f), torch.tensor(k, dtype=torch.long, device=device), torch.tensor(p, **f),
             torch.tensor(m, **f), all_greedy=all(x <= 0 for x in t), any_top_k=any(x > 0 for x in k),
-            any_top_p=any(x < 1 for x in p), any_min_p=any(x > 0 for x in m),
+            any_top_p=any(x < 1 for x in p), any_min_p=any(x > 0 for x in m), bias=bias,
         )
+
+
+def apply_bias(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """scores + each row's logit_bias (OpenAI's: -100 about bans a token, +100 about forces it)."""
+    return scores if params.bias is None else scores + params.bias.to(scores.dtype)
 
 
 def apply_temperature(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -72,8 +87,8 @@ def apply_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def warp(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """The sampling distribution's scores: temperature, then top-k, top-p, min-p (vLLM's order)."""
-    out = apply_temperature(scores, params.temperature)
+    """The sampling distribution's scores: logit_bias, temperature, then top-k, top-p, min-p (vLLM's order)."""
+    out = apply_temperature(apply_bias(scores, params), params.temperature)
     if params.any_top_k:
         out = apply_top_k(out, params.top_k)
     if params.any_top_p:
@@ -84,8 +99,9 @@ def warp(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
 
 
 def sample(scores: torch.Tensor, params: SamplingTensors, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row: argmax for greedy rows, else a draw from softmax(warp(scores)). (B, V) -> (B,)."""
-    tokens = scores.argmax(dim=-1)
+    """One token per row: argmax (of the biased scores) for greedy rows, else a draw from
+    softmax(warp(scores)). (B, V) -> (B,)."""
+    tokens = apply_bias(scores, params).argmax(dim=-1)
     if params.all_greedy:
         return tokens
     greedy = params.temperature <= 0

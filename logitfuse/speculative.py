@@ -25,7 +25,7 @@ import torch
 
 from logitfuse.plan import FusionPlan, SpecPlan, speculation_fits
 from logitfuse.request import GenerationRequest, InvalidRequest
-from logitfuse.sampling import SamplingTensors, sample, top_logprobs, warp
+from logitfuse.sampling import SamplingTensors, apply_bias, sample, top_logprobs, warp
 
 
 @dataclass
@@ -135,7 +135,8 @@ class SpecGroup:
 
     def _params(self, repeat: int = 1) -> SamplingTensors:
         sp = [s.req.sampling for s in self.rows for _ in range(repeat)]
-        return SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], self.device)
+        return SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], self.device,
+                                     [p.logit_bias for p in sp], self.align.width)
 
     def _gens(self) -> list[torch.Generator | None]:
         return [None if s.req.sampling.temperature <= 0 else s.generator for s in self.rows]
@@ -197,18 +198,23 @@ class SpecGroup:
         gens = self._gens()
         sampled = any(g is not None for g in gens)
 
-        def fused(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """Fused scores (B, hi-lo, V) at positions lo..hi-1 and, for sampled rows, their probabilities."""
-            sc = self._fuse(rows, z_large[:, lo:hi], torch.stack(z_tuned[lo:hi], 1), z_small[:, lo:hi])
-            if not sampled:
-                return sc, None
-            v = sc.shape[-1]
-            return sc, torch.softmax(warp(sc.reshape(-1, v), self._params(hi - lo)), -1).reshape(b, hi - lo, v)
+        biased = any(s.req.sampling.logit_bias for s in rows)
 
-        scores, p = fused(0, m) if m else (None, None)
+        def fused(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            """Fused scores (B, hi-lo, V) at positions lo..hi-1 (those logprobs report), the scores greedy rows
+            take their argmax of (with logit_bias), and, for sampled rows, the sampling probabilities."""
+            sc = self._fuse(rows, z_large[:, lo:hi], torch.stack(z_tuned[lo:hi], 1), z_small[:, lo:hi])
+            if not (sampled or biased):
+                return sc, sc, None
+            v, params = sc.shape[-1], self._params(hi - lo)
+            flat = sc.reshape(-1, v)
+            greedy = apply_bias(flat, params).reshape(sc.shape)
+            return sc, greedy, torch.softmax(warp(flat, params), -1).reshape(sc.shape) if sampled else None
+
+        scores, decide, p = fused(0, m) if m else (None, None, None)
         accepted, nexts = [], []  # nexts: the token after the accepted drafts, None = the bonus after d_m
         if m:
-            best = scores.argmax(dim=-1)  # (B, m)
+            best = decide.argmax(dim=-1)  # (B, m)
             n_greedy = (best == drafts).long().cumprod(dim=1).sum(dim=1).tolist()
             best = best.tolist()
         for i, gen in enumerate(gens):
@@ -231,11 +237,11 @@ class SpecGroup:
             if tuned_fed == m:
                 z_tuned.append(self.models[1].decode(self.states[1], block[:, m:])[:, 0].to(dev))
                 tuned_fed += 1
-            last, p_last = fused(m, m + 1)
+            last, last_decide, p_last = fused(m, m + 1)
             scores = last if scores is None else torch.cat([scores, last], dim=1)
             for i, gen in enumerate(gens):
                 if nexts[i] is None:
-                    nexts[i] = int(last[i, 0].argmax()) if gen is None else bonus_token(p_last[i, 0].cpu(), gen)
+                    nexts[i] = int(last_decide[i, 0].argmax()) if gen is None else bonus_token(p_last[i, 0].cpu(), gen)
         emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)[:, : scores.shape[1]]
         emitted[torch.arange(b, device=dev), torch.tensor(accepted, device=dev)] = torch.tensor(nexts, device=dev)
         finished = self._emit(emitted, accepted, torch.log_softmax(scores, dim=-1), events)

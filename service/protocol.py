@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from logitfuse.registry import FusionParams
-from logitfuse.request import InvalidRequest, SamplingParams
+from logitfuse.request import InvalidRequest, SamplingParams, logit_bias_pairs
 
 
 class StreamOptions(BaseModel):
@@ -22,6 +22,7 @@ class _Sampling(BaseModel):
 
     model: str
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     max_tokens: int | None = None
     n: int = Field(default=1, ge=1, le=64)
     presence_penalty: float | None = None
@@ -54,7 +55,7 @@ class _Sampling(BaseModel):
             top_k=-1 if self.top_k is None else self.top_k,
             min_p=0.0 if self.min_p is None else self.min_p,
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias_pairs(self.logit_bias),
         ).check(max_logprobs)
 
 

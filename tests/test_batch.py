@@ -62,17 +62,20 @@ def test_bad_lines_become_error_records_and_the_job_goes_on(config_file, tmp_pat
              '{"id": "np"}', '{"id": "t", "prompt": "x", "temperature": -3}',
              '{"id": "e", "prompt": "x", "fusion": {"experts": ["nobody"]}}', '{"id": "ok1", "prompt": "dup"}',
              '{"id": "chat", "messages": [{"role": "user", "content": "king queen"}], "n": 2}',
-             '{"id": "lp", "prompt": "one two", "logprobs": 2, "max_tokens": 3}']
+             '{"id": "lp", "prompt": "one two", "logprobs": 2, "max_tokens": 3}',
+             '{"id": "lb", "prompt": "x", "logit_bias": {"7": 100}, "max_tokens": 3, "ignore_eos": true}',
+             '{"id": "lbx", "prompt": "x", "logit_bias": {"seven": 100}}']
     inp.write_text("\n".join(lines) + "\n")
     assert main(args(config_file, inp, out)) == 0
     recs = {r["id"]: r for r in read(out)}
-    assert set(recs) == {"ok1", "line-2", "line-3", "np", "t", "e", "ok1@line-7", "chat", "lp"}
+    assert set(recs) == {"ok1", "line-2", "line-3", "np", "t", "e", "ok1@line-7", "chat", "lp", "lb", "lbx"}
     assert "malformed JSON" in recs["line-2"]["error"]["message"]
     assert recs["t"]["error"]["param"] == "temperature"
     assert "nobody" in recs["e"]["error"]["message"]
     assert "duplicate id" in recs["ok1@line-7"]["error"]["message"]
     assert len(recs["chat"]["choices"]) == 2 and recs["ok1"]["finish_reason"] in ("stop", "length")
     assert len(recs["lp"]["logprobs"]["token_logprobs"]) == recs["lp"]["completion_tokens"]
+    assert recs["lbx"]["error"]["param"] == "logit_bias" and recs["lb"]["completion_tokens"] == 3
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The engine end to end on tiny models: KV-cached fused decoding equals recomputation from scratch,
 seeds, stops, prompt scoring, vocabulary checks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -255,3 +257,21 @@ def test_solver_threads_change_nothing_but_the_search_threads(lf, monkeypatch):
     got = lf.generate("dlf-ab", PROMPTS, sp)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert seen and set(seen) == {before + 1} and torch.get_num_threads() == before
+
+
+def test_logit_bias_steers_sampling_and_leaves_logprobs_the_fused_ones(lf):
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3)
+    plain = lf.generate("proxy-a", PROMPTS[:1], sp)[0]
+    first = plain.token_ids[0]
+    banned = lf.generate("proxy-a", PROMPTS[:1], replace(sp, logit_bias=((first, -100.0),)))[0]
+    assert banned.token_ids[0] != first and first not in banned.token_ids
+    # the runner-up of the fused distribution takes the banned token's place; logprobs stay unbiased
+    assert banned.token_ids[0] == plain.top_logprobs[0][1].token_id
+    assert [t.token_id for t in banned.top_logprobs[0]] == [t.token_id for t in plain.top_logprobs[0]]
+    assert banned.logprobs[0] == pytest.approx(plain.top_logprobs[0][1].logprob, abs=1e-5)
+    forced = lf.generate("proxy-a", PROMPTS[:1], replace(sp, logit_bias=((7, 100.0),), temperature=1.0, seed=1))[0]
+    assert forced.token_ids == [7] * 4
+    with pytest.raises(InvalidRequest, match="outside this model's vocabulary"):
+        lf.generate("proxy-a", PROMPTS[:1], replace(sp, logit_bias=((10**6, 1.0),)))
+    with pytest.raises(InvalidRequest, match="logit_bias"):
+        lf.generate("proxy-a", PROMPTS[:1], replace(sp, logit_bias=((7, 101.0),)))

@@ -2,7 +2,7 @@
 
 import torch
 
-from logitfuse.sampling import SamplingTensors, apply_min_p, apply_top_k, apply_top_p, make_generator, sample
+from logitfuse.sampling import SamplingTensors, apply_min_p, apply_top_k, apply_top_p, make_generator, sample, warp
 
 NEG = float("-inf")
 
@@ -49,3 +49,13 @@ def test_seeded_rows_do_not_depend_on_neighbours():
     a = [sample(scores, params, [make_generator(1), make_generator(2), make_generator(3)])[1] for _ in range(1)]
     b = sample(scores[1:2], SamplingTensors.build([(1.0, -1, 1.0, 0.0)]), [make_generator(2)])[0]
     assert a[0] == b
+
+
+def test_logit_bias_is_added_before_temperature_and_argmax():
+    scores = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 1.0]])
+    params = SamplingTensors.build([(0.0, -1, 1.0, 0.0), (2.0, -1, 1.0, 0.0)], biases=[((0, -100.0),), ()], width=3)
+    assert sample(scores, params, [None, None]).tolist()[0] == 1  # the ban moves greedy to the runner-up
+    warped = warp(scores, params)
+    assert torch.allclose(warped[0], torch.tensor([-98.0, 1.0, 0.0]))
+    assert torch.allclose(warped[1], scores[1] / 2)  # a row without bias is untouched
+    assert SamplingTensors.build([(0.0, -1, 1.0, 0.0)], biases=[()], width=3).bias is None

@@ -205,10 +205,24 @@ def test_models_and_health(client):
     ({"model": "proxy-a", "prompt": "x", "fusion": {"alpha": 1e308}}, 400, "fusion.alpha", "100"),
     (b'{"model": "eft-ab", "prompt": "x", "fusion": {"weights": [0.5, Infinity]}}', 400, "fusion.weights", "finite"),
     ({"model": "proxy-a", "prompt": ["x"] * 17, "n": 64}, 400, "prompt", "1088 sequences"),
+    ({"model": "proxy-a", "prompt": "x", "logit_bias": {"abc": 5}}, 400, "logit_bias", "token ids"),
+    ({"model": "proxy-a", "prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias", "[-100, 100]"),
+    ({"model": "proxy-a", "prompt": "x", "logit_bias": {"999999": 5}}, 400, "logit_bias", "vocabulary"),
 ])
 def test_bad_requests_get_their_status_and_envelope(client, body, status, param, match):
     error(client, body, status, param, match=match)
     assert post(client, "/v1/completions", {**BODY, "max_tokens": 1})["choices"][0]["finish_reason"]
+
+
+def test_logit_bias_forces_and_bans_tokens(client):
+    body = {**BODY, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    forced = post(client, "/v1/completions", {**body, "logit_bias": {"7": 100}, "return_tokens_as_token_ids": True,
+                                              "logprobs": 0})
+    assert forced["choices"][0]["logprobs"]["tokens"] == ["token_id:7"] * 3
+    chat = post(client, "/v1/chat/completions", {"model": "proxy-a", "messages": [{"role": "user", "content": "x"}],
+                                                 "max_tokens": 2, "logit_bias": {"7": 100}, "ignore_eos": True,
+                                                 "logprobs": True, "return_tokens_as_token_ids": True})
+    assert [c["token"] for c in chat["choices"][0]["logprobs"]["content"]] == ["token_id:7"] * 2
 
 
 def test_malformed_json_and_bad_chat(client):

@@ -189,3 +189,15 @@ def test_the_tuned_pass_over_the_last_draft_waits_for_a_fully_accepted_block(lf,
     full_blocks = st.accepted // k  # at most this many rounds accepted all k drafts
     assert st.rounds > full_blocks  # some rounds rejected a draft (random tiny models)
     assert len(calls) <= st.rounds * k + full_blocks < st.rounds * (k + 1)
+
+
+def test_speculative_greedy_with_logit_bias_equals_plain_greedy_with_it(lf):
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    first = lf.generate("proxy-a", PROMPTS, sp)
+    biased = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                            logit_bias=tuple((t, -100.0) for t in sorted({o.token_ids[1] for o in first})))
+    plain = lf.generate("proxy-a", PROMPTS, biased)
+    spec = SpeculativeEFT(lf, k=3)
+    out = spec.generate([r for p in PROMPTS for r in lf.requests("proxy-a", p, biased)])
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert [o.token_ids for o in plain] != [o.token_ids for o in first]
