@@ -110,8 +110,17 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequest(f"response_format {self.response_format.get('type')!r} is not supported (no "
+                                 "constrained decoding); only {\"type\": \"text\"}", "response_format")
+        if self.tools and self.tool_choice != "none":
+            raise InvalidRequest("tools are not supported (no function calling); omit them or set tool_choice "
+                                 "to \"none\"", "tools")
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         if self.max_tokens == 0:

@@ -230,6 +230,14 @@ def test_malformed_json_and_bad_chat(client):
     error(client, {"model": "proxy-a", "messages": []}, 400, "messages", path="/v1/chat/completions")
     error(client, {"model": "proxy-a", "messages": [{"role": "wizard", "content": "x"}]}, 400,
           path="/v1/chat/completions")
+    msgs = [{"role": "user", "content": "x"}]
+    error(client, {"model": "proxy-a", "messages": msgs, "response_format": {"type": "json_object"}}, 400,
+          "response_format", path="/v1/chat/completions", match="not supported")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    error(client, {"model": "proxy-a", "messages": msgs, "tools": [tool]}, 400, "tools",
+          path="/v1/chat/completions", match="function calling")
+    for ok in ({"response_format": {"type": "text"}}, {"tools": [tool], "tool_choice": "none"}):
+        post(client, "/v1/chat/completions", {"model": "proxy-a", "messages": msgs, "max_tokens": 1, **ok})
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     error(client, {"model": "proxy-a", "messages": [{"role": "user", "content": [image]}]}, 400, "messages",
           path="/v1/chat/completions", match="text only")
