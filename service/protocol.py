@@ -125,6 +125,11 @@ class ChatCompletionRequest(_Sampling):
             self.max_tokens = self.max_completion_tokens
         if self.max_tokens == 0:
             raise InvalidRequest("max_tokens must be >= 1", "max_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= max_logprobs:
+            raise InvalidRequest(f"top_logprobs must be in [0, {max_logprobs}], got {self.top_logprobs}",
+                                 "top_logprobs")
         n_top = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling(n_top, False, 16, max_logprobs)
 

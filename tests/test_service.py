@@ -233,6 +233,10 @@ def test_malformed_json_and_bad_chat(client):
     msgs = [{"role": "user", "content": "x"}]
     error(client, {"model": "proxy-a", "messages": msgs, "response_format": {"type": "json_object"}}, 400,
           "response_format", path="/v1/chat/completions", match="not supported")
+    error(client, {"model": "proxy-a", "messages": msgs, "logprobs": True, "top_logprobs": 99}, 400,
+          "top_logprobs", path="/v1/chat/completions", match="[0, 20]")
+    error(client, {"model": "proxy-a", "messages": msgs, "top_logprobs": 2}, 400, "top_logprobs",
+          path="/v1/chat/completions", match="logprobs: true")
     tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
     error(client, {"model": "proxy-a", "messages": msgs, "tools": [tool]}, 400, "tools",
           path="/v1/chat/completions", match="function calling")
