@@ -10,6 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
+KNOWN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -34,7 +37,7 @@ def install(app: FastAPI, metrics: Metrics) -> None:
     async def _count(request: Request, call_next):
         t0 = time.perf_counter()
         response = await call_next(request)
-        path = request.url.path if request.url.path.startswith("/v1/") else "other"
+        path = request.url.path if request.url.path in KNOWN_PATHS else "other"  # bounded label values
         metrics.requests.labels(path, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - t0)
         return response

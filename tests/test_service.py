@@ -303,6 +303,10 @@ def test_metrics_count_requests_and_tokens(client):
                                             "max_tokens": 2, "ignore_eos": True})
     client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert (value(tokens), value(missing)) == (before[0] + 5, before[1] + 1)
+    for i in range(3):  # unknown paths share one label value: clients cannot grow the metric without bound
+        assert client.get(f"/v1/no-such-route-{i}").status_code == 404
+    text = client.get("/metrics").text
+    assert "no-such-route" not in text and 'path="other",status="404"' in text
     assert value("logitfuse_sequences") == 0
     drafted = value("logitfuse_spec_draft_tokens")
     post(client, "/v1/completions", {**BODY, "max_tokens": 8, "ignore_eos": True, "temperature": 0,
