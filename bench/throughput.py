@@ -1,9 +1,9 @@
 """Throughput of fused decoding: ours (continuous batching) vs a naive per-request loop vs base-only,
 speculative EFT vs plain EFT, and (--compile) torch.compile'd vs eager forward passes. All numbers of one
-table come from one run, side by side.
+table come from one run, side by side: ratios within a round of runs close in time, medians over rounds.
 
     .venv/bin/python bench/throughput.py [--config configs/default.yaml] [--tokens 32] [--concurrency 1 8 16 32]
-        [--spec-k 2 4] [--spec-min-prob 0 0.5 0.9] [--compile]
+        [--repeats 3] [--spec-k 2 4] [--spec-min-prob 0 0.5 0.9] [--compile] [--skip table|speculative]
     .venv/bin/python bench/throughput.py --shapes gpu    # 1B-class base, 100M-class experts, random weights
 
 Columns: tok/s = generated tokens per second over all requests; ms/tok = per-token latency of one request
@@ -69,18 +69,26 @@ def param_floor(lf: LogitFuse, model: str) -> float:
     return sum(size.values()) / size[plan.base]
 
 
-def table(lf: LogitFuse, concurrency: list[int], tokens: int, naive_n: int) -> list[dict]:
+def table(lf: LogitFuse, concurrency: list[int], tokens: int, naive_n: int, repeats: int = 3) -> list[dict]:
+    """Every method at each concurrency, `repeats` rounds over all methods (ours, then the naive loop, per
+    method): ratios are taken within a round, between runs close in time, and the median over rounds is
+    reported (single runs on a shared machine drift by tens of percent)."""
     rows = []
+    methods = [(label, model, fusion) for label, model, fusion in METHODS if model in lf.registry.names()]
     for c in concurrency:
-        base = None
-        for label, model, fusion in METHODS:
-            if model not in lf.registry.names():
-                continue
-            r = ours(lf, model, fusion, c, tokens) | {"method": label, "concurrency": c}
-            base = base or r
-            r["x_base"] = r["seconds"] / base["seconds"]
-            r["floor"] = param_floor(lf, model)
-            r["x_naive"] = r["tok_s"] / naive(lf, model, fusion, naive_n, tokens)["tok_s"]
+        runs: dict[str, list[tuple[dict, dict]]] = {label: [] for label, _, _ in methods}
+        for _ in range(repeats):
+            for label, model, fusion in methods:
+                runs[label].append((ours(lf, model, fusion, c, tokens), naive(lf, model, fusion, naive_n, tokens)))
+        base = runs[methods[0][0]]
+        for label, model, _ in methods:
+            mine = runs[label]
+            r = {"method": label, "concurrency": c, "repeats": repeats,
+                 "tok_s": median(o["tok_s"] for o, _ in mine), "ms_tok": median(o["ms_tok"] for o, _ in mine),
+                 "seconds": median(o["seconds"] for o, _ in mine),
+                 "x_naive": median(o["tok_s"] / n["tok_s"] for o, n in mine),
+                 "x_base": median(o["seconds"] / b["seconds"] for (o, _), (b, _) in zip(mine, base)),
+                 "floor": param_floor(lf, model)}
             rows.append(r)
             print(f"{label:14s} {c:4d} {r['tok_s']:9.1f} {r['ms_tok']:8.2f} {r['x_naive']:8.2f} "
                   f"{r['x_base']:7.2f} {r['floor']:6.2f}", flush=True)
@@ -180,6 +188,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--naive-requests", type=int, default=4, help="requests the naive loop runs (sequentially)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the table (medians of in-round ratios)")
     ap.add_argument("--spec-k", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--spec-min-prob", type=float, nargs="+", default=[0.0, 0.5, 0.9],
                     help="speculative: stop drafting below this draft-model top probability (0 = always k)")
@@ -198,7 +207,7 @@ def main() -> None:
     report: dict = {"device": str(lf.pool.get(lf.registry.plan("large-qa").base).device), "tokens": args.tokens}
     if "table" not in args.skip:
         print(f"{'method':14s} {'conc':>4s} {'tok/s':>9s} {'ms/tok':>8s} {'x naive':>8s} {'x base':>7s} {'floor':>6s}")
-        report["table"] = table(lf, args.concurrency, args.tokens, args.naive_requests)
+        report["table"] = table(lf, args.concurrency, args.tokens, args.naive_requests, args.repeats)
     if "speculative" not in args.skip:
         report["speculative"] = [r for b in (1, 8) for r in speculative(lf, "large-eft", args.tokens * 2,
                                                                          args.spec_k, args.spec_min_prob, b)]
