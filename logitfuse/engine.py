@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from logitfuse.admission import kv_need
 from logitfuse.fuser import Fuser, score_prompt
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent
 from logitfuse.retokenize import advance_ragged, retokenized_update
@@ -83,19 +84,8 @@ class Engine:
                 "(server.kv_budget_mb): lower max_tokens or shorten the prompt", "max_tokens")
 
     def kv_need(self, reqs: list[GenerationRequest]) -> int:
-        """Bytes of KV cache these requests may need at worst, decoded together. A model's batched cache holds
-        rows x its longest row (rows are left-padded to one length), a row being at most prompt + max_tokens
-        positions; speculative rows keep their group's own caches, where forgotten drafts stay until they
-        outnumber the visible positions (then the cache is compacted), so up to twice that plus a block. (A
-        cross-tokenizer expert's re-tokenized text is counted as max_tokens positions: an estimate there.)"""
-        pools: dict[tuple, list[int]] = {}  # (model, shared slots or a speculative group) -> row lengths
-        for r in reqs:
-            spec = r.plan.speculative
-            for name in r.plan.models():
-                n = len(r.prompts[name]) + r.sampling.max_tokens
-                pools.setdefault((name, r.plan.group_key() if spec else None), []).append(
-                    2 * n + spec.k + 1 if spec else n)
-        return sum(self._kv_bytes(name) * len(ns) * max(ns) for (name, _), ns in pools.items())
+        """Bytes of KV cache these requests may need at worst, decoded together (see admission.py)."""
+        return kv_need(reqs, self._kv_bytes)
 
     def _kv_bytes(self, name: str) -> int:
         if name not in self._kv_per_token:
