@@ -72,7 +72,7 @@ def _one_expert_loss(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torc
     a = grid.view(1, 1, -1)  # (1, 1, G)
     cand = torch.addcmul(base[:, None, None, :], a.unsqueeze(-1), diff.unsqueeze(2))  # (B, T, G, V)
     top = cand.amax(dim=-1, keepdim=True)  # one exp pass serves both the normaliser and P~ . d
-    e = torch.exp(cand - top)
+    e = cand.sub_(top).exp_()  # in place: a (B, T, G, V) allocation costs as much as the pass itself
     total = e.sum(dim=-1)
     lse = torch.log(total) + top[..., 0]  # (B, T, G)
     lse_base = torch.logsumexp(base, dim=-1)[:, None, None]  # (B, 1, 1)
