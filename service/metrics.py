@@ -9,8 +9,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-
-KNOWN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
+KNOWN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize"})
 
 
 class Metrics:

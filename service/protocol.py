@@ -135,3 +135,30 @@ class ChatCompletionRequest(_Sampling):
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages, as the base model of `model` would read them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    def source(self) -> tuple[str | None, list[dict[str, str]] | None]:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages", "prompt")
+        if self.prompt is not None and not self.prompt:
+            raise InvalidRequest("prompt must be a non-empty string", "prompt")
+        if self.messages is not None and not self.messages:
+            raise InvalidRequest("messages must not be empty", "messages")
+        msgs = [{"role": m.role, "content": m.text()} for m in self.messages] if self.messages else None
+        return self.prompt, msgs
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    tokens: list[int]

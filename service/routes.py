@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from logitfuse.request import GenerationRequest
 from service.errors import APIError
 from service.formats import ChatChoice, CompletionChoice
-from service.protocol import ChatCompletionRequest, CompletionRequest
+from service.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from service.serving import Serving, diagnostics, usage
 
 router = APIRouter()
@@ -41,6 +41,29 @@ async def health(request: Request) -> dict:
 @router.get("/v1/models", dependencies=[Depends(check_key)])
 async def models(request: Request) -> dict:
     return serving(request).models()
+
+
+@router.post("/tokenize", dependencies=[Depends(check_key)])
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    """The token ids generation would give the base of `model` (the vocabulary of logit_bias, token-id
+    prompts and stop_token_ids), with the chat template applied as it would be for `messages`."""
+    sv = serving(request)
+    prompt, messages = body.source()
+    req = (await asyncio.to_thread(sv.lf.requests, body.model, prompt, None, None, messages))[0]
+    ids = req.prompt_ids
+    return {"count": len(ids), "max_model_len": sv.lf.pool.get(req.plan.base).max_context, "tokens": ids}
+
+
+@router.post("/detokenize", dependencies=[Depends(check_key)])
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    sv = serving(request)
+    base = sv.lf.registry.plan(body.model).base
+    backend = sv.lf.pool.get(base)
+    width = len(backend.tokenizer)
+    if any(not 0 <= t < width for t in body.tokens):
+        bad = next(t for t in body.tokens if not 0 <= t < width)
+        raise APIError(400, f"tokens must be ids in [0, {width}), got {bad}", "tokens")
+    return {"prompt": backend.tokenizer.decode(body.tokens)}
 
 
 def count(request: Request, model: str, choices: list) -> None:

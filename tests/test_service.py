@@ -275,6 +275,8 @@ def test_api_keys(config_file, tmp_path):
         r = c.get("/v1/models", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert c.post("/tokenize", json={"model": "proxy-a", "prompt": "x"}).status_code == 401
+        assert c.post("/detokenize", json={"model": "proxy-a", "tokens": [1]}).status_code == 401
         assert c.get("/health").status_code == 200
 
 
