@@ -52,3 +52,22 @@ def lf(config_file):
     from logitfuse import LogitFuse
 
     return LogitFuse(config_file)
+
+
+@pytest.fixture(scope="module")
+def client(config_file):
+    """The real app in-process on the tiny family (lifespan and engine thread), one per test module."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(config_file)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ref(config_file):
+    """A library instance on the same registry, to compare the server's answers with."""
+    from logitfuse import LogitFuse
+
+    return LogitFuse(config_file)

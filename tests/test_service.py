@@ -7,19 +7,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from logitfuse import LogitFuse, SamplingParams
+from logitfuse import SamplingParams
 from service.app import create_app
-
-
-@pytest.fixture(scope="module")
-def client(config_file):
-    with TestClient(create_app(config_file)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def ref(config_file):
-    return LogitFuse(config_file)
 
 
 def post(client, path, body, status=200):

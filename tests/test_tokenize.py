@@ -2,23 +2,8 @@
 through the template), so a client can build logit_bias, stop_token_ids or token-id prompts from them."""
 
 import pytest
-from fastapi.testclient import TestClient
-
-from logitfuse import LogitFuse
-from service.app import create_app
 
 MESSAGES = [{"role": "user", "content": "king queen"}]
-
-
-@pytest.fixture(scope="module")
-def client(config_file):
-    with TestClient(create_app(config_file)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def ref(config_file):
-    return LogitFuse(config_file)
 
 
 def test_tokenize_gives_the_ids_generation_reads(client, ref):
