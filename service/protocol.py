@@ -105,6 +105,11 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template reads them: role and text."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
@@ -134,7 +139,7 @@ class ChatCompletionRequest(_Sampling):
         return self._sampling(n_top, False, 16, max_logprobs)
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return message_dicts(self.messages)
 
 
 class TokenizeRequest(BaseModel):
@@ -153,8 +158,7 @@ class TokenizeRequest(BaseModel):
             raise InvalidRequest("prompt must be a non-empty string", "prompt")
         if self.messages is not None and not self.messages:
             raise InvalidRequest("messages must not be empty", "messages")
-        msgs = [{"role": m.role, "content": m.text()} for m in self.messages] if self.messages else None
-        return self.prompt, msgs
+        return self.prompt, message_dicts(self.messages) if self.messages else None
 
 
 class DetokenizeRequest(BaseModel):
