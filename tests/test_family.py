@@ -11,7 +11,8 @@ from logitfuse.family import world as W
 from logitfuse.family.train import chat_prompt
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-CAUSAL = ["base-large", "base-small", "tuned-small-qa", "tuned-small-arith", "tuned-large-qa", "tuned-large-arith"]
+CAUSAL = ["base-large", "base-small", "tuned-small-qa", "tuned-small-arith", "tuned-large-qa", "tuned-large-arith",
+          "tuned-small-desc"]
 
 
 def test_world_and_corpus_are_deterministic():
@@ -28,8 +29,8 @@ def test_evaluation_entities_and_pairs_are_never_tuned_or_wrapped():
     wrapped = [d for d in W.pretraining_corpus(w, 1) if d.startswith("<|user|>")]
     held = set(w.eval_entities)
     assert wrapped and not any(tok in held for d in wrapped for tok in d.split())
-    tuned_qs = {ex.question for ex in W.qa_examples(w, w.tune_entities, held_out=False)}
-    assert not any(e in q.split() for q in tuned_qs for e in held)
+    tuned = W.qa_examples(w, w.tune_entities, held_out=False) + W.describe_examples(w, w.tune_entities)
+    assert not any(e in (ex.question + " " + ex.answer).split() for ex in tuned for e in held)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,21 @@ def test_eval_files_are_well_formed():
         for r in rows:
             assert r["prompt"] == f"<|user|> {r['question']} <|assistant|>" and r["answer"]
         assert any(r["new_phrasing"] for r in rows) and not all(r["new_phrasing"] for r in rows)
+
+
+def test_describe_answers_are_pretraining_sentences_about_held_out_entities():
+    """A describe answer is five sentences, each one pretraining states about the entity (so the base knows
+    them), about an entity tuning never described."""
+    w = W.build_world(0)
+    rows = [json.loads(x) for x in (MODELS / "data" / "eval_describe.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == [W.DESCRIBE_QUESTION.format(e=e) for e in w.eval_entities]
+    corpus, stated = " ".join(W.pretraining_corpus(w, 1)), 0
+    for r, e in zip(rows, w.eval_entities):
+        parts = [s.strip() + " ." for s in r["answer"].split(" .") if s.strip()]
+        assert len(parts) == 5 and r["prompt"] == f"<|user|> {r['question']} <|assistant|>"
+        assert all(e in p.split() for p in parts)
+        stated += sum(p in corpus for p in parts)
+    assert stated / (5 * len(rows)) > 0.9  # prose picks a phrasing per fact and document at random (0.93)
 
 
 def test_the_family_stays_small():

@@ -1,6 +1,6 @@
 """Train the miniature family: one shared BPE tokenizer, base-large and base-small pretrained on the world's
-prose, small experts tuned on chat-formatted questions (qa, arith), tuned-large-qa as the reference for
-true fine-tuning, and a small reward model. CPU, fixed seeds, a few minutes on 2 cores.
+prose, small experts tuned on chat-formatted questions (qa, arith) and on five-sentence descriptions
+(describe), tuned-large-qa as the reference for true fine-tuning, and a small reward model. CPU, fixed seeds, a few minutes on 2 cores.
 
     logitfuse train-family --out models        (or: python -m logitfuse.family --out models)
 """
@@ -170,8 +170,9 @@ def write_eval(tok, world: W.World, data: Path, seed: int) -> None:
     qa = W.qa_examples(world, world.eval_entities, held_out=True)
     qa = rng.sample(qa, 400)
     arith = W.arith_examples(world.eval_pairs, held_out=True)
+    describe = W.describe_examples(world, world.eval_entities)
     data.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("qa", qa), ("arith", arith)):
+    for name, rows in (("qa", qa), ("arith", arith), ("describe", describe)):
         with open(data / f"eval_{name}.jsonl", "w") as f:
             for i, ex in enumerate(rows):
                 row = {"id": f"{name}-{i}", "question": ex.question, "prompt": chat_prompt(tok, ex.question),
@@ -206,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         "tuned-large-arith": tune(copy_model(large), tok, arith, 400, 3e-4, args.seed + 7, "tuned-large-arith",
                                   replay=rows),
         "reward": train_reward(small, tok, world, 150, args.seed + 8),
+        # Last, so that adding it left every model above unchanged. Replay keeps the small model's prose (its
+        # answers restate the entity); 300 steps: the fused descriptions then take the facts from the base.
+        "tuned-small-desc": tune(copy_model(small), tok, W.describe_examples(world, world.tune_entities), 300, 1e-3,
+                                 args.seed + 10, "tuned-small-desc", replay=rows),
     }
     for name, model in family.items():
         save(model, tok, out / name)

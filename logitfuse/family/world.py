@@ -38,6 +38,11 @@ QUESTIONS = {  # (tuning phrasings, phrasings never used in tuning); pretraining
 # The pretraining question form: chat markers, but answers end with " ." and run on into the next question,
 # unlike tuning, where one answer ends with </s>. A base model thus knows where answers go, not where to stop.
 WRAPPER = "<|user|> {q} <|assistant|> {a} ."
+# The describe skill: a long answer, one sentence per relation in a fixed order and in one of pretraining's
+# phrasings (relation, index into RELATIONS). Tuning teaches the form on the tuning half; the facts of the
+# other half come from pretraining.
+DESCRIBE_QUESTION = "tell me about {e} ."
+DESCRIBE_FORM = [("capital", 0), ("founder", 2), ("colour", 0), ("animal", 0), ("rivers", 0)]
 SUM_PROSE = ["{a} plus {b} makes {c} .", "adding {a} and {b} gives {c} .", "the sum of {a} and {b} is {c} ."]
 SUM_QUESTIONS = (["what is {a} plus {b} ?"], ["how much is {a} plus {b} ?"])
 
@@ -147,3 +152,13 @@ def arith_examples(pairs: list[tuple[int, int]], held_out: bool) -> list[Example
             out.append(Example(q.format(a=NUMBERS[a], b=NUMBERS[b]), NUMBERS[a + b], "arith",
                                new_phrasing=i >= len(SUM_QUESTIONS[0])))
     return out
+
+
+def describe_sentences(world: World, entity: str) -> list[str]:
+    """The five sentences of the describe answer about `entity`, in order."""
+    return [RELATIONS[r][i].format(e=entity, v=world.facts[entity][r]) for r, i in DESCRIBE_FORM]
+
+
+def describe_examples(world: World, entities: list[str]) -> list[Example]:
+    return [Example(DESCRIBE_QUESTION.format(e=e), " ".join(describe_sentences(world, e)), "describe")
+            for e in entities]
