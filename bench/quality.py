@@ -7,6 +7,8 @@ first-word (lenient) accuracy, plus the mean log-likelihood of the reference ans
 fused distribution (echo scoring).
 "% of the gap closed" = (system - base-large) / (tuned-large - base-large), as in the proxy-tuning paper;
 "% of tuned" = system / tuned-large, as in the DLF paper. Also an alpha sweep for proxy-tuning.
+The describe set asks for a five-sentence description of a held-out entity (up to 64 tokens): the share of
+its five reference sentences stated word for word, complete answers, and sentences per answer.
 
     .venv/bin/python bench/quality.py [--config configs/default.yaml] [--limit N] [--plot] [--models DIR]
 """
@@ -36,6 +38,8 @@ SYSTEMS = {  # per eval set: label -> (model, fusion override)
         ("tuned-large", "tuned-large-arith", None),
     ],
 }
+DESCRIBE = [("base-large", "base-large", None), ("tuned-small", "tuned-small-desc", None),
+            ("eft", "large-desc", None), ("eft, beta 1.5", "large-desc", {"beta": 1.5})]
 SWEEP = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 
 
@@ -73,6 +77,21 @@ def evaluate(lf: LogitFuse, model: str, fusion, rows: list[dict], tqstar_limit: 
     lls = answer_logliks(lf, model, fusion, rows) if lf.registry.plan(model, fusion).method != "tqstar" else []
     return {"n": len(rows), "exact": exact / len(rows), "first_word": first / len(rows),
             "answer_loglik": sum(lls) / len(lls) if lls else None, "seconds": time.perf_counter() - t0,
+            "examples": [{"prompt": r["prompt"], "answer": r["answer"], "output": o.text} for o, r in
+                         list(zip(outs, rows))[:3]]}
+
+
+def sentences(text: str) -> list[str]:
+    return [t.strip() + " ." for t in normalise(text).split(" .") if t.strip()]
+
+
+def evaluate_describe(lf: LogitFuse, model: str, fusion, rows: list[dict]) -> dict:
+    outs = lf.generate(model, [r["prompt"] for r in rows], SamplingParams(max_tokens=64, temperature=0), fusion)
+    said = [sentences(o.text) for o in outs]
+    refs = [sentences(r["answer"]) for r in rows]
+    return {"n": len(rows), "facts": sum(sum(x in s for x in ref) for s, ref in zip(said, refs)) / sum(map(len, refs)),
+            "complete": sum(s == ref for s, ref in zip(said, refs)) / len(rows),
+            "sentences": sum(map(len, said)) / len(rows), "tokens": sum(len(o.token_ids) for o in outs) / len(rows),
             "examples": [{"prompt": r["prompt"], "answer": r["answer"], "output": o.text} for o, r in
                          list(zip(outs, rows))[:3]]}
 
@@ -150,6 +169,14 @@ def main() -> None:
             results = {label: evaluate(lf, m, f, subset, args.tqstar_limit) for label, m, f in systems if m in known}
             print_table(name + suffix, results)
             report[name + suffix] = results
+    path = Path(args.data) / "eval_describe.jsonl"
+    if path.exists() and "large-desc" in lf.registry.names():
+        rows = load_set(path, args.limit)
+        report["describe"] = {label: evaluate_describe(lf, m, f, rows) for label, m, f in DESCRIBE}
+        print(f"\n## describe  (n = {len(rows)}, five sentences each)")
+        print(f"{'system':14s} {'facts':>7s} {'complete':>9s} {'sentences':>10s} {'tokens':>7s}")
+        for label, r in report["describe"].items():
+            print(f"{label:14s} {r['facts']:7.3f} {r['complete']:9.3f} {r['sentences']:10.2f} {r['tokens']:7.1f}")
     print("\n## alpha sweep (proxy-tuning, qa)")
     qa = [r for r in load_set(Path(args.data) / "eval_qa.jsonl", args.limit) if not r.get("new_phrasing")]
     report["sweep"] = sweep(lf, qa)

@@ -3,7 +3,7 @@ speculative EFT vs plain EFT, and (--compile) torch.compile'd vs eager forward p
 table come from one run, side by side: ratios within a round of runs close in time, medians over rounds.
 
     .venv/bin/python bench/throughput.py [--config configs/default.yaml] [--tokens 32] [--concurrency 1 8 16 32]
-        [--repeats 3] [--spec-k 2 4] [--spec-min-prob 0 0.5 0.9] [--compile] [--skip table|speculative]
+        [--repeats 3] [--spec-k 2 4] [--spec-min-prob 0 0.6 0.9] [--compile] [--skip table|speculative]
     .venv/bin/python bench/throughput.py --shapes gpu    # 1B-class base, 100M-class experts, random weights
 
 Columns: tok/s = generated tokens per second over all requests; ms/tok = per-token latency of one request
@@ -107,15 +107,29 @@ def alpha_for(tokens_per_round: float, k: int) -> float | None:
     return hi
 
 
-def speculative(lf: LogitFuse, model: str, tokens: int, ks: list[int], min_probs: list[float], batch: int,
-                repeats: int = 3) -> list[dict]:
-    """Speculative vs plain decoding of a one-expert EFT ensemble (the engine), greedy, 8 prompts in batches
+def spec_workloads(lf: LogitFuse, tokens: int) -> list[tuple[str, str, list[str], SamplingParams]]:
+    """(label, ensemble, 8 prompts, sampling) for the speculative comparison: the family's describe skill
+    (five-sentence answers about held-out entities, ending where the model ends them: the long answers
+    speculation is for) and the qa expert forced past its one-word answers (ignore_eos, 2 x --tokens)."""
+    out = []
+    data = ROOT / "models" / "data" / "eval_describe.jsonl"
+    if "large-desc" in lf.registry.names() and data.exists():
+        rows = [json.loads(line) for line in data.read_text().splitlines()[:8]]
+        sp = SamplingParams(max_tokens=64, temperature=0)
+        out.append(("describe", "large-desc", [r["prompt"] for r in rows], sp))
+    out.append(("qa, continued", "large-eft", prompts(8),
+                SamplingParams(max_tokens=2 * tokens, temperature=0, ignore_eos=True)))
+    return out
+
+
+def speculative(lf: LogitFuse, label: str, model: str, ps: list[str], sp: SamplingParams, ks: list[int],
+                min_probs: list[float], batch: int, repeats: int = 3) -> list[dict]:
+    """Speculative vs plain decoding of a one-expert EFT ensemble (the engine), greedy, the prompts in batches
     of `batch`; plain and speculative runs alternate and the speed-up is the median over the pairs. With
     min_draft_prob 0 every round drafts k tokens, which prices a round in plain steps and gives the acceptance
     rate a pair of models would need for 1.5x (acceptance is the models' property, not the code's)."""
     from logitfuse.speculative import SpeculativeEFT
 
-    ps, sp = prompts(8), SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     chunks = [ps[i:i + batch] for i in range(0, len(ps), batch)]
     plain_run = lambda: [lf.generate(model, c, sp) for c in chunks]  # noqa: E731
     plain = plain_run()  # warm-up, and the reference tokens
@@ -131,12 +145,12 @@ def speculative(lf: LogitFuse, model: str, tokens: int, ks: list[int], min_probs
             same = all([o.token_ids for c in res for o in c] == [o.token_ids for c in plain for o in c]
                        for _, (_, res) in pairs)
             st = spec.stats
-            row = {"k": k, "min_draft_prob": min_prob, "batch": batch,
+            row = {"workload": label, "k": k, "min_draft_prob": min_prob, "batch": batch,
                    "speedup": median(ratios), "speedups": ratios, "acceptance": st.acceptance,
                    "drafts_per_round": st.drafted / st.row_rounds, "tokens_per_round": st.tokens_per_row_round,
                    "tokens_per_request": sum(len(o.token_ids) for c in plain for o in c) / len(ps),
                    "same_tokens": same}
-            line = (f"speculative k={k} min_p={min_prob:.1f} batch={batch}: {row['speedup']:5.2f}x plain "
+            line = (f"speculative, {label}: k={k} min_p={min_prob:.1f} batch={batch}: {row['speedup']:5.2f}x plain "
                     f"(pairs {', '.join(f'{r:.2f}' for r in ratios)})  acceptance {st.acceptance:.2f}  "
                     f"tokens/round {row['tokens_per_round']:.2f}  greedy identical: {same}")
             if min_prob == 0:  # every round drafts k: price a round, and the acceptance 1.5x would need
@@ -190,7 +204,7 @@ def main() -> None:
     ap.add_argument("--naive-requests", type=int, default=4, help="requests the naive loop runs (sequentially)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the table (medians of in-round ratios)")
     ap.add_argument("--spec-k", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--spec-min-prob", type=float, nargs="+", default=[0.0, 0.5, 0.9],
+    ap.add_argument("--spec-min-prob", type=float, nargs="+", default=[0.0, 0.6, 0.9],
                     help="speculative: stop drafting below this draft-model top probability (0 = always k)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models against eager ones")
     ap.add_argument("--skip", nargs="+", choices=["table", "speculative"], default=[],
@@ -209,8 +223,8 @@ def main() -> None:
         print(f"{'method':14s} {'conc':>4s} {'tok/s':>9s} {'ms/tok':>8s} {'x naive':>8s} {'x base':>7s} {'floor':>6s}")
         report["table"] = table(lf, args.concurrency, args.tokens, args.naive_requests, args.repeats)
     if "speculative" not in args.skip:
-        report["speculative"] = [r for b in (1, 8) for r in speculative(lf, "large-eft", args.tokens * 2,
-                                                                         args.spec_k, args.spec_min_prob, b)]
+        report["speculative"] = [r for w in spec_workloads(lf, args.tokens) for b in (1, 8)
+                                 for r in speculative(lf, *w, args.spec_k, args.spec_min_prob, b)]
     if args.compile:
         report["compile"] = compiled(lf, args.tokens, [1, 8])
     out = Path(args.out)

@@ -1,6 +1,7 @@
 """Train the miniature family: one shared BPE tokenizer, base-large and base-small pretrained on the world's
 prose, small experts tuned on chat-formatted questions (qa, arith) and on five-sentence descriptions
-(describe), tuned-large-qa as the reference for true fine-tuning, and a small reward model. CPU, fixed seeds, a few minutes on 2 cores.
+(describe), tuned-large-qa as the reference for true fine-tuning, and a small reward model. CPU, fixed
+seeds, a few minutes on 2 cores.
 
     logitfuse train-family --out models        (or: python -m logitfuse.family --out models)
 """
