@@ -114,7 +114,9 @@ def spec_workloads(lf: LogitFuse, tokens: int) -> list[tuple[str, str, list[str]
     out = []
     data = ROOT / "models" / "data" / "eval_describe.jsonl"
     if "large-desc" in lf.registry.names() and data.exists():
-        rows = [json.loads(line) for line in data.read_text().splitlines()[:8]]
+        from bench.quality import load_set
+
+        rows = load_set(data, 8)
         sp = SamplingParams(max_tokens=64, temperature=0)
         out.append(("describe", "large-desc", [r["prompt"] for r in rows], sp))
     out.append(("qa, continued", "large-eft", prompts(8),

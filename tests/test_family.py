@@ -79,8 +79,9 @@ def test_describe_answers_are_pretraining_sentences_about_held_out_entities():
     assert [r["question"] for r in rows] == [W.DESCRIBE_QUESTION.format(e=e) for e in w.eval_entities]
     corpus, stated = " ".join(W.pretraining_corpus(w, 1)), 0
     for r, e in zip(rows, w.eval_entities):
-        parts = [s.strip() + " ." for s in r["answer"].split(" .") if s.strip()]
-        assert len(parts) == 5 and r["prompt"] == f"<|user|> {r['question']} <|assistant|>"
+        parts = W.describe_sentences(w, e)
+        assert r["answer"] == " ".join(parts) and r["prompt"] == f"<|user|> {r['question']} <|assistant|>"
+        assert len(parts) == 5
         assert all(e in p.split() for p in parts)
         stated += sum(p in corpus for p in parts)
     assert stated / (5 * len(rows)) > 0.9  # prose picks a phrasing per fact and document at random (0.93)
