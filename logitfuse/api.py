@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from logitfuse.engine import Engine
+from logitfuse.plan import SpecPlan
 from logitfuse.pool import ModelPool
 from logitfuse.prompts import Prompt, role_prompts
 from logitfuse.registry import FusionParams, Registry
 from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
+from logitfuse.speculative import SpecStats, check_plan
 
 
 @dataclass
@@ -98,7 +100,26 @@ class LogitFuse:
         return [done[r.rid] for r in reqs]
 
 
-def _with_seed(sp: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
+class SpeculativeEFT:
+    """Library convenience: run one-expert proxy/EFT requests speculatively through the engine and keep
+    the draft statistics of its calls. (Ensembles and requests can ask for it too: `fusion.speculative`.)"""
 
+    def __init__(self, lf: LogitFuse, k: int = 4, min_draft_prob: float = 0.0, max_batch: int | None = None) -> None:
+        if k < 1:
+            raise ValueError("k (draft tokens per round) must be at least 1")
+        self.lf, self.spec, self.stats = lf, SpecPlan(k, min_draft_prob, max_batch), SpecStats()
+
+    def generate(self, reqs: list[GenerationRequest]) -> list[Completion]:
+        for r in reqs:
+            check_plan(r.plan)
+        reqs = [replace(r, plan=replace(r.plan, speculative=self.spec)) for r in reqs]
+        before = self.lf.engine.stats().speculative
+        done = {r.rid: Completion(r.rid) for r in reqs}
+        for ev in self.lf.engine.run(reqs):
+            done[ev.rid].add(ev)
+        self.stats = self.stats + (self.lf.engine.stats().speculative - before)
+        return [done[r.rid] for r in reqs]
+
+
+def _with_seed(sp: SamplingParams, seed: int) -> SamplingParams:
     return replace(sp, seed=seed)

@@ -12,30 +12,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from logitfuse.backends.base import CausalLM, RewardModel
+from logitfuse.backends.sources import load_model, load_reward
 from logitfuse.registry import Registry
 from logitfuse.request import UnknownName
 
 
-def default_loader(reg: Registry, name: str):
-    """Build the backend for a registry name (a causal LM or a reward model)."""
-    from logitfuse.backends.hf import HFCausalLM, HFReward
-
+def default_loader(reg: Registry, name: str) -> CausalLM | RewardModel:
+    """Build the backend for a registry name (a causal LM from its source, or a reward model)."""
     if name in reg.models:
-        spec = reg.models[name]
-        if spec.remote is not None:
-            from logitfuse.backends.remote import RemoteCausalLM
-
-            return RemoteCausalLM.load(name, spec.remote, reg.resolve_path(spec.tokenizer), spec.chat_template)
-        return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
-                               spec.gguf_file, compile=spec.compile)
+        return load_model(name, reg.models[name], reg.resolve_path)
     if name in reg.rewards:
-        spec = reg.rewards[name]
-        return HFReward.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device)
+        return load_reward(name, reg.rewards[name], reg.resolve_path)
     raise UnknownName(f"model {name!r} not found; available: {', '.join(list(reg.models) + list(reg.rewards))}")
 
 
+Loader = Callable[[Registry, str], CausalLM | RewardModel]
+
+
 class ModelPool:
-    def __init__(self, registry: Registry, loader: Callable | None = None, budget_bytes: int | None = None) -> None:
+    def __init__(self, registry: Registry, loader: Loader | None = None, budget_bytes: int | None = None) -> None:
         self.registry = registry
         self._loader = loader or default_loader
         self.budget = budget_bytes if budget_bytes is not None else registry.server.memory_budget_mb * 2**20
@@ -48,7 +43,7 @@ class ModelPool:
         with self._lock:
             return list(self._loaded)
 
-    def get(self, name: str):
+    def get(self, name: str) -> CausalLM | RewardModel:
         """The backend for name, loading it if needed (blocking only callers that need this model)."""
         with self._lock:
             if name in self._loaded:
@@ -74,7 +69,7 @@ class ModelPool:
         finally:
             self.release(names)
 
-    def acquire(self, names: list[str]) -> dict:
+    def acquire(self, names: list[str]) -> dict[str, CausalLM | RewardModel]:
         """Pin names (so they are not evicted) and return their backends; pair with release."""
         with self._lock:
             for n in names:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from logitfuse.backends.base import CausalLM
 from logitfuse.request import InvalidRequest
 
 Prompt = str | list[int]
 
 
-def encode_text(backend, prompt: Prompt) -> list[int]:
+def encode_text(backend: CausalLM, prompt: Prompt) -> list[int]:
     """Token ids of a completion prompt (ids pass through; text gets the tokenizer's special tokens)."""
     if isinstance(prompt, str):
         return list(backend.tokenizer(prompt).input_ids)
@@ -30,10 +31,10 @@ def render_plain(messages: Sequence[dict]) -> str:
     return "\n\n".join(str(m.get("content") or "") for m in messages)
 
 
-def encode_chat(backend, messages: Sequence[dict]) -> list[int]:
+def encode_chat(backend: CausalLM, messages: Sequence[dict]) -> list[int]:
     tok = backend.tokenizer
     if backend.chat_template:
-        if not getattr(tok, "chat_template", None):
+        if not tok.chat_template:
             raise InvalidRequest(f"model {backend.name!r} is configured to use a chat template but its "
                                  "tokenizer has none", "messages")
         out = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
@@ -42,7 +43,7 @@ def encode_chat(backend, messages: Sequence[dict]) -> list[int]:
     return list(tok(render_plain(messages)).input_ids)
 
 
-def role_prompts(backends: dict, prompt: Prompt | None = None, messages: Sequence[dict] | None = None,
+def role_prompts(backends: dict[str, CausalLM], prompt: Prompt | None = None, messages: Sequence[dict] | None = None,
                  base: str | None = None, cross: Sequence[str] = ()) -> dict:
     """Each model's own prompt ids for a completion prompt or a chat conversation. Token ids are the base's:
     a cross-tokenizer model gets their text in its own tokens."""

@@ -106,18 +106,9 @@ class EngineRunner:
                 events += self.engine.step()
             except Exception as err:  # a failing step must not take the server down
                 log.exception("engine step failed")
-                events += self._fail_all(err)
+                events += self.engine.fail_all(err)
             for ev in events:
                 self._deliver(ev)
-
-    def _fail_all(self, err: Exception) -> list[TokenEvent]:
-        rids = list(self.engine.seqs) + [r.rid for r in self.engine.waiting]
-        self.engine.seqs.clear()
-        self.engine.slots.clear()
-        self.engine.spec_groups.clear()
-        self.engine.waiting.clear()
-        msg = f"{type(err).__name__}: {err}"
-        return [TokenEvent(rid, None, "", finish_reason="error", error=msg) for rid in rids]
 
     def _deliver(self, ev: TokenEvent | PromptScores) -> None:
         done = isinstance(ev, TokenEvent) and ev.finish_reason is not None

@@ -26,7 +26,7 @@ def preload(lf: LogitFuse) -> None:
         plan = lf.registry.plan(name)
         for m in plan.models() + plan.rewards():
             lf.pool.get(m)
-        lf.engine.fuser.alignment(plan)
+        lf.engine.alignment(plan)
 
 
 def create_app(source: str | Path | Registry | LogitFuse) -> FastAPI:

@@ -46,8 +46,8 @@ def install(app: FastAPI, metrics: Metrics) -> None:
         serving = request.app.state.serving
         metrics.sequences.set(serving.runner.pending())
         metrics.loaded.set(len(serving.lf.pool.loaded()))
-        stats = serving.lf.engine.spec_stats  # read without the engine's lock: two ints, a snapshot suffices
-        metrics.drafted.set(stats.drafted)
-        metrics.accepted.set(stats.accepted)
-        metrics.kv_reserved.set(serving.lf.engine.kv_reserved)
+        stats = serving.lf.engine.stats()  # read without the engine's lock: a snapshot suffices
+        metrics.drafted.set(stats.speculative.drafted)
+        metrics.accepted.set(stats.speculative.accepted)
+        metrics.kv_reserved.set(stats.kv_reserved)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

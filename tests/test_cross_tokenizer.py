@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from logitfuse import SamplingParams, fusion
+from logitfuse.api import SpeculativeEFT
 from logitfuse.engine import Engine
 from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, make_generator, sample
-from logitfuse.speculative import SpeculativeEFT
 from logitfuse.vocab import VocabInfo, align, cross_map
 
 PROMPTS = ["the red city of the north", "one", "king queen river blue green", "two three four"]

@@ -41,7 +41,8 @@ class RemoteCausalLM:
     """The backend protocol (backends/base.py) over HTTP. No prompt scoring (echo of a whole prompt's
     distributions is not needed by decoding and is refused by the engine's request checks)."""
 
-    can_score_prompt = False
+    can_score_prompt = False  # an endpoint returns top-N logprobs of the next token only
+    remote = True
 
     def __init__(self, name: str, spec, tokenizer, chat_template: bool = False, client=None) -> None:
         import httpx
