@@ -238,3 +238,21 @@ def test_a_remote_that_fails_to_load_inside_a_request_is_a_503_and_the_app_goes_
             assert "model 'big': cannot reach http://127.0.0.1:9/v1/models" in r.json()["error"]["message"]
         ok = client.post("/v1/completions", json={"model": "local-proxy", "prompt": "one", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_a_5xx_that_refuses_the_request_is_not_retried(tok, monkeypatch):
+    import httpx
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(500, json={"error": {"message": "Only no echo is supported"}})
+
+    spec = RemoteSpec(url="http://remote/v1", model="m", top_logprobs=2, retries=3)
+    lm = RemoteCausalLM("big", spec, tok, client=httpx.Client(base_url=spec.url,
+                                                              transport=httpx.MockTransport(handler)))
+    with pytest.raises(RemoteError, match=r"500.*Only no echo is supported") as err:
+        lm.prefill([[5, 6]])
+    assert len(calls) == 1 and err.value.status == 500
