@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from logitfuse import methods
 from logitfuse.admission import kv_need
 from logitfuse.fuser import Fuser, score_prompt
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent
@@ -78,8 +79,10 @@ class Engine:
             raise InvalidRequest(f"speculative decoding is not available with {slow[0]!r}: its server does not "
                                  "echo prompt distributions exactly, so a block cannot be verified in one call "
                                  "(set fusion.speculative.k to 0)", "fusion.speculative")
-        if sp.prompt_logprobs and plan.method == "tqstar":
-            raise InvalidRequest("echo with logprobs (prompt scoring) is not available for method tqstar", "echo")
+        method = methods.get(plan.method)
+        if sp.prompt_logprobs and not method.prompt_scoring:
+            raise InvalidRequest(f"echo with logprobs (prompt scoring) is not available for method {method.name}",
+                                 "echo")
         if sp.prompt_logprobs and len({tuple(p) for p in req.prompts.values()}) > 1:
             raise InvalidRequest("prompt scoring needs the same prompt tokens for every role", "echo")
         if self.kv_budget is not None and (need := self.kv_need([req])) > self.kv_budget:
