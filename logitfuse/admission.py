@@ -73,6 +73,10 @@ class Admission:
         method = methods.get(plan.method)
         if not method.remote_base and get_backend(plan.base).remote:
             raise InvalidRequest(f"method {method.name} needs a local base model", "model")
+        if plan.speculative and (slow := [n for n in plan.models() if not get_backend(n).can_verify_blocks]):
+            raise InvalidRequest(f"speculative decoding is not available with {slow[0]!r}: its server does not "
+                                 "echo prompt distributions exactly, so a block cannot be verified in one call "
+                                 "(set fusion.speculative.k to 0)", "fusion.speculative")
         if sp.prompt_logprobs:
             self._check_scoring(req, method, get_backend)
         if (need := self.never_fits(req)) is not None:

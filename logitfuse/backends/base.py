@@ -51,6 +51,7 @@ class CausalLM(Protocol):
     # capabilities
     can_score_prompt: bool  # prefill(all_logits=True) gives the scores of every prompt position
     remote: bool  # scores come from another server (top-N log-probabilities; no KV cache held here)
+    can_verify_blocks: bool  # decode(state, k tokens) costs one call (speculative verification relies on it)
 
     def vocab_info(self, with_texts: bool = False) -> VocabInfo: ...
 

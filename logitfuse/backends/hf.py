@@ -66,6 +66,7 @@ class HFCausalLM:
 
     can_score_prompt = True
     remote = False
+    can_verify_blocks = True
 
     def __init__(self, name: str, model, tokenizer, chat_template: bool = False) -> None:
         self.name = name
