@@ -15,7 +15,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from logitfuse.request import Unavailable
+
 Top = list[tuple[int | str, float]]  # one position: (token id or token text, log-probability), best first
+
+
+class RemoteError(Unavailable):
+    """The remote endpoint failed or answered something this backend cannot use (status: its HTTP status,
+    None when it could not be reached or answered no HTTP error)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
