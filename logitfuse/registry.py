@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from logitfuse.fields import error_path, reject_unknown
 from logitfuse.plan import METHODS, ExpertRef, FusionPlan, SpecPlan, TQStarPlan, speculation_fits
 from logitfuse.request import InvalidRequest, UnknownName
 
@@ -20,6 +21,12 @@ Method = Literal["none", "proxy", "eft", "dlf", "tqstar"]
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        """An unknown key is an error that names it, the field it resembles and every known field."""
+        return reject_unknown(data, list(cls.model_fields))
 
 
 class RemoteSpec(Frozen):
@@ -160,7 +167,7 @@ class Registry(Frozen):
             return Registry.model_validate(data)
         except ValidationError as err:
             first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            where = error_path(first)
             raise ValueError(f"invalid registry {path}: {where}: {first['msg']}") from None
 
     def resolve_path(self, p: str) -> str:
