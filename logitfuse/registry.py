@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from logitfuse.plan import METHODS, ExpertRef, FusionPlan, SpecPlan, TQStarPlan, speculation_fits
+from logitfuse.ray_config import RaySpec
 from logitfuse.request import InvalidRequest, UnknownName
 
 Method = Literal["none", "proxy", "eft", "dlf", "tqstar"]
@@ -135,6 +136,7 @@ class Registry(Frozen):
     experts: dict[str, ExpertSpec] = {}
     ensembles: dict[str, EnsembleSpec] = {}
     server: ServerSpec = ServerSpec()
+    ray: RaySpec = RaySpec()  # Ray Serve replicas (logitfuse.deploy)
     root: str = "."  # the folder paths are relative to (set by load)
 
     @model_validator(mode="after")
