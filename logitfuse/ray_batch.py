@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from pyarrow.fs import LocalFileSystem
 from tqdm import tqdm
 
 from logitfuse.batch import Stats, run_local
@@ -74,7 +75,7 @@ class Worker:
 def load_input(location: str) -> list[Record | BadLine]:
     """The input's records, parsed as local mode parses them (a URI is copied to a temporary file first)."""
     fs, path = resolve(location)
-    if isinstance(fs, type(resolve(".")[0])):
+    if isinstance(fs, LocalFileSystem):
         return read_input(Path(path))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "input.jsonl"
@@ -104,10 +105,10 @@ def dispatch(args, todo: list[Record], stats: Stats, worker_cls: type = Worker) 
                          runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
     with tqdm(total=len(todo), desc="generate --ray", unit="rec") as bar:
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            for w, e, t in zip(batch["written"], batch["errors"], batch["tokens"]):
-                stats.written, stats.errors, stats.tokens = stats.written + int(w), stats.errors + int(e), \
-                    stats.tokens + int(t)
-                bar.update(int(w))
+            stats.written += int(batch["written"].sum())
+            stats.errors += int(batch["errors"].sum())
+            stats.tokens += int(batch["tokens"].sum())
+            bar.update(int(batch["written"].sum()))
 
 
 def run_ray(args, worker_cls: type = Worker) -> int:
