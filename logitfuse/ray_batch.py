@@ -88,8 +88,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False,
-                 include_dashboard=False)
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False)
 
 
 def dispatch(args, todo: list[Record], stats: Stats, worker_cls: type = Worker) -> None:
