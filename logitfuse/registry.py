@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from logitfuse import methods
+from logitfuse.fields import error_path, reject_unknown
 from logitfuse.plan import ExpertRef, FusionPlan
+from logitfuse.ray_config import RaySpec
 from logitfuse.request import InvalidRequest, UnknownName
 
 Method = Literal[methods.NAMES]  # type: ignore[valid-type]  # the method table's names, in its order
@@ -22,6 +24,12 @@ Method = Literal[methods.NAMES]  # type: ignore[valid-type]  # the method table'
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        """An unknown key is an error that names it, the field it resembles and every known field."""
+        return reject_unknown(data, list(cls.model_fields))
 
 
 class RemoteSpec(Frozen):
@@ -136,6 +144,7 @@ class Registry(Frozen):
     experts: dict[str, ExpertSpec] = {}
     ensembles: dict[str, EnsembleSpec] = {}
     server: ServerSpec = ServerSpec()
+    ray: RaySpec = RaySpec()  # Ray Serve replicas (logitfuse.deploy)
     root: str = "."  # the folder paths are relative to (set by load)
 
     @model_validator(mode="after")
@@ -161,7 +170,7 @@ class Registry(Frozen):
             return Registry.model_validate(data)
         except ValidationError as err:
             first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            where = error_path(first)
             raise ValueError(f"invalid registry {path}: {where}: {first['msg']}") from None
 
     def resolve_path(self, p: str) -> str:

@@ -69,6 +69,9 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str]:
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", "body"
     if first.get("type") == "missing":
         return f"{param}: field required", param
+    if first.get("type") == "unknown_field":  # logitfuse/fields.py: the path ends at the unknown key
+        where = "" if param == "body" else f"{param}: "
+        return where + first["msg"], first["ctx"]["field"] if param == "body" else f"{param}.{first['ctx']['field']}"
     value = first.get("input")
     shown = json.dumps(value, default=str)[:80]
     return f"{param}: {first['msg']} (got {shown})", param
