@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from logitfuse.api import LogitFuse
+from logitfuse.completion import diagnostics_summary
 from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 from logitfuse.runner import EngineRunner
 from service.errors import APIError, as_api_error, envelope
-from service.formats import Choice, diagnostics_summary
+from service.formats import Choice
 
 DONE = "data: [DONE]\n\n"
 

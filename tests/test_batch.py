@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from logitfuse.batch import main
+from logitfuse.cli import main as cli
 from service.app import start_in_thread
 
 WORDS = "the red city king queen river blue green one two three north south".split()
@@ -25,6 +25,10 @@ def write_prompts(path, n):
 
 def read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def main(argv):
+    return cli(["generate", *argv])
 
 
 def args(config_file, inp, out, *extra):
