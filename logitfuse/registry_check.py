@@ -1,0 +1,123 @@
+"""Start-up validation of a registry file, entry by entry, before any model loads.
+
+Every entry of models, rewards, experts and ensembles is checked on its own (its fields, that a local
+folder exists or a hub id can be had, what it refers to), so that all bad entries are reported at once.
+`server.on_bad_entry` decides what happens then: `refuse` (the default) stops with the whole list;
+`skip` drops the bad entries (and the entries that need them) and keeps the reasons in
+`Registry.skipped`, which the server shows in /health.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
+SECTIONS = ("models", "rewards", "experts", "ensembles")
+
+
+def errors_of(err: ValidationError, prefix: str) -> list[str]:
+    """Every error of a pydantic validation, each as `prefix.field.path: message`."""
+    out = []
+    for e in err.errors():
+        loc = ".".join([prefix, *(str(p) for p in e["loc"])]) if prefix or e["loc"] else ""
+        msg = e["msg"].removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return out
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached(repo: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def source_problem(root: str, key: str, path: str, need: str | None = "config.json",
+                   hub_file: str = "config.json") -> str | None:
+    """Why `path` (a folder relative to the registry file, or a hub id) cannot be loaded, or None.
+    `need`: a file the folder must hold; `hub_file`: one a cached hub repository would hold."""
+    given = Path(path).expanduser()
+    local = (given if given.is_absolute() else Path(root) / given).resolve()
+    if local.is_dir():
+        return f"{key}: no such file {local / need}" if need and not (local / need).is_file() else None
+    if local.exists():
+        return f"{key}: {local} is a file, not a folder"
+    if not HUB_ID.match(path) or ".." in path:
+        return f"{key}: no such folder {local}"
+    if _offline() and not _cached(path, need or hub_file):
+        return (f"{key}: no such folder {local}, and {path!r} as a hub id is not in the local cache "
+                f"(HF_HUB_OFFLINE is set, so it cannot be downloaded)")
+    return None  # a hub id: fetched at load
+
+
+def _model_sources(root: str, name: str, spec) -> list[str]:
+    key = f"models.{name}"
+    found = []
+    if spec.path is not None:
+        found.append(source_problem(root, f"{key}.path", spec.path, spec.gguf_file or "config.json"))
+    if spec.tokenizer is not None:
+        found.append(source_problem(root, f"{key}.tokenizer", spec.tokenizer, None, "tokenizer_config.json"))
+    return [p for p in found if p]
+
+
+def check_entries(data: dict, specs: dict[str, type[BaseModel]], root: str) -> tuple[dict, dict[str, list[str]]]:
+    """The entries that pass their own checks, by section, and the problems of the others by entry key."""
+    good: dict[str, dict] = {s: {} for s in SECTIONS}
+    bad: dict[str, list[str]] = {}
+    for section in SECTIONS:
+        entries = data.get(section) or {}
+        if not isinstance(entries, dict):
+            bad[section] = [f"{section}: must be a mapping of names to entries, got {type(entries).__name__}"]
+            continue
+        for name, entry in entries.items():
+            try:
+                spec = specs[section].model_validate(entry)
+            except ValidationError as err:
+                bad[f"{section}.{name}"] = errors_of(err, f"{section}.{name}")
+                continue
+            problems = _model_sources(root, name, spec) if section == "models" else (
+                [p for p in [source_problem(root, f"rewards.{name}.path", spec.path)] if p]
+                if section == "rewards" else [])
+            if problems:
+                bad[f"{section}.{name}"] = problems
+            else:
+                good[section][name] = entry
+    return good, bad
+
+
+def check_references(good: dict, build, bad: dict[str, list[str]]) -> dict:
+    """Drop experts and ensembles whose references fail (bad entries included), recording why. `build`
+    makes a Registry from sections (its validators check the references)."""
+    for section in ("experts", "ensembles"):
+        for name, entry in list(good[section].items()):
+            trial = {**{s: good[s] for s in SECTIONS if s != section}, section: {name: entry}}
+            if section == "experts":
+                trial["ensembles"] = {}
+            try:
+                build(trial)
+            except ValidationError as err:
+                del good[section][name]
+                bad[f"{section}.{name}"] = [_blame(m, bad) for m in errors_of(err, "")]
+    return good
+
+
+def _blame(message: str, bad: dict[str, list[str]]) -> str:
+    """Say so when a reference fails because the entry it names was itself bad."""
+    for key in bad:
+        if f"{key.split('.', 1)[1]!r}" in message:
+            return f"{message} ({key} is a bad entry)"
+    return message
+
+
+def report(path: Path, bad: dict[str, list[str]]) -> str:
+    lines = [line for key in bad for line in bad[key]]
+    return (f"invalid registry {path}: {len(bad)} bad entr{'y' if len(bad) == 1 else 'ies'}:\n  "
+            + "\n  ".join(lines))
