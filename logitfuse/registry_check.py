@@ -16,6 +16,18 @@ from pydantic import BaseModel, ValidationError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
 SECTIONS = ("models", "rewards", "experts", "ensembles")
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # as backends/hf.py resolves them
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _placement(key: str, spec) -> list[str]:
+    """dtype and device, checked here rather than when the checkpoint loads."""
+    out = []
+    if spec.dtype not in DTYPES:
+        out.append(f"{key}.dtype: must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
+    if not DEVICE.match(spec.device):
+        out.append(f"{key}.device: must be auto, cpu, mps, cuda or cuda:N, got {spec.device!r}")
+    return out
 
 
 def errors_of(err: ValidationError, prefix: str) -> list[str]:
@@ -68,6 +80,15 @@ def _model_sources(root: str, name: str, spec) -> list[str]:
     return [p for p in found if p]
 
 
+def _entry_problems(root: str, section: str, name: str, spec) -> list[str]:
+    if section == "models":
+        return _placement(f"models.{name}", spec) + _model_sources(root, name, spec)
+    if section == "rewards":
+        found = source_problem(root, f"rewards.{name}.path", spec.path)
+        return _placement(f"rewards.{name}", spec) + ([found] if found else [])
+    return []
+
+
 def check_entries(data: dict, specs: dict[str, type[BaseModel]], root: str) -> tuple[dict, dict[str, list[str]]]:
     """The entries that pass their own checks, by section, and the problems of the others by entry key."""
     good: dict[str, dict] = {s: {} for s in SECTIONS}
@@ -83,9 +104,7 @@ def check_entries(data: dict, specs: dict[str, type[BaseModel]], root: str) -> t
             except ValidationError as err:
                 bad[f"{section}.{name}"] = errors_of(err, f"{section}.{name}")
                 continue
-            problems = _model_sources(root, name, spec) if section == "models" else (
-                [p for p in [source_problem(root, f"rewards.{name}.path", spec.path)] if p]
-                if section == "rewards" else [])
+            problems = _entry_problems(root, section, name, spec)
             if problems:
                 bad[f"{section}.{name}"] = problems
             else:
@@ -115,6 +134,31 @@ def _blame(message: str, bad: dict[str, list[str]]) -> str:
         if f"{key.split('.', 1)[1]!r}" in message:
             return f"{message} ({key} is a bad entry)"
     return message
+
+
+def vocab_problems(reg) -> dict[str, str]:
+    """Ensembles whose models do not share token ids, found from tokenizer and config files alone
+    (seconds, before any weights load). Remote, GGUF and cross-tokenizer ensembles are left to the load."""
+    from logitfuse.backends.hf import probe_vocab
+    from logitfuse.vocab import VocabMismatchError, align
+
+    infos: dict = {}
+    failed: dict[str, str] = {}
+    for name in reg.ensembles:
+        plan = reg.plan(name)
+        models = [reg.models[m] for m in plan.models()]
+        if plan.cross_models() or any(m.path is None or m.gguf_file for m in models):
+            continue
+        try:
+            for m in plan.models():
+                if m not in infos:
+                    infos[m] = probe_vocab(m, reg.resolve_path(reg.models[m].path))
+            align([infos[m] for m in plan.models()])
+        except VocabMismatchError as err:
+            failed[f"ensembles.{name}"] = f"ensembles.{name}: {err}"
+        except (OSError, ValueError, KeyError):
+            continue  # files the probe cannot read: the load itself will say more
+    return failed
 
 
 def report(path: Path, bad: dict[str, list[str]]) -> str:

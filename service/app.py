@@ -24,8 +24,14 @@ def preload(lf: LogitFuse) -> dict[str, str]:
     """Load every ensemble's models and check each ensemble's shared vocabulary once, at start-up.
     Returns the ensembles that failed (a checkpoint that does not load, vocabularies that do not match)
     with the reason, all of them rather than the first."""
-    failed = {}
+    from logitfuse.registry_check import vocab_problems
+
+    failed = vocab_problems(lf.registry)
+    if failed and lf.registry.server.on_bad_entry == "refuse":
+        return failed  # found from the tokenizers alone: stop before loading any weights
     for name in lf.registry.ensembles:
+        if f"ensembles.{name}" in failed:
+            continue
         try:
             plan = lf.registry.plan(name)
             for m in plan.models() + plan.rewards():

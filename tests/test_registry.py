@@ -74,6 +74,7 @@ models:
   hub: {path: org/not-a-cached-model}
   typo: {path: a, dtyp: float16}
   noconf: {path: empty}
+  placed: {path: a, dtype: fp8, device: gpu}
 experts:
   good: {tuned: a, untuned: a}
   broken: {tuned: typo, untuned: a}
@@ -92,7 +93,7 @@ def test_every_bad_entry_is_reported_at_once_before_anything_loads(tmp_path, mon
     with pytest.raises(ValueError) as err:
         Registry.load(write(tmp_path, BAD % "refuse"))
     lines = str(err.value).splitlines()
-    assert lines[0].endswith("8 bad entries:")
+    assert lines[0].endswith("9 bad entries:")
     text = str(err.value)
     assert f"models.gone.path: no such folder {(tmp_path.parent / 'nowhere' / 'base-smal').resolve()}" in text
     assert "models.hub.path: " in text and "'org/not-a-cached-model' as a hub id is not in the local cache" in text
@@ -103,6 +104,8 @@ def test_every_bad_entry_is_reported_at_once_before_anything_loads(tmp_path, mon
     assert "ensembles.uses-broken: expert 'broken' not found" in text and "(experts.broken is a bad entry)" in text
     assert "ensembles.unknown-expert: expert 'nobody' not found; available: good" in text
     assert "ensembles.bad-method.method: Input should be 'none', 'proxy'" in text
+    assert "models.placed.dtype: must be one of auto, float32, float16, bfloat16, got 'fp8'" in text
+    assert "models.placed.device: must be auto, cpu, mps, cuda or cuda:N, got 'gpu'" in text
     assert "ensembles.fine" not in text and "models.a" not in text
 
 
@@ -111,7 +114,7 @@ def test_skip_serves_the_good_entries_and_keeps_the_reasons(tmp_path, monkeypatc
     (tmp_path / "empty").mkdir()
     reg = Registry.load(write(tmp_path, BAD % "skip"))
     assert reg.names() == ["fine", "a"] and list(reg.experts) == ["good"]
-    assert sorted(reg.skipped) == sorted(["models.gone", "models.hub", "models.typo", "models.noconf",
+    assert sorted(reg.skipped) == sorted(["models.gone", "models.hub", "models.typo", "models.noconf", "models.placed",
                                           "experts.broken", "ensembles.uses-broken", "ensembles.unknown-expert",
                                           "ensembles.bad-method"])
     assert reg.skipped["models.gone"].startswith("models.gone.path: no such folder ")

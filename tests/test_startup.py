@@ -45,7 +45,10 @@ def test_refuse_names_every_bad_entry_before_loading(config_file, tmp_path, monk
     assert "2 bad entries" in text and "models.lost.path: no such folder" in text and "ensembles.ghost" in text
 
 
-def test_refuse_stops_on_an_ensemble_whose_models_do_not_fit(config_file, tmp_path):
+def test_refuse_stops_on_mismatched_vocabularies_before_loading_weights(config_file, tmp_path, monkeypatch):
+    from logitfuse.pool import ModelPool
+
+    monkeypatch.setattr(ModelPool, "get", lambda *a: pytest.fail("a model loaded"))
     cfg = broken_config(config_file, tmp_path, "refuse")
     cfg.write_text("\n".join(line for line in cfg.read_text().splitlines() if "lost:" not in line
                              and "ghost:" not in line))
