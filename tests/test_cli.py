@@ -84,3 +84,28 @@ def test_a_wrong_model_path_names_the_key(capsys, config_file, tmp_path):
     assert "Traceback" not in err and not (tmp_path / "o.jsonl").exists()
     rc, _, err = run(capsys, "generate", "--fusion", "[1]", "--model", "m", "--input", "i", "--output", "o")
     assert rc == 2 and "--fusion: must be a JSON object" in err
+
+
+def imports_of(module: str) -> set[str]:
+    """Every logitfuse module a module imports, at the top or inside functions."""
+    import ast
+    import importlib.util
+
+    tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith("logitfuse")}
+
+
+def test_the_command_and_batch_modules_import_in_one_direction():
+    """cli -> batch -> batch_remote -> (batch_io, batch_lines, batch_job): nothing imports back up."""
+    order = ["logitfuse.cli", "logitfuse.batch", "logitfuse.batch_remote", "logitfuse.batch_job",
+             "logitfuse.batch_lines", "logitfuse.batch_io"]
+    for i, module in enumerate(order):
+        above = set(order[:i + 1]) - {module}
+        assert not imports_of(module) & above, f"{module} imports {imports_of(module) & above}"
+    assert "logitfuse.cli" not in set().union(*(imports_of(m) for m in order[1:]))
