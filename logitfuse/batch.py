@@ -25,7 +25,10 @@ from logitfuse.request import InvalidRequest, UnknownName
 def local_source(args: argparse.Namespace) -> tuple[Registry, dict]:
     """The registry, with --model and --fusion checked against it, and what --model means in it."""
     reg = Registry.load(args.config)
-    batch_lines.known_model(args.model, reg.names(), "")
+    for key in (f"ensembles.{args.model}", f"models.{args.model}"):
+        if key in reg.skipped:
+            raise ValueError(f"--model {args.model!r} is a bad entry of {args.config}: {reg.skipped[key]}")
+    batch_lines.known_model(args.model, reg.names())
     reg.plan(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
     spec = reg.ensembles.get(args.model) or reg.models[args.model]
     return reg, {"registry_entry": spec.model_dump(mode="json")}
@@ -41,20 +44,22 @@ def build(lf, args: argparse.Namespace, rec: Record) -> list:
     return reqs
 
 
-def load(lf, args: argparse.Namespace) -> None:
-    """Load the job's models before decoding, so that the summary can tell loading from decoding."""
-    plan = lf.registry.plan(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
-    for name in plan.models() + plan.rewards():
-        lf.pool.get(name)
-
-
-def run_local(args: argparse.Namespace, reg: Registry, todo: list[Record], writer: Writer, stats: Stats) -> None:
+def open_local(args: argparse.Namespace, reg: Registry, stats: Stats):
+    """The library with the job's models loaded and their vocabularies checked, before anything is
+    written (a job that cannot run stops instead of writing an error record per line); timed apart."""
     from logitfuse.api import LogitFuse
 
     t0 = time.perf_counter()
     lf = LogitFuse(reg)
-    load(lf, args)
+    plan = reg.plan(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
+    for name in plan.models() + plan.rewards():
+        lf.pool.get(name)
+    lf.engine.fuser.alignment(plan)
     stats.load_s = time.perf_counter() - t0
+    return lf
+
+
+def run_local(args: argparse.Namespace, lf, todo: list[Record], writer: Writer, stats: Stats) -> None:
     stats.started()
     engine, pending = lf.engine, list(reversed(todo))
     groups: dict[str, tuple[Record, list[Completion]]] = {}
@@ -104,22 +109,26 @@ def _account(ev, groups: dict, owner: dict, writer: Writer, stats: Stats, args, 
 
 def run(args: argparse.Namespace) -> int:
     """The whole job; 2 when it cannot start (nothing written then), else 0."""
+    stats = Stats()
     try:
         records = read_input(args.input)
         if args.server:
             from logitfuse.batch_remote import remote_source
 
-            reg, source = None, remote_source(args)
+            lf, source = None, remote_source(args)
         else:
             reg, source = local_source(args)
         defaults = batch_lines.sampling_defaults(args)
         job = batch_job.settings(args.model, source, args.fusion, defaults, args.seed, args.input)
+        batch_job.check(args.output, job, args.overwrite)
+        if not args.server:
+            lf = open_local(args, reg, stats)
         batch_job.prepare(args.output, job, args.overwrite)
     except (OSError, ValueError, LookupError) as err:
         print(f"cannot start: {err}", file=sys.stderr)
         return 2
     done = finished_ids(args.output)
-    stats = Stats(skipped=sum(r.id in done for r in records))
+    stats.skipped = sum(r.id in done for r in records)
     writer = Writer(args.output)
     try:
         for bad in (r for r in records if isinstance(r, BadLine) and r.id not in done):
@@ -128,9 +137,10 @@ def run(args: argparse.Namespace) -> int:
         if args.server:
             from logitfuse.batch_remote import run_remote
 
+            stats.started()
             run_remote(args, todo, writer, stats)
         elif todo:
-            run_local(args, reg, todo, writer, stats)
+            run_local(args, lf, todo, writer, stats)
     finally:
         writer.close()
     print(stats.summary(), file=sys.stderr)

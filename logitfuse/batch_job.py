@@ -63,26 +63,33 @@ def _write_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def check(output: Path, job: dict, overwrite: bool) -> None:
+    """Raise JobMismatch (saying why) unless `output` can take this job's records: nothing there yet,
+    --overwrite, or an output made by the same job. Touches nothing."""
+    side = job_file(output)
+    if overwrite or not (output.exists() and output.stat().st_size > 0):
+        return
+    if not side.exists():
+        raise JobMismatch(f"{output} exists but has no job file {side.name}, so it cannot be resumed safely; "
+                          "use --overwrite to start over, or choose another --output")
+    try:
+        old = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise JobMismatch(f"cannot read the job file {side}: {err}; use --overwrite to start over") from None
+    diff = differences(old, job)
+    if diff:
+        raise JobMismatch(f"{output} was made by another job; it differs in:\n  " + "\n  ".join(diff)
+                          + "\nuse --overwrite to start over, or choose another --output")
+
+
 def prepare(output: Path, job: dict, overwrite: bool) -> None:
-    """Make `output` ready for this job: start over (--overwrite, or nothing there yet) or check that the
-    existing output was made by the same job. Raises JobMismatch with the reason; touches nothing then."""
+    """Make `output` ready for this job (after `check`): start over, or keep what the same job wrote."""
+    check(output, job, overwrite)
     side = job_file(output)
     if overwrite:
         output.unlink(missing_ok=True)
         side.unlink(missing_ok=True)
-    started = output.exists() and output.stat().st_size > 0
-    if started:
-        if not side.exists():
-            raise JobMismatch(f"{output} exists but has no job file {side.name}, so it cannot be resumed safely; "
-                              "use --overwrite to start over, or choose another --output")
-        try:
-            old = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise JobMismatch(f"cannot read the job file {side}: {err}; use --overwrite to start over") from None
-        diff = differences(old, job)
-        if diff:
-            raise JobMismatch(f"{output} was made by another job; it differs in:\n  " + "\n  ".join(diff)
-                              + "\nuse --overwrite to start over, or choose another --output")
+    if output.exists() and output.stat().st_size > 0:
         return
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(side, job)

@@ -118,6 +118,14 @@ def test_an_unknown_model_stops_the_job_before_anything_is_written(config_file, 
     assert sorted(tmp_path.iterdir()) == [inp]  # neither an output nor a job file
 
 
+def test_a_job_whose_models_do_not_fit_together_stops_before_writing(config_file, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(inp, 3)
+    assert main(small_job(config_file, inp, out, "--fusion", '{"experts": ["alien"]}')) == 2
+    assert "cannot start: vocabulary mismatch between 'base-large' and 'foreign'" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == [inp]
+
+
 def test_resume_is_refused_for_another_job_and_overwrite_starts_over(config_file, tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_prompts(inp, 2)
