@@ -15,9 +15,10 @@ import time
 
 from tqdm import tqdm
 
-from logitfuse import batch_job, batch_lines
+from logitfuse import batch_job, batch_lines, methods
 from logitfuse.batch_io import BadLine, Record, Stats, Writer, finished_ids, line_params, read_input, result_record
 from logitfuse.completion import Completion
+from logitfuse.plan import FusionPlan
 from logitfuse.registry import Registry
 from logitfuse.request import InvalidRequest, UnknownName
 
@@ -62,7 +63,7 @@ def open_local(args: argparse.Namespace, reg: Registry, stats: Stats):
 def run_local(args: argparse.Namespace, lf, todo: list[Record], writer: Writer, stats: Stats) -> None:
     stats.started()
     engine, pending = lf.engine, list(reversed(todo))
-    groups: dict[str, tuple[Record, list[Completion]]] = {}
+    groups: dict[str, tuple[Record, list[Completion], FusionPlan]] = {}
     owner: dict[str, tuple[str, Completion]] = {}  # engine request id -> (record id, its sequence)
     bar = tqdm(total=len(todo), desc="generate", unit="rec")
     while pending or engine.has_work():
@@ -74,7 +75,7 @@ def run_local(args: argparse.Namespace, lf, todo: list[Record], writer: Writer, 
                 stats.write(writer, batch_lines.bad_line(rec.id, err).record(), bar, error=True)
                 continue
             parts = [Completion(r.rid) for r in reqs]
-            groups[rec.id] = (rec, parts)
+            groups[rec.id] = (rec, parts, reqs[0].plan)
             for r, part in zip(reqs, parts):
                 owner[r.rid] = (rec.id, part)
                 engine.add(r)
@@ -93,7 +94,7 @@ def _account(ev, groups: dict, owner: dict, writer: Writer, stats: Stats, args, 
     if not part.done:
         return
     del owner[ev.rid]
-    rec, parts = groups[rec_id]
+    rec, parts, plan = groups[rec_id]
     if not all(p.done for p in parts):
         return
     del groups[rec_id]
@@ -104,7 +105,8 @@ def _account(ev, groups: dict, owner: dict, writer: Writer, stats: Stats, args, 
         bar.update(1)
         return
     want = "logprobs" in line_params(batch_lines.sampling_defaults(args), rec, args.seed)
-    stats.write(writer, result_record(rec_id, args.model, parts, want), bar)
+    summary = methods.summarise(plan, [d for p in parts for d in p.diagnostics])
+    stats.write(writer, result_record(rec_id, args.model, parts, want, summary), bar)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from logitfuse.completion import Completion, diagnostics_summary
+from logitfuse.completion import Completion
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed",
                    "logprobs", "ignore_eos", "n", "logit_bias")
@@ -179,7 +179,7 @@ def logprobs_record(c: Completion) -> dict:
 def result_record(rec_id: str, model: str, parts: list[Completion], want_logprobs: bool,
                   diagnostics: dict | None = None) -> dict:
     """The output line of a finished prompt: one part flat, several (n > 1) as "choices"; `diagnostics`:
-    the summary a server already made (else it is made from the parts' per-step diagnostics)."""
+    the method's summary of the per-step diagnostics (methods.summarise), as the server reports it."""
     def choice(c: Completion) -> dict:
         out = {"text": c.text, "finish_reason": c.reported_finish_reason}
         return out | ({"logprobs": logprobs_record(c)} if want_logprobs else {})
@@ -188,7 +188,6 @@ def result_record(rec_id: str, model: str, parts: list[Completion], want_logprob
     out |= choice(parts[0]) if len(parts) == 1 else {"choices": [choice(c) for c in parts]}
     out["prompt_tokens"] = parts[0].prompt_tokens
     out["completion_tokens"] = sum(c.completion_tokens for c in parts)
-    summary = diagnostics or diagnostics_summary([d for c in parts for d in c.diagnostics])
-    if summary is not None:
-        out["fusion_diagnostics"] = summary
+    if diagnostics is not None:
+        out["fusion_diagnostics"] = diagnostics
     return out

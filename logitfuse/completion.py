@@ -56,12 +56,3 @@ class Completion:
         reason = self.finish_reason
         return None if reason == "error" else "length" if reason == "abort" else reason
 
-
-def diagnostics_summary(steps: list[dict]) -> dict | None:
-    """Per-request summary of per-step diagnostics: mean DLF weight per expert, steps counted."""
-    weights = [d["dlf_weights"] for d in steps if "dlf_weights" in d]
-    if not weights:
-        return None
-    names = list(weights[0])
-    return {"method": "dlf", "steps": len(weights),
-            "mean_weights": {n: sum(w[n] for w in weights) / len(weights) for n in names}}
