@@ -10,6 +10,7 @@ import math
 from pydantic import ValidationError
 
 from logitfuse.batch_io import BadLine, Record
+from logitfuse.fields import error_path
 from logitfuse.registry import FusionParams
 from logitfuse.request import InvalidRequest, SamplingParams, UnknownName, logit_bias_pairs
 
@@ -66,7 +67,7 @@ def fusion(cli_fusion: dict | None, rec: Record) -> FusionParams | None:
         return FusionParams.model_validate(merged)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(["fusion", *(str(p) for p in first["loc"])])
+        where = ".".join(p for p in ("fusion", error_path(first)) if p)
         raise InvalidRequest(f"{where}: {first['msg']}", where) from None
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from logitfuse.fields import error_path
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
 SECTIONS = ("models", "rewards", "experts", "ensembles")
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # as backends/hf.py resolves them
@@ -34,7 +36,8 @@ def errors_of(err: ValidationError, prefix: str) -> list[str]:
     """Every error of a pydantic validation, each as `prefix.field.path: message`."""
     out = []
     for e in err.errors():
-        loc = ".".join([prefix, *(str(p) for p in e["loc"])]) if prefix or e["loc"] else ""
+        path = error_path(e)
+        loc = ".".join(p for p in (prefix, path) if p)
         msg = e["msg"].removeprefix("Value error, ")
         out.append(f"{loc}: {msg}" if loc else msg)
     return out

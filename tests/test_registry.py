@@ -98,7 +98,7 @@ def test_every_bad_entry_is_reported_at_once_before_anything_loads(tmp_path, mon
     assert f"models.gone.path: no such folder {(tmp_path.parent / 'nowhere' / 'base-smal').resolve()}" in text
     assert "models.hub.path: " in text and "'org/not-a-cached-model' as a hub id is not in the local cache" in text
     assert "HF_HUB_OFFLINE" in text
-    assert "models.typo.dtyp: Extra inputs are not permitted" in text
+    assert "models.typo.dtyp: unknown field 'dtyp'; did you mean 'dtype'?" in text
     assert f"models.noconf.path: no such file {tmp_path / 'empty' / 'config.json'}" in text
     assert "experts.broken.tuned: unknown model 'typo' (models.typo is a bad entry)" in text
     assert "ensembles.uses-broken: expert 'broken' not found" in text and "(experts.broken is a bad entry)" in text
