@@ -46,6 +46,11 @@ def _port(text: str) -> int:
     return value
 
 
+def _location(text: str) -> Path | str:
+    """A local path, or a filesystem URI kept as written (only --ray reads and writes URIs)."""
+    return text if "://" in text else Path(text)
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -65,6 +70,9 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", metavar="N", type=_port, default=_port(env_port) if env_port else None,
                    help="port to listen on (env LOGITFUSE_PORT; default: server.port of the config)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default: %(default)s)")
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve (replicas per the config's ray: section)")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: replicas per deployment")
+    p.add_argument("--ray-address", default=None, help="with --ray: cluster to join (default: RAY_ADDRESS or local)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -75,6 +83,10 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"cannot start: {err}", file=sys.stderr)
         return 2
+    if args.ray:
+        from logitfuse.deploy import run_cli
+
+        return run_cli(args)
     host, port = args.host or server.host, args.port or server.port
     problem = port_problem(host, port)
     if problem:
@@ -109,9 +121,9 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", default=default_config(),
                    help="registry YAML, local mode (env LOGITFUSE_CONFIG; default: %(default)s)")
     p.add_argument("--model", metavar="NAME", required=True, help="the ensemble or model name to generate with")
-    p.add_argument("--input", metavar="FILE", required=True, type=Path,
-                   help="JSONL: one {id, prompt | messages, ...} per line")
-    p.add_argument("--output", metavar="FILE", required=True, type=Path,
+    p.add_argument("--input", metavar="FILE", required=True, type=_location,
+                   help="JSONL: one {id, prompt | messages, ...} per line (a filesystem URI with --ray)")
+    p.add_argument("--output", metavar="FILE", required=True, type=_location,
                    help="JSONL results, appended and resumed; the job's settings are kept in FILE.job.json")
     p.add_argument("--overwrite", action="store_true", help="start over: delete the output and its job file first")
     p.add_argument("--fusion", metavar="JSON", type=_json_object, default=None,
@@ -133,9 +145,19 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", metavar="N", type=int, default=5,
                    help="retries on 429/5xx/connection errors (server mode; default: %(default)s)")
     p.add_argument("--api-key", metavar="KEY", default=None, help="bearer token for the server (server mode)")
+    from logitfuse.ray_batch import add_args as ray_args
+
+    ray_args(p)
 
 
 def generate(args: argparse.Namespace) -> int:
+    if args.ray:
+        from logitfuse.ray_batch import run_ray
+
+        return run_ray(args)
+    if isinstance(args.input, str) or isinstance(args.output, str):
+        print("cannot start: filesystem URIs for --input/--output need --ray", file=sys.stderr)
+        return 2
     from logitfuse.batch import run
 
     return run(args)
