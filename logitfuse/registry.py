@@ -171,19 +171,25 @@ class Registry(Frozen):
 
         path, data = Path(path), _read_yaml(Path(path))
         root = str(path.resolve().parent)
-        fatal = [f"{k}: unknown section (known: {', '.join((*rc.SECTIONS, 'server'))})"
-                 for k in data if k not in (*rc.SECTIONS, "server")] + ([] if "models" in data else ["models: missing"])
-        try:
-            server = ServerSpec.model_validate(data.get("server") or {})
-        except ValidationError as err:
-            fatal += rc.errors_of(err, "server")
+        # whole-file sections (server, ray, ...): every Registry field that is not a table of entries
+        whole = [k for k in Registry.model_fields if k not in (*rc.SECTIONS, "root", "skipped")]
+        known = (*rc.SECTIONS, *whole)
+        fatal = [f"{k}: unknown section (known: {', '.join(known)})" for k in data if k not in known]
+        fatal += [] if "models" in data else ["models: missing"]
+        settings = {}
+        for key in whole:
+            try:
+                settings[key] = Registry.model_fields[key].annotation.model_validate(data.get(key) or {})
+            except ValidationError as err:
+                fatal += rc.errors_of(err, key)
         if fatal:
             raise ValueError(rc.report(path, {"": fatal}))
+        server = settings["server"]
         specs = {"models": ModelSpec, "rewards": RewardSpec, "experts": ExpertSpec, "ensembles": EnsembleSpec}
         good, bad = rc.check_entries(data, specs, root)
 
         def build(sections: dict, skipped: dict | None = None) -> Registry:
-            return Registry.model_validate({**sections, "server": server, "root": root, "skipped": skipped or {}})
+            return Registry.model_validate({**sections, **settings, "root": root, "skipped": skipped or {}})
 
         good = rc.check_references(good, build, bad)
         if bad and (server.on_bad_entry == "refuse" or not good["models"]):
