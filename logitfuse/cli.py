@@ -21,10 +21,12 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=int(os.environ["LOGITFUSE_PORT"]) if "LOGITFUSE_PORT" in os.environ
                    else None, help="default: server.port of the config (env LOGITFUSE_PORT)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--api-key", action="append", help="require this key as 'Authorization: Bearer <key>' "
+                   "(repeatable; also env LOGITFUSE_API_KEY, comma-separated, and server.api_keys)")
     args = p.parse_args(argv)
     from service.app import run_server
 
-    return run_server(args.config, args.host, args.port, args.log_level)
+    return run_server(args.config, args.host, args.port, args.log_level, args.api_key)
 
 
 def _generate(argv: list[str]) -> int:

@@ -116,7 +116,7 @@ class ServerSpec(Frozen):
     port: int = 8000
     memory_budget_mb: int = 8192  # loaded checkpoints beyond this are evicted, least recently used first
     max_batch: int = 64  # sequences decoded together
-    max_queue: int = 1024  # waiting sequences before 429
+    max_queue: int = Field(default=1024, ge=1)  # waiting sequences (submitted, not yet decoding) before 429
     max_logprobs: int = 20
     max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token
     api_keys: list[str] = []
@@ -127,6 +127,16 @@ class ServerSpec(Frozen):
     # ends with the tokens it has, finish_reason "length" (None: no limit)
     kv_budget_mb: float | None = Field(default=None, gt=0)  # KV cache the sequences in flight may need at
     # worst; requests wait in the queue until theirs fits, and one that never fits gets a 400 (None: no limit)
+    # -- operations (docs/operations.md) --
+    max_body_bytes: int = Field(default=512 * 1024, ge=1024)  # larger request bodies get 413, unread
+    public_paths: list[str] = ["/health"]  # paths open without a key when api_keys are set (e.g. /metrics, /docs)
+    max_connections: int | None = Field(default=256, ge=1)  # open connections; beyond it uvicorn answers 503
+    header_timeout: float = Field(default=10.0, gt=0)  # seconds for a request's headers, then the connection closes
+    body_timeout: float = Field(default=30.0, gt=0)  # seconds for its body to arrive, then 408
+    keep_alive_timeout: float = Field(default=5.0, gt=0)  # idle seconds before a kept-alive connection closes
+    tqstar_lane: bool = True  # Transfer Q* rows decode in their own engine thread, never in light rows' steps
+    load_retry_seconds: float = Field(default=30.0, ge=0)  # a model that failed to load from a hub id or
+    # remote is retried after this long; a local folder is retried when its files change
 
 
 class Registry(Frozen):
@@ -245,9 +255,9 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, specul
         if len({e.untuned for e in experts}) != 1:
             raise InvalidRequest("fusion.experts: dlf needs experts tuned from one untuned model", "fusion.experts")
         grid = p.grid or (0.0, 2.0, 0.1)
-        if not (grid[2] > 0 and grid[1] >= grid[0] and (grid[1] - grid[0]) / grid[2] <= 200):
-            raise InvalidRequest(f"fusion.grid must be [start, stop, step] with step > 0 and at most 200 "
-                                 f"points, got {list(grid)}", "fusion.grid")
+        if not (grid[2] > 0 and -COEF <= grid[0] <= grid[1] <= COEF and (grid[1] - grid[0]) / grid[2] <= 200):
+            raise InvalidRequest(f"fusion.grid must be [start, stop, step] with -{COEF:g} <= start <= stop <= "
+                                 f"{COEF:g}, step > 0 and at most 200 points, got {list(grid)}", "fusion.grid")
         return FusionPlan("dlf", base, experts, grid=tuple(grid), mode=p.mode or "one_expert", ensemble=ensemble)
     return FusionPlan(method, base, experts, coef=tuple(scale * w for w in weights), speculative=spec,
                       ensemble=ensemble)
@@ -261,8 +271,8 @@ def _tqstar(reg: Registry, p: FusionParams) -> TQStarPlan:
     if p.baseline_reward:
         reg._lookup(reg.rewards, p.baseline_reward, "reward model", "fusion.baseline_reward")
     alpha = p.alpha if p.alpha is not None else 1.0
-    if alpha <= 0:
-        raise InvalidRequest(f"fusion.alpha must be > 0 for tqstar, got {alpha}", "fusion.alpha")
+    if not 1 / COEF <= alpha <= 1e6:  # Q / alpha stays finite; beyond 1e6 the bonus is nothing anyway
+        raise InvalidRequest(f"fusion.alpha must be in [{1 / COEF:g}, 1e6] for tqstar, got {alpha}", "fusion.alpha")
     return TQStarPlan(
         baseline=p.baseline, reward=p.reward, baseline_reward=p.baseline_reward, top_k=p.top_k or 10, alpha=alpha,
         rollouts=p.rollouts or 1, rollout_tokens=p.rollout_tokens or (5 if p.baseline_reward else 20),

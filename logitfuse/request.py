@@ -27,6 +27,10 @@ class UnknownName(LookupError):
         self.param = param
 
 
+class Overloaded(RuntimeError):
+    """The queue of waiting sequences is full: becomes a 429 with Retry-After."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
