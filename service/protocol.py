@@ -23,7 +23,8 @@ def lone_surrogate(value: Any, path: str = "body") -> tuple[str, str] | None:
             return path, f"U+{ord(value[err.start]):04X}"
     elif isinstance(value, dict):
         for k, v in value.items():
-            field = str(k) if path == "body" else f"{path}.{k}"
+            key = str(k).encode("utf-8", "backslashreplace").decode("utf-8")  # a key may hold one itself
+            field = key if path == "body" else f"{path}.{key}"
             if found := (lone_surrogate(k, field) if isinstance(k, str) else None) or lone_surrogate(v, field):
                 return found
     elif isinstance(value, list):

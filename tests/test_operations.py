@@ -94,7 +94,7 @@ def test_running_sequences_do_not_count_against_max_queue(config_file, tmp_path)
         runner.submit([lf.requests("proxy-a", "one", sp, rid=f"a{i}")[0] for i in range(4)], sink)
         assert wait_until(lambda: runner.waiting() == 0, 10) < 10 and runner.pending() == 4
         runner.submit([lf.requests("proxy-a", "two", sp, rid=f"b{i}")[0] for i in range(4)], sink)  # no 429
-        with pytest.raises(Overloaded, match="server.max_queue"):
+        with pytest.raises(Overloaded, match=r"server\.max_queue"):
             runner.submit([lf.requests("proxy-a", "x", sp, rid=f"c{i}")[0] for i in range(5)], sink)
         assert done.wait(60) and {e.finish_reason for e in ends} == {"length"}
     finally:
