@@ -38,15 +38,15 @@ def preload(lf: LogitFuse) -> None:
 
 
 def runners(lf: LogitFuse) -> tuple[EngineRunner, EngineRunner | None]:
-    """The main engine thread and, with server.tqstar_lane, a second one for Transfer Q* rows (its own
-    engine over the same pool, on half the CPU threads) sharing one max_queue bound."""
+    """The main engine thread and, with server.rollout_lane, a second one for rows of a method with rollouts
+    (Transfer Q*: its own engine over the same pool, on half the CPU threads), sharing one max_queue bound."""
     server = lf.registry.server
     bound = QueueBound(server.max_queue)
     main = EngineRunner(lf, bound=bound).start()
-    if not server.tqstar_lane:
+    if not server.rollout_lane:
         return main, None
     threads = max(1, (server.cpu_threads or torch.get_num_threads()) // 2)
-    return main, EngineRunner(lf, lf.make_engine(), bound, threads, "logitfuse-tqstar").start()
+    return main, EngineRunner(lf, lf.make_engine(), bound, threads, "logitfuse-rollouts").start()
 
 
 def api_keys(flags: list[str] | None, environ: dict | None = None) -> list[str]:

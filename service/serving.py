@@ -2,9 +2,9 @@
 
 Requests are built and submitted in a worker thread (building may load a model); events arrive from the
 engine thread on an asyncio queue. A client that goes away aborts its sequences: a JSON client is watched
-for `http.disconnect` while it waits, a stream when it stops reading. Transfer Q* requests go to their own
-lane (a second engine thread) when server.tqstar_lane is set, so their rollouts never lengthen the steps
-of other requests.
+for `http.disconnect` while it waits, a stream when it stops reading. Requests of a method with rollouts
+(Transfer Q*) go to their own lane (a second engine thread) when server.rollout_lane is set, so their
+rollouts never lengthen the steps of other requests.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from logitfuse import methods
 from logitfuse.api import LogitFuse
+from logitfuse.plan import FusionPlan
 from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 from logitfuse.runner import EngineRunner
 from service.errors import APIError, as_api_error, envelope, request_id_of
-from service.formats import Choice, diagnostics_summary
+from service.formats import Choice
 
 DONE = "data: [DONE]\n\n"
 
@@ -46,15 +48,15 @@ class Job:
 
 
 class Serving:
-    def __init__(self, lf: LogitFuse, runner: EngineRunner, tqstar_lane: EngineRunner | None = None) -> None:
+    def __init__(self, lf: LogitFuse, runner: EngineRunner, rollout_lane: EngineRunner | None = None) -> None:
         self.lf = lf
         self.runner = runner
-        self.tqstar_lane = tqstar_lane
+        self.rollout_lane = rollout_lane
         self.server = lf.registry.server
         self.created = int(time.time())
 
     def runners(self) -> list[EngineRunner]:
-        return [self.runner] + ([self.tqstar_lane] if self.tqstar_lane else [])
+        return [self.runner] + ([self.rollout_lane] if self.rollout_lane else [])
 
     def pending(self) -> int:
         """Sequences waiting or running, in every lane."""
@@ -64,7 +66,7 @@ class Serving:
         reg = self.lf.registry
         if name not in reg.names():
             raise APIError(404, f"model {name!r} not found; available: {', '.join(reg.names())}", "model")
-        method = reg.ensembles[name].method if name in reg.ensembles else "none"
+        method = reg.ensembles[name].method if name in reg.ensembles else methods.PLAIN
         return {"id": name, "object": "model", "created": self.created, "owned_by": "logitfuse", "method": method}
 
     def models(self) -> dict:
@@ -82,10 +84,10 @@ class Serving:
             deadline = time.monotonic() + self.server.request_timeout
             for r in reqs:
                 r.deadline = deadline
-        tq = reqs[0].plan.tqstar
-        if tq is not None and tq.work > self.server.max_tqstar_work:
-            raise APIError(400, f"tqstar work top_k * rollouts * rollout_tokens = {tq.work} is over this server's "
-                                f"limit of {self.server.max_tqstar_work}", "fusion.rollout_tokens")
+        plan = reqs[0].plan
+        if (work := methods.get(plan.method).work(plan)) > self.server.max_tqstar_work:
+            raise APIError(400, f"{plan.method} work top_k * rollouts * rollout_tokens = {work} is over this "
+                                f"server's limit of {self.server.max_tqstar_work}", "fusion.rollout_tokens")
         return reqs
 
     async def submit(self, reqs: list[GenerationRequest], streaming: bool = True) -> Job:
@@ -94,7 +96,8 @@ class Serving:
             raise APIError(400, f"this request makes {len(reqs)} sequences (prompts x n); the server queues at "
                                 f"most {self.server.max_queue} (server.max_queue)", "prompt")
         loop = asyncio.get_running_loop()
-        lane = self.tqstar_lane if self.tqstar_lane and reqs[0].plan.method == "tqstar" else self.runner
+        heavy = self.rollout_lane is not None and methods.get(reqs[0].plan.method).work(reqs[0].plan) > 0
+        lane = self.rollout_lane if heavy else self.runner
         job = Job(reqs, asyncio.Event(), lane, streaming, {r.rid for r in reqs})
 
         def sink(ev: TokenEvent | PromptScores) -> None:
@@ -219,5 +222,6 @@ def usage(choices: list) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def diagnostics(choices: list) -> dict | None:
-    return diagnostics_summary([d for c in choices for d in c.diagnostics])
+def diagnostics(choices: list, plan: FusionPlan) -> dict | None:
+    """The method's summary of the per-step diagnostics of every choice (None when it reports none)."""
+    return methods.summarise(plan, [d for c in choices for d in c.diagnostics])

@@ -182,7 +182,7 @@ def test_a_heavy_tqstar_request_leaves_a_light_one_its_latency(config_file, tmp_
     """Stated factor (docs/operations.md): a light request beside a Transfer Q* request at max_tqstar_work
     takes at most 4x its time alone (+0.3 s slack for a loaded machine). In one lane it would wait for
     every one of the heavy request's steps (~60x here)."""
-    url, server = start_in_thread(config(config_file, tmp_path, "tqstar_lane: true"))
+    url, server = start_in_thread(config(config_file, tmp_path, "rollout_lane: true"))
     try:
         alone = sorted(_timed(url) for _ in range(3))[1]
         with ThreadPoolExecutor(1) as pool:
