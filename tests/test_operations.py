@@ -265,3 +265,12 @@ def test_half_sent_requests_and_connection_limit(live):
             s.close()
     time.sleep(0.2)
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def test_models_retrieve_through_the_sdk(live):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{live[0]}/v1", api_key="unused")
+    assert client.models.retrieve("eft-ab").id == "eft-ab"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
