@@ -16,8 +16,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("logitfuse_requests", "HTTP requests", ["path", "status"], registry=r)
-        self.latency = Histogram("logitfuse_request_seconds", "HTTP request latency (to the last byte of a "
-                                 "JSON response, to the headers of a stream)", ["path"], registry=r)
+        self.latency = Histogram("logitfuse_request_seconds", "HTTP request latency (to the last byte of the "
+                                 "response, of a stream too)", ["path"], registry=r)
         self.tokens = Counter("logitfuse_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter("logitfuse_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.sequences = Gauge("logitfuse_sequences", "Sequences waiting or running in the engine", registry=r)
