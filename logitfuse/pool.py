@@ -18,10 +18,10 @@ from contextlib import contextmanager
 
 from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.registry import Registry
-from logitfuse.request import UnknownName
+from logitfuse.request import Unavailable, UnknownName
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(Unavailable):
     """A model that failed to load: a 503 naming the model and the file, until its files change."""
 
     def __init__(self, message: str, retry_after: float) -> None:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from logitfuse.pool import ModelUnavailable
-from logitfuse.request import InvalidRequest, Overloaded, UnknownName
+from logitfuse.request import InvalidRequest, Overloaded, Unavailable, UnknownName
 
 log = logging.getLogger("logitfuse.service")
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -57,6 +57,8 @@ def as_api_error(err: Exception, request_id: str | None = None) -> APIError:
         return APIError(400, str(err), err.param)
     if isinstance(err, UnknownName):
         return APIError(404, str(err), err.param)
+    if isinstance(err, Unavailable):
+        return APIError(503, str(err))
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         return APIError(400, f"{_loc(first['loc'])}: {first['msg']}", _loc(first["loc"]))
@@ -84,6 +86,9 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str]:
         return first["msg"], first["ctx"]["field"]
     if first.get("type") == "missing":
         return f"{param}: field required", param
+    if first.get("type") == "unknown_field":  # logitfuse/fields.py: the path ends at the unknown key
+        where = "" if param == "body" else f"{param}: "
+        return where + first["msg"], first["ctx"]["field"] if param == "body" else f"{param}.{first['ctx']['field']}"
     value = first.get("input")
     shown = json.dumps(value, default=str)[:80]
     return f"{param}: {first['msg']} (got {shown})", param
@@ -104,5 +109,6 @@ def install(app: FastAPI) -> None:
         api = as_api_error(err, request_id_of(request))
         return error_response(api.status, api.message, api.param, api.headers, request_id_of(request))
 
-    for kind in (APIError, InvalidRequest, UnknownName, ValidationError, Overloaded, ModelUnavailable, Exception):
+    for kind in (APIError, InvalidRequest, UnknownName, Unavailable, ValidationError, Overloaded, ModelUnavailable,
+                 Exception):
         app.add_exception_handler(kind, _mapped)
