@@ -96,7 +96,7 @@ class ModelPool:
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
-        self._failed: dict[str, tuple[ModelUnavailable, tuple | None, float]] = {}  # error, files, when
+        self._failed: dict[str, tuple[Unavailable, tuple | None, float]] = {}  # error, files, when
 
     def failed(self) -> dict[str, str]:
         """Models that failed to load, with the reason."""
@@ -140,9 +140,13 @@ class ModelPool:
         except UnknownName:
             raise
         except Exception as exc:
-            where = broken_file(folder) or getattr(exc, "filename", None) or folder or name
-            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
-            err = ModelUnavailable(f"model {name!r} could not be loaded from {where}: {detail}", retry)
+            if isinstance(exc, Unavailable):  # already names the model (a remote's own error): kept as it is
+                err = exc
+                err.retry_after = retry
+            else:
+                where = broken_file(folder) or getattr(exc, "filename", None) or folder or name
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+                err = ModelUnavailable(f"model {name!r} could not be loaded from {where}: {detail}", retry)
             with self._lock:
                 self._failed[name] = (err, files_signature(folder) if folder else None, time.monotonic())
             raise err from None
