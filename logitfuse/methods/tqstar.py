@@ -35,9 +35,8 @@ class TransferQStar(FusionMethod):
         if p.baseline_reward:
             names.check_reward(p.baseline_reward, "fusion.baseline_reward")
         alpha = p.alpha if p.alpha is not None else ALPHA
-        if not 1 / COEF <= alpha <= 1e6:  # Q / alpha stays finite; beyond 1e6 the bonus is nothing anyway
-            raise InvalidRequest(f"fusion.alpha must be in [{1 / COEF:g}, 1e6] for tqstar, got {alpha}",
-                                 "fusion.alpha")
+        if alpha < 1 / COEF:  # Q / alpha stays finite (a huge alpha only shrinks the bonus to nothing)
+            raise InvalidRequest(f"fusion.alpha must be >= {1 / COEF:g} for tqstar, got {alpha}", "fusion.alpha")
         tq = TQStarPlan(
             baseline=p.baseline, reward=p.reward, baseline_reward=p.baseline_reward, top_k=p.top_k or TOP_K,
             alpha=alpha, rollouts=p.rollouts or ROLLOUTS,
