@@ -88,7 +88,7 @@ def test_fusion_extremes_are_400s_naming_the_field(client, fusion, param):
 
 
 def test_tqstar_alpha_bounds_are_finite_inside(client):
-    for alpha in (0.01, 1e6):
+    for alpha in (0.01, 1e9):
         r = client.post("/v1/completions", json={**BODY, "model": "tq", "fusion": {"alpha": alpha}, "logprobs": 3})
         assert r.status_code == 200, r.text
         assert all(isinstance(v, float) for v in r.json()["choices"][0]["logprobs"]["token_logprobs"])
