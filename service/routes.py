@@ -27,8 +27,8 @@ def serving(request: Request) -> Serving:
 
 @router.get("/health")
 async def health(request: Request) -> dict:
-    pool = serving(request).lf.pool
-    return {"status": "ok", "loaded": pool.loaded(), "failed": pool.failed()}
+    lf = serving(request).lf
+    return {"status": "ok", "loaded": lf.pool.loaded(), "skipped": lf.registry.skipped, "failed": lf.pool.failed()}
 
 
 @router.get("/v1/models")
