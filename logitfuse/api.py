@@ -30,11 +30,15 @@ class LogitFuse:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.apply_threads()
         self.pool = pool or ModelPool(self.registry)
+        self.engine = self.make_engine()
+        self._ids = itertools.count()
+
+    def make_engine(self) -> Engine:
+        """An engine over this pool with the registry's server settings (the server's second lane uses one)."""
         server = self.registry.server
         kv_budget = int(server.kv_budget_mb * 2**20) if server.kv_budget_mb else None
-        self.engine = Engine(self.pool.get, self.pool.get, max_batch=server.max_batch,
-                             solver_threads=server.solver_threads, kv_budget=kv_budget)
-        self._ids = itertools.count()
+        return Engine(self.pool.get, self.pool.get, max_batch=server.max_batch, solver_threads=server.solver_threads,
+                      kv_budget=kv_budget)
 
     def apply_threads(self) -> None:
         """Set torch's intra-op threads for the calling thread (the setting is per thread)."""

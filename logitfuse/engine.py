@@ -22,7 +22,9 @@ from logitfuse.fuser import Fuser, score_prompt
 from logitfuse.plan import FusionPlan
 from logitfuse.request import GenerationRequest, PromptScores, TokenEvent
 from logitfuse.retokenize import advance_ragged, retokenized_update
-from logitfuse.sampling import SamplingTensors, make_generator, sample, token_logprobs, top_logprobs
+from logitfuse.rows import failed as _failed
+from logitfuse.rows import sample_rows as sample_and_emit
+from logitfuse.sampling import make_generator
 from logitfuse.sequence import Sequence
 from logitfuse.speculative import SpecGroup, SpecStats
 from logitfuse.stopping import StopChecker
@@ -264,37 +266,26 @@ class Engine:
                 events += [_failed(s.req, err, s.stopper.generated) for s in group.rows]
                 finished += [s.req.rid for s in group.rows]
         for seqs in groups.values():
-            try:
-                scores, diags = self._fuser.fuse(seqs, self._slots)  # (b, V)
-            except Exception as err:  # e.g. a reward model failing: only this group's sequences end
-                events += [_failed(s.req, err, s.stopper.generated) for s in seqs]
-                finished += [s.req.rid for s in seqs]
-                continue
-            finished += self.sample_rows(seqs, scores, diags, events)
+            finished += self._fuse_group(seqs, events)
         return finished
+
+    def _fuse_group(self, seqs: list[Sequence], events: list) -> list[str]:
+        """Fuse and sample one group; if fusing the group fails, each row is fused alone and only the rows
+        that still fail end (one row's extreme parameters must not end its neighbours)."""
+        try:
+            scores, diags = self._fuser.fuse(seqs, self._slots)  # (b, V)
+        except Exception as err:
+            if len(seqs) == 1:
+                events.append(_failed(seqs[0].req, err, seqs[0].stopper.generated))
+                return [seqs[0].req.rid]
+            return [rid for s in seqs for rid in self._fuse_group([s], events)]
+        return self.sample_rows(seqs, scores, diags, events)
 
     def sample_rows(self, seqs: list[Sequence], scores: torch.Tensor, diags: list | None, events: list
                     ) -> list[str]:
-        """Sample one token per row from fused scores (b, V) with each row's own settings and generator,
-        append the rows' events; returns the rids that finished (also the speculative path's hook)."""
-        sp = [s.req.sampling for s in seqs]
-        params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device,
-                                       [p.logit_bias for p in sp], scores.shape[-1])
-        tokens = sample(scores, params, [s.generator for s in seqs])
-        # the tokens and their logprobs reach the host in one copy: the stop checks need them, nothing else waits
-        host = torch.stack([tokens.double(), token_logprobs(scores, tokens).double()]).tolist()
-        token_ids, chosen = [int(t) for t in host[0]], host[1]
-        n_top = max((p.logprobs or 0) for p in sp)
-        top_ids, top_lp = top_logprobs(scores, n_top) if n_top else (None, None)
-        tok = self._get_backend(seqs[0].req.plan.base).tokenizer
-        ids, lps = (top_ids.tolist(), top_lp.tolist()) if n_top else (None, None)
-        finished = []
-        for i, (s, t) in enumerate(zip(seqs, token_ids)):
-            ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tok, diags[i] if diags else None)
-            events.append(ev)
-            if ev.finish_reason:
-                finished.append(s.req.rid)
-        return finished
+        """Sample one token per row from fused scores (b, V) and append the rows' events (a row that fails
+        ends alone: rows.py); returns the rids that finished. Also the speculative path's hook."""
+        return sample_and_emit(seqs, scores, diags, self._get_backend(seqs[0].req.plan.base).tokenizer, events)
 
     def _drop(self, rids: list[str]) -> None:
         if not rids:
@@ -352,8 +343,3 @@ class Engine:
             forget.append(f)
             new.append(add)
         slot.logits = advance_ragged(slot.backend, slot.state, slot.logits, forget, new)
-
-
-def _failed(req: GenerationRequest, err: Exception, generated: int = 0) -> TokenEvent:
-    return TokenEvent(req.rid, None, "", finish_reason="error", error=f"{type(err).__name__}: {err}",
-                      prompt_tokens=len(req.prompt_ids), completion_tokens=generated)

@@ -1,12 +1,17 @@
 """Loaded checkpoints by name: load on first use, keep under a memory budget, evict least recently used.
 
 A model in use by a running request is pinned and never evicted. Loading one model holds only that
-model's lock, so requests for models already loaded are never blocked by a load.
+model's lock, so requests for models already loaded are never blocked by a load. A model that fails to load
+(a corrupt or missing checkpoint, an unreachable remote) is marked failed: requests get ModelUnavailable naming
+the model and the file at once, and the load is tried again only when the model's local files change (or,
+for a hub id or a remote, after server.load_retry_seconds).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,7 +19,55 @@ from contextlib import contextmanager
 from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.backends.sources import load_model, load_reward
 from logitfuse.registry import Registry
-from logitfuse.request import UnknownName
+from logitfuse.request import Unavailable, UnknownName
+
+
+class ModelUnavailable(Unavailable):
+    """A model that failed to load: a 503 naming the model and the file, until its files change."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def local_folder(reg: Registry, name: str) -> str | None:
+    """The local checkpoint folder (or file) behind a registry name, if it is one."""
+    spec = reg.models.get(name) or reg.rewards.get(name)
+    path = getattr(spec, "path", None)
+    if path is None:
+        return None
+    resolved = reg.resolve_path(path)
+    return resolved if os.path.exists(resolved) else None
+
+
+def files_signature(path: str) -> tuple:
+    """(file, size, mtime) of every file under path: a changed checkpoint has another signature."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return ((path, st.st_size, st.st_mtime_ns),)
+    out = []
+    for root, _, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            out.append((os.path.join(root, f), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
+
+
+def broken_file(path: str | None) -> str | None:
+    """The first safetensors file under path whose header cannot be read (cheap: headers only)."""
+    if path is None or not os.path.isdir(path):
+        return None
+    from safetensors import safe_open
+
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            if f.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(root, f), "pt"):
+                        pass
+                except Exception:
+                    return os.path.join(root, f)
+    return None
 
 
 def default_loader(reg: Registry, name: str) -> CausalLM | RewardModel:
@@ -38,6 +91,12 @@ class ModelPool:
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
+        self._failed: dict[str, tuple[Unavailable, tuple | None, float]] = {}  # error, files, when
+
+    def failed(self) -> dict[str, str]:
+        """Models that failed to load, with the reason."""
+        with self._lock:
+            return {n: str(f[0]) for n, f in self._failed.items()}
 
     def loaded(self) -> list[str]:
         with self._lock:
@@ -54,11 +113,41 @@ class ModelPool:
             with self._lock:
                 if name in self._loaded:
                     return self._loaded[name]
-            backend = self._loader(self.registry, name)
+            backend = self._load(name)
             with self._lock:
                 self._loaded[name] = backend
                 self._evict(keep=name)
             return backend
+
+    def _load(self, name: str):
+        """The loader's backend, or ModelUnavailable: recorded, and raised again without loading while the
+        model's files are unchanged (local) or for load_retry_seconds (hub ids, remotes)."""
+        folder = local_folder(self.registry, name)
+        retry = self.registry.server.load_retry_seconds
+        failure = self._failed.get(name)
+        if failure is not None:
+            err, signature, when = failure
+            unchanged = signature is not None and signature == files_signature(folder) if folder else False
+            if unchanged or (signature is None and time.monotonic() - when < retry):
+                raise err
+        try:
+            backend = self._loader(self.registry, name)
+        except UnknownName:
+            raise
+        except Exception as exc:
+            if isinstance(exc, Unavailable):  # already names the model (a remote's own error): kept as it is
+                err = exc
+                err.retry_after = retry
+            else:
+                where = broken_file(folder) or getattr(exc, "filename", None) or folder or name
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+                err = ModelUnavailable(f"model {name!r} could not be loaded from {where}: {detail}", retry)
+            with self._lock:
+                self._failed[name] = (err, files_signature(folder) if folder else None, time.monotonic())
+            raise err from None
+        with self._lock:
+            self._failed.pop(name, None)
+        return backend
 
     @contextmanager
     def pinned(self, names: list[str]) -> Iterator[dict]:

@@ -125,7 +125,7 @@ class ServerSpec(Frozen):
     port: int = 8000
     memory_budget_mb: int = 8192  # loaded checkpoints beyond this are evicted, least recently used first
     max_batch: int = 64  # sequences decoded together
-    max_queue: int = 1024  # waiting sequences before 429
+    max_queue: int = Field(default=1024, ge=1)  # waiting sequences (submitted, not yet decoding) before 429
     max_logprobs: int = 20
     max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token
     api_keys: list[str] = []
@@ -137,6 +137,17 @@ class ServerSpec(Frozen):
     # ends with the tokens it has, finish_reason "length" (None: no limit)
     kv_budget_mb: float | None = Field(default=None, gt=0)  # KV cache the sequences in flight may need at
     # worst; requests wait in the queue until theirs fits, and one that never fits gets a 400 (None: no limit)
+    # -- operations (docs/operations.md) --
+    max_body_bytes: int = Field(default=512 * 1024, ge=1024)  # larger request bodies get 413, unread
+    public_paths: list[str] = ["/health"]  # paths open without a key when api_keys are set (e.g. /metrics, /docs)
+    max_connections: int | None = Field(default=256, ge=1)  # open connections; beyond it uvicorn answers 503
+    header_timeout: float = Field(default=10.0, gt=0)  # seconds for a request's headers, then the connection closes
+    body_timeout: float = Field(default=30.0, gt=0)  # seconds for its body to arrive, then 408
+    keep_alive_timeout: float = Field(default=5.0, gt=0)  # idle seconds before a kept-alive connection closes
+    rollout_lane: bool = True  # requests of a method with rollouts (Transfer Q*) decode in their own engine
+    # thread, never in other requests' steps
+    load_retry_seconds: float = Field(default=30.0, ge=0)  # a model that failed to load from a hub id or
+    # remote is retried after this long; a local folder is retried when its files change
 
 
 class Registry(Frozen):
