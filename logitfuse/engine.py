@@ -136,6 +136,10 @@ class Engine:
         else:
             self._waiting = deque(r for r in self._waiting if r.rid != rid)
 
+    def is_running(self, rid: str) -> bool:
+        """Whether the sequence has been admitted and has not finished (False while it waits in the queue)."""
+        return rid in self._seqs
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._seqs)
 

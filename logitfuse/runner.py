@@ -120,7 +120,7 @@ class EngineRunner:
         failed = []
         for item in items:
             if isinstance(item, str):
-                running = item in self.engine.seqs
+                running = self.engine.is_running(item)
                 self.engine.abort(item)
                 if not running:  # it was still waiting: it leaves now, and its sink is told
                     failed.append(TokenEvent(item, None, "", finish_reason="abort"))
@@ -152,7 +152,7 @@ class EngineRunner:
             for ev in events:
                 self._deliver(ev)
             with self._lock:
-                self._running = len(self.engine.seqs)
+                self._running = self.engine.stats().running
 
     def _deliver(self, ev: TokenEvent | PromptScores) -> None:
         done = isinstance(ev, TokenEvent) and ev.finish_reason is not None
