@@ -112,8 +112,8 @@ def test_a_row_with_broken_scores_ends_alone(lf):
     for r in reqs:
         engine.add(r)
     engine._admit([])
-    seqs = [engine.seqs["ok"], engine.seqs["bad"]]
-    scores, _ = engine.fuser.fuse(seqs, engine.slots)
+    seqs = [engine._seqs["ok"], engine._seqs["bad"]]
+    scores, _ = engine._fuser.fuse(seqs, engine._slots)
     scores[1, 3] = float("nan")
     events = []
     finished = sample_rows(seqs, scores.clone(), None, lf.pool.get("base-large").tokenizer, events)
@@ -133,7 +133,7 @@ def test_a_fault_in_one_rows_fusion_leaves_its_group_and_step(lf, monkeypatch):
     alone = lf.generate("proxy-a", ["the red city"], sp)[0]
     good = lf.requests("proxy-a", "the red city", sp, rid="good")[0]
     bad = lf.requests("proxy-a", "one two", sp, rid="bad")[0]
-    real = lf.engine.fuser.fuse
+    real = lf.engine._fuser.fuse
     steps = []
 
     def fuse(seqs, slots):
@@ -142,7 +142,7 @@ def test_a_fault_in_one_rows_fusion_leaves_its_group_and_step(lf, monkeypatch):
             raise FloatingPointError("hostile row")
         return real(seqs, slots)
 
-    monkeypatch.setattr(lf.engine.fuser, "fuse", fuse)
+    monkeypatch.setattr(lf.engine._fuser, "fuse", fuse)
     events = list(lf.stream([good, bad]))
     monkeypatch.undo()
     assert steps[0] == ["bad", "good"]  # they did share a step
