@@ -26,6 +26,10 @@ def default_loader(reg: Registry, name: str):
             from logitfuse.backends.remote import RemoteCausalLM
 
             return RemoteCausalLM.load(name, spec.remote, reg.resolve_path(spec.tokenizer), spec.chat_template)
+        if name in reg.adapter_hosts():
+            from logitfuse.backends.adapter import load_host
+
+            return load_host(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template)
         return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
                                spec.gguf_file, compile=spec.compile)
     if name in reg.rewards:
@@ -59,11 +63,20 @@ class ModelPool:
             with self._lock:
                 if name in self._loaded:
                     return self._loaded[name]
-            backend = self._loader(self.registry, name)
+            backend = self._load(name)
             with self._lock:
                 self._loaded[name] = backend
                 self._evict(keep=name)
             return backend
+
+    def _load(self, name: str):
+        view = self.registry.adapter_views().get(name)
+        if view is None:
+            return self._loader(self.registry, name)
+        from logitfuse.backends.adapter import load_view
+
+        expert, untuned, folder = view
+        return load_view(self.get(untuned), name, expert, folder)  # the adapter joins its untuned model
 
     @contextmanager
     def pinned(self, names: list[str]) -> Iterator[dict]:
@@ -94,11 +107,17 @@ class ModelPool:
             self._evict()
 
     def _evict(self, keep: str | None = None) -> None:
-        """Drop least recently used unpinned models until the loaded ones fit the budget."""
+        """Drop least recently used unpinned models until the loaded ones fit the budget. A model goes with
+        the adapters over it (`requires`), and stays while one of them is pinned or just loaded."""
         total = sum(b.param_bytes() for b in self._loaded.values())
         for name in list(self._loaded):
             if total <= self.budget:
                 return
-            if name == keep or self._pins.get(name):
+            group = [name] + [n for n, b in self._loaded.items() if getattr(b, "requires", None) == name]
+            if name not in self._loaded or any(n == keep or self._pins.get(n) for n in group):
                 continue
-            total -= self._loaded.pop(name).param_bytes()
+            for n in group:
+                backend = self._loaded.pop(n)
+                total -= backend.param_bytes()
+                if hasattr(backend, "unload"):
+                    backend.unload()

@@ -61,9 +61,16 @@ class RewardSpec(Frozen):
 
 
 class ExpertSpec(Frozen):
-    tuned: str
+    tuned: str | None = None
     untuned: str
+    adapter: str | None = None  # a PEFT LoRA adapter folder: the tuned model is the untuned one plus it
     cross_tokenizer: bool = False  # the pair's tokenizer differs from the base's: map scores by token text
+
+    @model_validator(mode="after")
+    def _one_tuned(self) -> ExpertSpec:
+        if (self.tuned is None) == (self.adapter is None):
+            raise ValueError("an expert needs exactly one of 'tuned' (a model) or 'adapter' (a LoRA adapter folder)")
+        return self
 
 
 class SpeculativeParams(Frozen):
@@ -140,9 +147,13 @@ class Registry(Frozen):
     @model_validator(mode="after")
     def _references(self) -> Registry:
         for name, e in self.experts.items():
-            for role in ("tuned", "untuned"):
+            for role in ("tuned", "untuned") if e.adapter is None else ("untuned",):
                 if getattr(e, role) not in self.models:
                     raise ValueError(f"experts.{name}.{role}: unknown model {getattr(e, role)!r}")
+            if e.adapter is not None and self.models[e.untuned].path is None:
+                raise ValueError(f"experts.{name}.untuned: an adapter needs a local model, {e.untuned!r} is remote")
+            if e.adapter is not None and self.tuned_name(name) in self.models:
+                raise ValueError(f"experts.{name}: the name {self.tuned_name(name)!r} of its adapter model is taken")
         for name in self.ensembles:
             try:
                 self.plan(name)
@@ -167,6 +178,20 @@ class Registry(Frozen):
         """Relative paths are relative to the registry file; anything else (a hub id) is left alone."""
         local = Path(self.root) / p
         return str(local) if not Path(p).is_absolute() and (local.exists() or p.startswith(".")) else p
+
+    def tuned_name(self, expert: str) -> str:
+        """The model name of an expert's tuned role (an adapter expert's is `<untuned>+<expert>`)."""
+        e = self.experts[expert]
+        return e.tuned if e.adapter is None else f"{e.untuned}+{expert}"
+
+    def adapter_views(self) -> dict[str, tuple[str, str, str]]:
+        """Adapter models by name: (expert, untuned model, adapter folder)."""
+        return {self.tuned_name(n): (n, e.untuned, self.resolve_path(e.adapter))
+                for n, e in self.experts.items() if e.adapter is not None}
+
+    def adapter_hosts(self) -> set[str]:
+        """Untuned models that adapters run over: loaded once, shared by every adapter on them."""
+        return {e.untuned for e in self.experts.values() if e.adapter is not None}
 
     def names(self) -> list[str]:
         """Everything a request's `model` can name: ensembles first, then bare models."""
@@ -224,11 +249,10 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, specul
     names = p.experts or []
     if not names:
         raise InvalidRequest(f"fusion.experts: method {method!r} needs at least one expert", "fusion.experts")
-    experts = tuple(
-        ExpertRef(n, reg._lookup(reg.experts, n, "expert", "fusion.experts").tuned, reg.experts[n].untuned,
-                  reg.experts[n].cross_tokenizer)
-        for n in names
-    )
+    for n in names:
+        reg._lookup(reg.experts, n, "expert", "fusion.experts")
+    experts = tuple(ExpertRef(n, reg.tuned_name(n), reg.experts[n].untuned, reg.experts[n].cross_tokenizer)
+                    for n in names)
     spec = settle(experts)
     if any(e.cross for e in experts) and method not in ("proxy", "eft"):
         raise InvalidRequest(f"fusion.experts: cross-tokenizer experts work with proxy and eft, without speculative "
