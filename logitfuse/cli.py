@@ -1,4 +1,4 @@
-"""`logitfuse serve | generate | train-family`."""
+"""`logitfuse serve | generate | train-family | tune-adapter | fetch-real`."""
 
 from __future__ import annotations
 
@@ -39,7 +39,20 @@ def _train_family(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"serve": _serve, "generate": _generate, "train-family": _train_family}
+def _tune_adapter(argv: list[str]) -> int:
+    from logitfuse.real.tune import main
+
+    return main(argv)
+
+
+def _fetch_real(argv: list[str]) -> int:
+    from logitfuse.real.convert import main
+
+    return main(argv)
+
+
+COMMANDS = {"serve": _serve, "generate": _generate, "train-family": _train_family, "tune-adapter": _tune_adapter,
+            "fetch-real": _fetch_real}
 
 
 def main(argv: list[str] | None = None) -> int:

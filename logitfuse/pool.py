@@ -29,7 +29,8 @@ def default_loader(reg: Registry, name: str):
         if name in reg.adapter_hosts():
             from logitfuse.backends.adapter import load_host
 
-            return load_host(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template)
+            return load_host(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
+                             spec.gguf_file)
         return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
                                spec.gguf_file, compile=spec.compile)
     if name in reg.rewards:

@@ -124,9 +124,9 @@ class AdapterLM(HFCausalLM):
 
 
 def load_host(name: str, path: str, dtype: str | None = None, device: str | None = None,
-              chat_template: bool = False) -> AdapterLM:
+              chat_template: bool = False, gguf_file: str | None = None) -> AdapterLM:
     """The untuned model of adapter experts, loaded once; its own rows run without an adapter."""
-    lm = HFCausalLM.load(name, path, dtype, device, chat_template)
+    lm = HFCausalLM.load(name, path, dtype, device, chat_template, gguf_file)
     return AdapterLM(name, AdapterHost(lm.model), lm.tokenizer, chat_template)
 
 
