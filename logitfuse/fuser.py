@@ -72,7 +72,7 @@ class Fuser:
         if plan.method == "dlf":
             grid = make_grid(*plan.grid)
             with intra_op_threads(self.solver_threads):
-                result = solve_dlf(base, untuned[:, 0], tuned, grid, plan.mode)
+                result = solve_dlf(base, untuned[:, 0], tuned, grid, plan.mode, plan.support)
             w = result.weights.float()
             names = [e.name for e in plan.experts]
             diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]

@@ -95,6 +95,7 @@ class FusionParams(Frozen):
     weights: list[Coef] | None = None
     grid: tuple[Finite, Finite, Finite] | None = None
     mode: Literal["one_expert", "joint"] | None = None
+    support: int | None = Field(default=None, ge=1)  # dlf: search on the models' top-`support` tokens + the rest
     baseline: str | None = None
     reward: str | None = None
     baseline_reward: str | None = None
@@ -272,7 +273,8 @@ def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, specul
         if not (grid[2] > 0 and grid[1] >= grid[0] and (grid[1] - grid[0]) / grid[2] <= 200):
             raise InvalidRequest(f"fusion.grid must be [start, stop, step] with step > 0 and at most 200 "
                                  f"points, got {list(grid)}", "fusion.grid")
-        return FusionPlan("dlf", base, experts, grid=tuple(grid), mode=p.mode or "one_expert", ensemble=ensemble)
+        return FusionPlan("dlf", base, experts, grid=tuple(grid), mode=p.mode or "one_expert", ensemble=ensemble,
+                          support=p.support)
     return FusionPlan(method, base, experts, coef=tuple(scale * w for w in weights), speculative=spec,
                       ensemble=ensemble)
 

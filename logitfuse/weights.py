@@ -93,8 +93,7 @@ def reduce_support(z_large: torch.Tensor, z_small: torch.Tensor, z_tuned: torch.
     so the KLs of P, Q and Q_t can only shrink). The fused candidates are approximate outside S only: their
     rest mass becomes exp(A_L,rest + a (A_t,rest - A_S,rest)) instead of the sum over the rest of
     exp(z_L + a d). Tokens chosen by several models appear once (duplicates masked)."""
-    b, t, v = z_tuned.shape
-    k = min(k, v)
+    k = min(k, z_tuned.shape[-1])
     models = [z_large, z_small, *z_tuned.unbind(1)]
     idx = torch.cat([torch.topk(z, k, dim=-1, sorted=False).indices for z in models], -1).sort(dim=-1).values
     dup = torch.zeros_like(idx, dtype=torch.bool)
