@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from logitfuse import methods
 from logitfuse.admission import kv_need
 from logitfuse.fuser import Fuser, score_prompt
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TokenEvent
@@ -73,8 +74,10 @@ class Engine:
         if sp.prompt_logprobs and not all(getattr(self.get_backend(n), "can_score_prompt", True)
                                           for n in plan.models()):
             raise InvalidRequest("echo with logprobs (prompt scoring) is not available with a remote model", "echo")
-        if sp.prompt_logprobs and plan.method == "tqstar":
-            raise InvalidRequest("echo with logprobs (prompt scoring) is not available for method tqstar", "echo")
+        method = methods.get(plan.method)
+        if sp.prompt_logprobs and not method.prompt_scoring:
+            raise InvalidRequest(f"echo with logprobs (prompt scoring) is not available for method {method.name}",
+                                 "echo")
         if sp.prompt_logprobs and len({tuple(p) for p in req.prompts.values()}) > 1:
             raise InvalidRequest("prompt scoring needs the same prompt tokens for every role", "echo")
         if self.kv_budget is not None and (need := self.kv_need([req])) > self.kv_budget:

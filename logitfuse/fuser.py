@@ -1,22 +1,22 @@
 """From the models' logits to fused scores for a group of rows: gather, align vocabularies, dispatch.
 
-The math is in fusion.py and weights.py; this module only gathers each row's logits from the models'
-batched slots, applies the ensemble's vocabulary alignment and calls the method's pure function.
+The math is in fusion.py and weights.py, each method's use of it in logitfuse/methods/; this module only
+gathers each row's logits from the models' batched slots, applies the ensemble's vocabulary alignment and
+hands the rows to the plan's method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 
-from logitfuse import fusion
+from logitfuse import methods
+from logitfuse.methods.base import Step
 from logitfuse.plan import FusionPlan
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TopLogprob
 from logitfuse.stopping import token_piece
 from logitfuse.vocab import Alignment, VocabMismatchError, align
-from logitfuse.weights import make_grid, solve_dlf
 
 
 class Fuser:
@@ -43,7 +43,6 @@ class Fuser:
 
     def fuse(self, seqs: list, slots: dict) -> tuple[torch.Tensor, list | None]:
         """Fused scores (b, V) for rows sharing one plan group, and per-row diagnostics."""
-        plan = seqs[0].req.plan
         rids = [s.req.rid for s in seqs]
 
         def rows_of(name: str) -> torch.Tensor:
@@ -52,51 +51,23 @@ class Fuser:
             idx = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
             return slot.logits.index_select(0, idx)
 
-        if plan.method == "tqstar":
-            from logitfuse.tqstar import tqstar_step
+        return self.combine([s.req.plan for s in seqs], rows_of, seqs, slots)
 
-            base = self.alignment(plan).apply(rows_of(plan.base))
-            return tqstar_step(self, seqs, slots, base)
-        return self.combine([s.req.plan for s in seqs], rows_of)
-
-    def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor]):
-        """none/proxy/eft/dlf for rows with the plans given (same group); rows_of(model) -> (b, V)."""
+    def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor], seqs: list | None = None,
+                slots: dict | None = None) -> tuple[torch.Tensor, list | None]:
+        """The plans' method (one group) on their rows; rows_of(model) -> (b, V). seqs/slots: on a decode step."""
         plan = plans[0]
         al = self.alignment(plan)
-        base = al.apply(rows_of(plan.base)).float()
-        if plan.method == "none":
-            return fusion.base_only(base), None
-        dev = base.device
-        tuned = torch.stack([al.apply(rows_of(e.tuned), e.tuned).to(dev).float() for e in plan.experts], 1)  # (b,T,V)
-        untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
-        if plan.method == "dlf":
-            grid = make_grid(*plan.grid)
-            with intra_op_threads(self.solver_threads):
-                result = solve_dlf(base, untuned[:, 0], tuned, grid, plan.mode, plan.support)
-            w = result.weights.float()
-            names = [e.name for e in plan.experts]
-            diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]
-            return fusion.dlf_combine(base, tuned, untuned, w), diags
-        coef = torch.tensor([p.coef for p in plans], dtype=torch.float32, device=dev)  # (b, T)
-        if plan.method == "proxy":
-            return fusion.proxy_tune(base, tuned, untuned, coef), None
-        if plan.method == "eft":
-            return fusion.eft(base, tuned, untuned, torch.ones(len(plans), device=dev), coef), None
-        raise InvalidRequest(f"unknown method {plan.method!r}", "fusion.method")
+        base = al.apply(rows_of(plan.base)).float()  # (b, V)
 
+        def experts() -> tuple[torch.Tensor, torch.Tensor]:
+            dev = base.device
+            tuned = torch.stack([al.apply(rows_of(e.tuned), e.tuned).to(dev).float() for e in plan.experts], 1)
+            untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
+            return tuned, untuned  # (b, T, V) each
 
-@contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to n for the block (the setting is per thread and cheap to change)."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        step = Step(plans, base, experts, self.solver_threads, self.get_reward, seqs, slots)
+        return methods.get(plan.method).combine(step)
 
 
 def score_prompt(fuser: Fuser, req: GenerationRequest, logits: dict[str, torch.Tensor]) -> PromptScores:

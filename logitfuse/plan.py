@@ -1,14 +1,13 @@
 """A resolved fusion plan: which models fill which role, and the method's parameters, for one request.
 
-Built by the registry from an ensemble and a request's overrides; frozen, hashable, and free of I/O.
-`group_key` says which rows can be fused in one call (per-row numbers such as alpha may differ).
+Built by a method of the method table (logitfuse/methods/) from an ensemble and a request's overrides;
+frozen, hashable, and free of I/O. `group_key` says which rows can be fused in one call (per-row numbers
+such as alpha may differ).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-METHODS = ("none", "proxy", "eft", "dlf", "tqstar")
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -46,15 +45,9 @@ class SpecPlan:
     max_batch: int | None = None  # draft only while the group has at most this many rows (else plain steps)
 
 
-def speculation_fits(method: str, experts: tuple[ExpertRef, ...]) -> bool:
-    """Speculative decoding needs proxy or EFT with one expert whose tokenizer is the base's (its tuned
-    model's drafts must be base tokens)."""
-    return method in ("proxy", "eft") and len(experts) == 1 and not experts[0].cross
-
-
 @dataclass(frozen=True)
 class FusionPlan:
-    method: str
+    method: str  # a name in the method table
     base: str
     experts: tuple[ExpertRef, ...] = ()
     coef: tuple[float, ...] = ()  # per expert: alpha * w_i (proxy) or beta * w_i (eft)
@@ -83,11 +76,7 @@ class FusionPlan:
             return ()
         return tuple(n for n in (self.tqstar.reward, self.tqstar.baseline_reward) if n)
 
-    def group_key(self) -> tuple:
-        """Rows with equal keys are fused together; coefficients stay per row."""
-        roles = tuple((e.tuned, e.untuned, e.cross) for e in self.experts)
-        if self.method == "dlf":
-            return (self.method, self.base, roles, self.grid, self.mode, self.support)
-        if self.method == "tqstar":
-            return (self.method, self.base, self.tqstar)
-        return (self.method, self.base, roles, self.speculative)
+    def group_key(self) -> FusionPlan:
+        """Rows with equal keys are fused together: the same plan up to the per-row coefficients (and the
+        ensemble name the request used)."""
+        return replace(self, coef=(), ensemble=None)

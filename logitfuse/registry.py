@@ -1,7 +1,8 @@
 """The registry: configs/*.yaml validated into frozen pydantic models, and name lookup into fusion plans.
 
 Paths in the file are relative to the file. Unknown names raise UnknownName listing what is known.
-Method defaults live here and nowhere else.
+The fields a request's `fusion` object may set live here; what each method does with them (and its
+defaults) lives in its file under logitfuse/methods/.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from logitfuse.plan import METHODS, ExpertRef, FusionPlan, SpecPlan, TQStarPlan, speculation_fits
+from logitfuse import methods
+from logitfuse.plan import ExpertRef, FusionPlan
 from logitfuse.request import InvalidRequest, UnknownName
 
-Method = Literal["none", "proxy", "eft", "dlf", "tqstar"]
+Method = Literal[methods.NAMES]  # type: ignore[valid-type]  # the method table's names, in its order
 
 
 class Frozen(BaseModel):
@@ -79,8 +81,7 @@ class SpeculativeParams(Frozen):
     max_batch: int | None = Field(default=None, ge=1)  # draft only while this many rows or fewer share a step
 
 
-# fusion coefficients: finite and within a range where scores stay finite in float16/32 arithmetic
-COEF = 100.0
+COEF = methods.COEF  # fusion coefficients stay finite in float16/32 arithmetic within +-COEF
 Coef = Annotated[float, Field(ge=-COEF, le=COEF, allow_inf_nan=False)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -116,7 +117,7 @@ class FusionParams(Frozen):
 
 class EnsembleSpec(FusionParams):
     base: str
-    method: Method = "proxy"
+    method: Method = methods.DEFAULT
 
 
 class ServerSpec(Frozen):
@@ -206,90 +207,28 @@ class Registry(Frozen):
             spec = self.ensembles[model]
             params, base = FusionParams(**spec.model_dump(exclude={"base"})).merged(fusion), spec.base
         elif model in self.models:
-            params, base = FusionParams(method="none").merged(fusion), model
+            params, base = FusionParams(method=methods.PLAIN).merged(fusion), model
         else:
             raise UnknownName(f"model {model!r} not found; available: {', '.join(self.names())}", param="model")
         if base not in self.models:
             raise UnknownName(f"base model {base!r} not found; available: {', '.join(self.models)}", param="base")
         # the ensemble's own settings must hold; under overrides, only a speculative the request asks for
         asked = fusion is None or "speculative" in fusion.model_fields_set
-        return _build_plan(self, params, base, ensemble=model, speculative_asked=asked)
+        return methods.build_plan(self, params, base, ensemble=model, speculative_asked=asked)
+
+    # -- the name lookups a method makes while building its plan (methods.base.Names) -------------------
+    def expert_ref(self, name: str) -> ExpertRef:
+        e = self._lookup(self.experts, name, "expert", "fusion.experts")
+        return ExpertRef(name, self.tuned_name(name), e.untuned, e.cross_tokenizer)
+
+    def check_model(self, name: str, param: str) -> None:
+        self._lookup(self.models, name, "model", param)
+
+    def check_reward(self, name: str, param: str) -> None:
+        self._lookup(self.rewards, name, "reward model", param)
 
     def _lookup(self, table: dict, name: str, kind: str, param: str):
         if name not in table:
             raise UnknownName(f"{kind} {name!r} not found; available: {', '.join(table) or '(none)'}", param=param)
         return table[name]
 
-
-def _build_plan(reg: Registry, p: FusionParams, base: str, ensemble: str, speculative_asked: bool = True
-                ) -> FusionPlan:
-    """The plan for merged parameters. An ensemble's speculative setting that a request's overrides make
-    inapplicable (another method, several experts, a cross-tokenizer expert) is dropped; a request asking
-    for it gets the error."""
-    method = p.method or "proxy"
-    if method not in METHODS:
-        raise InvalidRequest(f"fusion.method must be one of {METHODS}, got {method!r}", "fusion.method")
-    sp = p.speculative
-    spec = SpecPlan(sp.k, sp.min_draft_prob, sp.max_batch) if sp and sp.k else None
-
-    def settle(experts: tuple[ExpertRef, ...]) -> SpecPlan | None:
-        if spec is None or speculation_fits(method, experts):
-            return spec
-        if not speculative_asked:
-            return None
-        if any(e.cross for e in experts):
-            raise InvalidRequest("fusion.experts: cross-tokenizer experts work with proxy and eft, without "
-                                 "speculative decoding", "fusion.experts")
-        raise InvalidRequest(f"fusion.speculative: speculative decoding needs method 'proxy' or 'eft' with exactly "
-                             f"one expert (got {method!r} with {len(experts)})", "fusion.speculative")
-
-    if method in ("none", "tqstar"):
-        settle(())
-        tq = _tqstar(reg, p) if method == "tqstar" else None
-        return FusionPlan(method, base, tqstar=tq, ensemble=ensemble)
-    names = p.experts or []
-    if not names:
-        raise InvalidRequest(f"fusion.experts: method {method!r} needs at least one expert", "fusion.experts")
-    for n in names:
-        reg._lookup(reg.experts, n, "expert", "fusion.experts")
-    experts = tuple(ExpertRef(n, reg.tuned_name(n), reg.experts[n].untuned, reg.experts[n].cross_tokenizer)
-                    for n in names)
-    spec = settle(experts)
-    if any(e.cross for e in experts) and method not in ("proxy", "eft"):
-        raise InvalidRequest(f"fusion.experts: cross-tokenizer experts work with proxy and eft, without speculative "
-                             f"decoding (got {method!r})", "fusion.experts")
-    weights = p.weights if p.weights is not None else [1.0 / len(names)] * len(names)
-    if len(weights) != len(names):
-        raise InvalidRequest(
-            f"fusion.weights needs one weight per expert ({len(names)}), got {len(weights)}", "fusion.weights"
-        )
-    scale = (p.alpha if p.alpha is not None else 1.0) if method == "proxy" else (p.beta if p.beta is not None else 1.0)
-    if abs(scale) > COEF:
-        raise InvalidRequest(f"fusion.alpha must be in [-{COEF:g}, {COEF:g}] for proxy, got {scale}", "fusion.alpha")
-    if method == "dlf":
-        if len({e.untuned for e in experts}) != 1:
-            raise InvalidRequest("fusion.experts: dlf needs experts tuned from one untuned model", "fusion.experts")
-        grid = p.grid or (0.0, 2.0, 0.1)
-        if not (grid[2] > 0 and grid[1] >= grid[0] and (grid[1] - grid[0]) / grid[2] <= 200):
-            raise InvalidRequest(f"fusion.grid must be [start, stop, step] with step > 0 and at most 200 "
-                                 f"points, got {list(grid)}", "fusion.grid")
-        return FusionPlan("dlf", base, experts, grid=tuple(grid), mode=p.mode or "one_expert", ensemble=ensemble,
-                          support=p.support)
-    return FusionPlan(method, base, experts, coef=tuple(scale * w for w in weights), speculative=spec,
-                      ensemble=ensemble)
-
-
-def _tqstar(reg: Registry, p: FusionParams) -> TQStarPlan:
-    if not p.baseline or not p.reward:
-        raise InvalidRequest("fusion: tqstar needs 'baseline' (a model) and 'reward' (a reward model)", "fusion")
-    reg._lookup(reg.models, p.baseline, "model", "fusion.baseline")
-    reg._lookup(reg.rewards, p.reward, "reward model", "fusion.reward")
-    if p.baseline_reward:
-        reg._lookup(reg.rewards, p.baseline_reward, "reward model", "fusion.baseline_reward")
-    alpha = p.alpha if p.alpha is not None else 1.0
-    if alpha <= 0:
-        raise InvalidRequest(f"fusion.alpha must be > 0 for tqstar, got {alpha}", "fusion.alpha")
-    return TQStarPlan(
-        baseline=p.baseline, reward=p.reward, baseline_reward=p.baseline_reward, top_k=p.top_k or 10, alpha=alpha,
-        rollouts=p.rollouts or 1, rollout_tokens=p.rollout_tokens or (5 if p.baseline_reward else 20),
-    )

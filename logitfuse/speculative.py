@@ -23,7 +23,8 @@ from dataclasses import astuple, dataclass, replace
 
 import torch
 
-from logitfuse.plan import FusionPlan, SpecPlan, speculation_fits
+from logitfuse import methods
+from logitfuse.plan import FusionPlan, SpecPlan
 from logitfuse.request import GenerationRequest, InvalidRequest
 from logitfuse.sampling import SamplingTensors, apply_bias, sample, top_logprobs, warp
 
@@ -83,9 +84,8 @@ def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch
 
 
 def check_plan(plan: FusionPlan) -> None:
-    if not speculation_fits(plan.method, plan.experts):
-        raise InvalidRequest("speculative decoding needs one eft/proxy plan with exactly one expert sharing the "
-                             "base's tokenizer", "fusion")
+    if not methods.speculation_fits(plan.method, plan.experts):
+        raise InvalidRequest(methods.speculation_rule(), "fusion")
 
 
 class SpecGroup:

@@ -127,12 +127,3 @@ class ChatChoice(Choice):
                 "logprobs": {"content": self.content} if self.content is not None else None,
                 "finish_reason": self.finish_reason}
 
-
-def diagnostics_summary(steps: list[dict]) -> dict | None:
-    """Per-request summary of per-step diagnostics: mean DLF weight per expert, steps counted."""
-    weights = [d["dlf_weights"] for d in steps if "dlf_weights" in d]
-    if not weights:
-        return None
-    names = list(weights[0])
-    return {"method": "dlf", "steps": len(weights),
-            "mean_weights": {n: sum(w[n] for w in weights) / len(weights) for n in names}}

@@ -126,6 +126,6 @@ async def respond(sv: Serving, request: Request, body, reqs: list[GenerationRequ
     choices = await sv.collect(job, request, make)
     count(request, body.model, choices)
     out = {**head, "object": final_object, "choices": [c.final() for c in choices], "usage": usage(choices)}
-    if (d := diagnostics(choices)) is not None:
+    if (d := diagnostics(choices, reqs[0].plan)) is not None:
         out["fusion_diagnostics"] = d
     return JSONResponse(out)

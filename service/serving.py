@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from logitfuse import methods
 from logitfuse.api import LogitFuse
+from logitfuse.plan import FusionPlan
 from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 from logitfuse.runner import EngineRunner
 from service.errors import APIError, as_api_error, envelope
-from service.formats import Choice, diagnostics_summary
+from service.formats import Choice
 
 DONE = "data: [DONE]\n\n"
 
@@ -49,7 +51,7 @@ class Serving:
     def models(self) -> dict:
         now = int(time.time())
         data = [{"id": n, "object": "model", "created": now, "owned_by": "logitfuse",
-                 "method": self.lf.registry.ensembles[n].method if n in self.lf.registry.ensembles else "none"}
+                 "method": self.lf.registry.ensembles[n].method if n in self.lf.registry.ensembles else methods.PLAIN}
                 for n in self.lf.registry.names()]
         return {"object": "list", "data": data}
 
@@ -65,10 +67,10 @@ class Serving:
             deadline = time.monotonic() + self.server.request_timeout
             for r in reqs:
                 r.deadline = deadline
-        tq = reqs[0].plan.tqstar
-        if tq is not None and tq.work > self.server.max_tqstar_work:
-            raise APIError(400, f"tqstar work top_k * rollouts * rollout_tokens = {tq.work} is over this server's "
-                                f"limit of {self.server.max_tqstar_work}", "fusion.rollout_tokens")
+        plan = reqs[0].plan
+        if (work := methods.get(plan.method).work(plan)) > self.server.max_tqstar_work:
+            raise APIError(400, f"{plan.method} work top_k * rollouts * rollout_tokens = {work} is over this "
+                                f"server's limit of {self.server.max_tqstar_work}", "fusion.rollout_tokens")
         return reqs
 
     async def submit(self, reqs: list[GenerationRequest], streaming: bool = True) -> Job:
@@ -164,5 +166,6 @@ def usage(choices: list) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def diagnostics(choices: list) -> dict | None:
-    return diagnostics_summary([d for c in choices for d in c.diagnostics])
+def diagnostics(choices: list, plan: FusionPlan) -> dict | None:
+    """The method's summary of the per-step diagnostics of every choice (None when it reports none)."""
+    return methods.summarise(plan, [d for c in choices for d in c.diagnostics])

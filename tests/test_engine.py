@@ -248,7 +248,7 @@ def test_solver_threads_change_nothing_but_the_search_threads(lf, monkeypatch):
     sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     want = lf.generate("dlf-ab", PROMPTS, sp)
     seen = []
-    import logitfuse.fuser as fuser_module
+    import logitfuse.methods.dlf as fuser_module
 
     solve = fuser_module.solve_dlf
     monkeypatch.setattr(fuser_module, "solve_dlf", lambda *a: seen.append(torch.get_num_threads()) or solve(*a))

@@ -10,7 +10,46 @@ from __future__ import annotations
 import torch
 
 from logitfuse import fusion
+from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step
+from logitfuse.plan import FusionPlan, TQStarPlan
+from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, sample
+
+TOP_K, ALPHA, ROLLOUTS = 10, 1.0, 1
+ROLLOUT_TOKENS, ROLLOUT_TOKENS_INDIRECT = 20, 5
+
+
+class TransferQStar(FusionMethod):
+    name = "tqstar"
+    summary = "Transfer Q*: the base's top-k tokens reweighted by rewards of a baseline model's rollouts"
+    params = ("baseline", "reward", "baseline_reward", "top_k", "alpha", "rollouts", "rollout_tokens")
+    needs_experts = False
+    prompt_scoring = False  # a prompt position has no rollouts to score
+
+    def plan(self, given: PlanInput) -> FusionPlan:
+        p, names = given.params, given.names
+        if not p.baseline or not p.reward:
+            raise InvalidRequest("fusion: tqstar needs 'baseline' (a model) and 'reward' (a reward model)", "fusion")
+        names.check_model(p.baseline, "fusion.baseline")
+        names.check_reward(p.reward, "fusion.reward")
+        if p.baseline_reward:
+            names.check_reward(p.baseline_reward, "fusion.baseline_reward")
+        alpha = p.alpha if p.alpha is not None else ALPHA
+        if alpha <= 0:
+            raise InvalidRequest(f"fusion.alpha must be > 0 for tqstar, got {alpha}", "fusion.alpha")
+        tq = TQStarPlan(
+            baseline=p.baseline, reward=p.reward, baseline_reward=p.baseline_reward, top_k=p.top_k or TOP_K,
+            alpha=alpha, rollouts=p.rollouts or ROLLOUTS,
+            rollout_tokens=p.rollout_tokens or (ROLLOUT_TOKENS_INDIRECT if p.baseline_reward else ROLLOUT_TOKENS))
+        return FusionPlan(self.name, given.base, tqstar=tq, ensemble=given.ensemble)
+
+    def work(self, plan: FusionPlan) -> int:
+        return plan.tqstar.work
+
+    def combine(self, step: Step) -> Scores:
+        if step.seqs is None:
+            raise InvalidRequest("tqstar fuses decode steps only (no prompt scoring, no speculative blocks)", "fusion")
+        return tqstar_step(step, step.base)
 
 
 def _rollouts(baseline, state, first: torch.Tensor, steps: int, generators: list) -> torch.Tensor:
@@ -36,13 +75,14 @@ def _texts(tokenizer, prefixes: list[list[int]], branches: torch.Tensor, eos: in
     return texts
 
 
-def tqstar_step(fuser, seqs: list, slots: dict, base_logits: torch.Tensor):
+def tqstar_step(step: Step, base_logits: torch.Tensor) -> Scores:
     """Fused scores (b, V) for Transfer Q* rows and per-row diagnostics (the candidates' Q values)."""
+    seqs = step.seqs
     tq = seqs[0].req.plan.tqstar
     k, n, m = tq.top_k, tq.rollouts, tq.rollout_tokens
     cand = fusion.top_k_candidates(base_logits, min(k, base_logits.shape[-1]))  # (b, K)
     k = cand.shape[1]
-    slot = slots[tq.baseline]
+    slot = step.slots[tq.baseline]
     where = slot.index()
     branch_rows = [where[s.req.rid] for s in seqs for _ in range(k * n)]
     state = slot.backend.select(slot.state, branch_rows)  # (b*K*N) rows sharing each row's prefix
@@ -52,12 +92,15 @@ def tqstar_step(fuser, seqs: list, slots: dict, base_logits: torch.Tensor):
     tok = slot.backend.tokenizer
     prefixes = [s.req.prompts[tq.baseline] + s.stopper.ids_generated() for s in seqs for _ in range(k * n)]
     texts = _texts(tok, prefixes, branches, tok.eos_token_id)
-    rewards = fuser.get_reward(tq.reward).score(texts).view(len(seqs), k, n).to(base_logits.device)
+    rewards = step.get_reward(tq.reward).score(texts).view(len(seqs), k, n).to(base_logits.device)
     if tq.baseline_reward:
-        r_bl = fuser.get_reward(tq.baseline_reward).score(texts).view(len(seqs), k, n).to(base_logits.device)
+        r_bl = step.get_reward(tq.baseline_reward).score(texts).view(len(seqs), k, n).to(base_logits.device)
         q = fusion.tqstar_q_indirect(rewards, r_bl, tq.beta)
     else:
         q = fusion.tqstar_q_direct(rewards)
     alpha = torch.full((len(seqs),), tq.alpha, dtype=torch.float32, device=base_logits.device)
     diags = [{"tqstar_q": dict(zip(c, v))} for c, v in zip(cand.tolist(), q.tolist())]
     return fusion.tqstar_scores(base_logits, cand, q, alpha), diags
+
+
+METHOD = TransferQStar()

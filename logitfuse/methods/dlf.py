@@ -1,0 +1,53 @@
+"""Dynamic logit fusion ("On Giant's Shoulders", 2024): per step, the expert weights that best match the
+tuned experts' distributions (weights.solve_dlf), then `l_L + sum_i alpha_i(t) (l_S+_i - l_S)`
+(fusion.dlf_combine). Diagnostics: each step's weights; the response reports their means."""
+
+from __future__ import annotations
+
+from logitfuse import fusion
+from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step, intra_op_threads
+from logitfuse.plan import FusionPlan
+from logitfuse.request import InvalidRequest
+from logitfuse.weights import make_grid, solve_dlf
+
+GRID = (0.0, 2.0, 0.1)  # start, stop, step of the weight search
+MODE = "one_expert"
+MAX_POINTS = 200
+
+
+class DynamicLogitFusion(FusionMethod):
+    name = "dlf"
+    summary = "dynamic logit fusion: expert weights solved at every step from the experts' own distributions"
+    params = ("experts", "grid", "mode", "support")
+
+    def plan(self, given: PlanInput) -> FusionPlan:
+        if len({e.untuned for e in given.experts}) != 1:
+            raise InvalidRequest("fusion.experts: dlf needs experts tuned from one untuned model", "fusion.experts")
+        grid = tuple(given.params.grid or GRID)
+        if not (grid[2] > 0 and grid[1] >= grid[0] and (grid[1] - grid[0]) / grid[2] <= MAX_POINTS):
+            raise InvalidRequest(f"fusion.grid must be [start, stop, step] with step > 0 and at most {MAX_POINTS} "
+                                 f"points, got {list(grid)}", "fusion.grid")
+        return FusionPlan(self.name, given.base, given.experts, grid=grid, mode=given.params.mode or MODE,
+                          ensemble=given.ensemble, support=given.params.support)
+
+    def combine(self, step: Step) -> Scores:
+        plan = step.plan
+        tuned, untuned = step.experts()  # (b, T, V) each; every expert shares untuned[:, 0]
+        with intra_op_threads(step.solver_threads):
+            result = solve_dlf(step.base, untuned[:, 0], tuned, make_grid(*plan.grid), plan.mode,
+                               plan.support)
+        w = result.weights.float()  # (b, T)
+        names = [e.name for e in plan.experts]
+        diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]
+        return fusion.dlf_combine(step.base, tuned, untuned, w), diags
+
+    def summarise(self, steps: list[dict]) -> dict | None:
+        """Mean weight per expert over the request's steps."""
+        weights = [d["dlf_weights"] for d in steps if "dlf_weights" in d]
+        if not weights:
+            return None
+        return {"method": self.name, "steps": len(weights),
+                "mean_weights": {n: sum(w[n] for w in weights) / len(weights) for n in weights[0]}}
+
+
+METHOD = DynamicLogitFusion()

@@ -1,0 +1,23 @@
+"""No fusion: the base model's own scores, so every method can be compared with doing nothing."""
+
+from __future__ import annotations
+
+from logitfuse import fusion
+from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step
+from logitfuse.plan import FusionPlan
+
+
+class BaseOnly(FusionMethod):
+    name = "none"
+    summary = "the base model alone (a bare model name, or an ensemble switched off)"
+    params = ()
+    needs_experts = False
+
+    def plan(self, given: PlanInput) -> FusionPlan:
+        return FusionPlan(self.name, given.base, ensemble=given.ensemble)
+
+    def combine(self, step: Step) -> Scores:
+        return fusion.base_only(step.base), None
+
+
+METHOD = BaseOnly()
