@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT = ROOT / "models" / "adapters" / "data" / "heldout.jsonl"
 # (row label, ensemble or model, setting); "tuned-large" is the adapter trained on the large base itself
 SYSTEMS = [("base alone", "smollm2", "smollm2"), ("tuned small", "smollm2-qa", "smollm2"),
-           ("EFT (identity)", "smollm2-qa-eft", "smollm2"), ("DLF (identity)", "smollm2-qa-dlf", "smollm2"),
+           ("DLF (identity)", "smollm2-qa-dlf", "smollm2"),
            ("base alone", "gemma-270m", "gemma"), ("proxy", "gemma-qa-proxy", "gemma"),
            ("EFT", "gemma-qa-eft", "gemma"), ("tuned-large", "gemma-tuned", "gemma")]
 SUPPORT = 1024  # DLF's reduced search: the union of each model's top-1024 tokens plus one rest token
