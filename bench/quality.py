@@ -16,7 +16,9 @@ its five reference sentences stated word for word, complete answers, and sentenc
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -151,6 +153,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     ap.add_argument("--plot", action="store_true", help="write the alpha sweep as a PNG beside the JSON")
     args = ap.parse_args()
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before minutes of evaluation
+        sys.exit("--plot needs matplotlib: .venv/bin/pip install -e .[bench]")
     if args.models:
         text = Path(args.config).read_text().replace("../models/", f"{Path(args.models).resolve()}/")
         args.config = str(Path(tempfile.mkdtemp()) / "family.yaml")

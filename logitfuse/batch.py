@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from logitfuse.batch_io import BadLine, Record, Writer, finished_ids, read_input, record_seed
+from logitfuse.fields import error_path
 from logitfuse.request import InvalidRequest, PromptScores, SamplingParams, TokenEvent, UnknownName, logit_bias_pairs
 
 
@@ -165,7 +166,7 @@ def _account(ev, groups, owner, writer: Writer, stats: Stats, args, bar) -> None
 def _message(err: Exception) -> str:
     if isinstance(err, ValidationError):
         first = err.errors()[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        return f"{error_path(first)}: {first['msg']}"
     return str(err)
 
 

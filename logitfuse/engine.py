@@ -74,6 +74,11 @@ class Engine:
         if sp.prompt_logprobs and not all(getattr(self.get_backend(n), "can_score_prompt", True)
                                           for n in plan.models()):
             raise InvalidRequest("echo with logprobs (prompt scoring) is not available with a remote model", "echo")
+        if plan.speculative and (slow := [n for n in plan.models()
+                                          if not getattr(self.get_backend(n), "can_verify_blocks", True)]):
+            raise InvalidRequest(f"speculative decoding is not available with {slow[0]!r}: its server does not "
+                                 "echo prompt distributions exactly, so a block cannot be verified in one call "
+                                 "(set fusion.speculative.k to 0)", "fusion.speculative")
         method = methods.get(plan.method)
         if sp.prompt_logprobs and not method.prompt_scoring:
             raise InvalidRequest(f"echo with logprobs (prompt scoring) is not available for method {method.name}",

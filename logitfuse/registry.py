@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from logitfuse import methods
+from logitfuse.fields import error_path, reject_unknown
 from logitfuse.plan import ExpertRef, FusionPlan
 from logitfuse.request import InvalidRequest, UnknownName
 
@@ -22,6 +23,12 @@ Method = Literal[methods.NAMES]  # type: ignore[valid-type]  # the method table'
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        """An unknown key is an error that names it, the field it resembles and every known field."""
+        return reject_unknown(data, list(cls.model_fields))
 
 
 class RemoteSpec(Frozen):
@@ -173,7 +180,7 @@ class Registry(Frozen):
             return Registry.model_validate(data)
         except ValidationError as err:
             first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
+            where = error_path(first)
             raise ValueError(f"invalid registry {path}: {where}: {first['msg']}") from None
 
     def resolve_path(self, p: str) -> str:

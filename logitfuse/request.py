@@ -27,6 +27,10 @@ class UnknownName(LookupError):
         self.param = param
 
 
+class Unavailable(RuntimeError):
+    """A model that cannot serve now (a remote endpoint down, or refusing what serving needs): becomes a 503."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from logitfuse.request import InvalidRequest, UnknownName
+from logitfuse.request import InvalidRequest, Unavailable, UnknownName
 
 log = logging.getLogger("logitfuse.service")
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -42,6 +42,8 @@ def as_api_error(err: Exception) -> APIError:
         return APIError(400, str(err), err.param)
     if isinstance(err, UnknownName):
         return APIError(404, str(err), err.param)
+    if isinstance(err, Unavailable):
+        return APIError(503, str(err))
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         return APIError(400, f"{_loc(first['loc'])}: {first['msg']}", _loc(first["loc"]))
@@ -67,6 +69,9 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str]:
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", "body"
     if first.get("type") == "missing":
         return f"{param}: field required", param
+    if first.get("type") == "unknown_field":  # logitfuse/fields.py: the path ends at the unknown key
+        where = "" if param == "body" else f"{param}: "
+        return where + first["msg"], first["ctx"]["field"] if param == "body" else f"{param}.{first['ctx']['field']}"
     value = first.get("input")
     shown = json.dumps(value, default=str)[:80]
     return f"{param}: {first['msg']} (got {shown})", param
@@ -86,5 +91,5 @@ def install(app: FastAPI) -> None:
         api = as_api_error(err)
         return error_response(api.status, api.message, api.param, api.headers)
 
-    for kind in (APIError, InvalidRequest, UnknownName, ValidationError, Exception):
+    for kind in (APIError, InvalidRequest, UnknownName, Unavailable, ValidationError, Exception):
         app.add_exception_handler(kind, _mapped)

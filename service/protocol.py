@@ -1,16 +1,34 @@
 """Request schemas of the OpenAI-compatible API: fields in OpenAI's documented order, extensions marked.
 
 Each request converts itself into the engine's SamplingParams; range checks live there, once.
+Unknown top-level fields are ignored, as the OpenAI API does, and listed in the `X-Ignored-Fields` response
+header, except near-misses of a field of the endpoint (`fusoin`, `max_token`), which are a 400 naming both.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from logitfuse.fields import ignored_fields
 from logitfuse.registry import FusionParams
 from logitfuse.request import InvalidRequest, SamplingParams, logit_bias_pairs
+
+# Fields of the OpenAI and vLLM APIs that this server does not read: tolerated, never taken for misspellings
+# (`min_tokens` is 0.8 from `max_tokens`, `top_logprobs` from `logprobs`).
+TOLERATED = frozenset("""
+    audio function_call functions metadata modalities parallel_tool_calls prediction prompt_cache_key
+    reasoning_effort safety_identifier service_tier store verbosity web_search_options
+    add_generation_prompt add_special_tokens allowed_token_ids bad_words chat_template chat_template_kwargs
+    continue_final_message documents guided_choice guided_decoding_backend guided_grammar guided_json
+    guided_regex include_stop_str_in_output length_penalty logits_processors min_tokens priority
+    prompt_logprobs repetition_penalty request_id skip_special_tokens spaces_between_special_tokens
+    structured_outputs truncate_prompt_tokens use_beam_search
+    best_of echo logprobs max_completion_tokens messages prompt response_format suffix tool_choice tools
+    top_logprobs
+""".split())
 
 
 class StreamOptions(BaseModel):
@@ -41,6 +59,27 @@ class _Sampling(BaseModel):
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (exact where strings collide)
     # -- extensions (logitfuse) --
     fusion: FusionParams | None = None
+    _ignored: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields(cls, data: Any, handler: Any) -> _Sampling:
+        """A near-miss of one of our fields is a 400 naming it; other unknown fields are kept to be reported."""
+        ignored = ignored_fields(data, list(cls.model_fields), TOLERATED)
+        out = handler(data)
+        out._ignored = ignored
+        return out
+
+    def ignored_fields(self) -> list[str]:
+        """The top-level fields of the request body that the server did not read."""
+        return self._ignored
+
+    def ignored_header(self) -> dict[str, str] | None:
+        """`X-Ignored-Fields: a, b` when fields were ignored (names escaped to ASCII, at most 1000 characters)."""
+        if not self._ignored:
+            return None
+        names = ", ".join(json.dumps(n)[1:-1] for n in self._ignored)
+        return {"X-Ignored-Fields": names[:1000]}
 
     def _sampling(self, logprobs: int | None, prompt_logprobs: bool, max_tokens_default: int,
                   max_logprobs: int) -> SamplingParams:

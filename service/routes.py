@@ -116,16 +116,17 @@ async def respond(sv: Serving, request: Request, body, reqs: list[GenerationRequ
                   chunk_object: str, final_object: str):
     """Submit the engine requests; answer with an SSE stream or one JSON body (both API shapes)."""
     job = await sv.submit(reqs, streaming=body.stream)
+    headers = body.ignored_header()
     if body.stream:
         include = body.stream_options is not None and body.stream_options.include_usage
         chunk = {**head, "object": chunk_object}
         return StreamingResponse(sv.stream(
             job, request, make, lambda c, d: {**chunk, "choices": [d]},
             (lambda cs: {**chunk, "choices": [], "usage": usage(cs)}) if include else None,
-            lambda cs: count(request, body.model, cs)), media_type="text/event-stream")
+            lambda cs: count(request, body.model, cs)), media_type="text/event-stream", headers=headers)
     choices = await sv.collect(job, request, make)
     count(request, body.model, choices)
     out = {**head, "object": final_object, "choices": [c.final() for c in choices], "usage": usage(choices)}
     if (d := diagnostics(choices, reqs[0].plan)) is not None:
         out["fusion_diagnostics"] = d
-    return JSONResponse(out)
+    return JSONResponse(out, headers=headers)

