@@ -47,8 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="logitfuse generate", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=default_config())
     p.add_argument("--model", required=True, help="an ensemble or model name of the registry")
-    p.add_argument("--input", required=True, type=Path)
-    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--input", required=True, type=location, help="a local path (a URI with --ray)")
+    p.add_argument("--output", required=True, type=location, help="a local path (a URI with --ray)")
     p.add_argument("--fusion", type=json.loads, default=None, help="JSON fusion override for every line")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible, resumed or not")
     for name, kind in (("max-tokens", int), ("temperature", float), ("top-p", float), ("top-k", int),
@@ -60,7 +60,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (server mode)")
     p.add_argument("--retries", type=int, default=5, help="retries on 429/503/connection errors (server mode)")
     p.add_argument("--api-key", default=None)
+    from logitfuse.ray_batch import add_args as add_ray_args
+
+    add_ray_args(p)
     return p.parse_args(argv)
+
+
+def location(text: str) -> Path | str:
+    """A local path, or a filesystem URI kept as written (only --ray reads and writes URIs)."""
+    return text if "://" in text else Path(text)
 
 
 def line_params(args: argparse.Namespace, rec: Record) -> dict:
@@ -102,10 +110,11 @@ def build(lf, args, rec: Record) -> list:
     return reqs
 
 
-def run_local(args, todo: list[Record], writer: Writer, stats: Stats) -> None:
+def run_local(args, todo: list[Record], writer: Writer, stats: Stats, lf=None) -> None:
+    """Decode `todo` on `lf` (loaded from --config when None), writing each record as it finishes."""
     from logitfuse.api import LogitFuse
 
-    lf = LogitFuse(args.config)
+    lf = lf or LogitFuse(args.config)
     engine, pending = lf.engine, list(reversed(todo))
     groups: dict[str, tuple[Record, list, dict]] = {}  # record id -> (record, rids, per-rid state)
     owner: dict[str, str] = {}
@@ -172,6 +181,13 @@ def _message(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.ray and (isinstance(args.input, str) or isinstance(args.output, str)):
+        print("filesystem URIs for --input/--output need --ray", file=sys.stderr)
+        return 2
+    if args.ray:
+        from logitfuse.ray_batch import run_ray
+
+        return run_ray(args)
     try:
         records = read_input(args.input)
     except OSError as err:

@@ -21,7 +21,14 @@ def _serve(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=int(os.environ["LOGITFUSE_PORT"]) if "LOGITFUSE_PORT" in os.environ
                    else None, help="default: server.port of the config (env LOGITFUSE_PORT)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve (replicas per the config's ray: section)")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: replicas per deployment")
+    p.add_argument("--ray-address", default=None, help="with --ray: cluster to join (default: RAY_ADDRESS or local)")
     args = p.parse_args(argv)
+    if args.ray:
+        from logitfuse.deploy import run_cli
+
+        return run_cli(args)
     from service.app import run_server
 
     return run_server(args.config, args.host, args.port, args.log_level)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from logitfuse import methods
 from logitfuse.fields import error_path, reject_unknown
 from logitfuse.plan import ExpertRef, FusionPlan
+from logitfuse.ray_config import RaySpec
 from logitfuse.request import InvalidRequest, UnknownName
 
 Method = Literal[methods.NAMES]  # type: ignore[valid-type]  # the method table's names, in its order
@@ -151,6 +152,7 @@ class Registry(Frozen):
     experts: dict[str, ExpertSpec] = {}
     ensembles: dict[str, EnsembleSpec] = {}
     server: ServerSpec = ServerSpec()
+    ray: RaySpec = RaySpec()  # Ray Serve replicas (logitfuse.deploy)
     root: str = "."  # the folder paths are relative to (set by load)
 
     @model_validator(mode="after")
