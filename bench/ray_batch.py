@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from bench.throughput import prompts
-from logitfuse.batch import main as generate
+from logitfuse.cli import main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def run(job: Path, out: Path, model: str, tokens: int, *extra: str) -> tuple[flo
     argv = ["--model", model, "--input", str(job), "--output", str(out), "--seed", "0", "--temperature", "0.7",
             "--max-tokens", str(tokens), *extra]
     t0 = time.perf_counter()
-    assert generate(argv) == 0
+    assert cli(["generate", *argv]) == 0
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     return wall, {r["id"]: r for r in records}

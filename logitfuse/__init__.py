@@ -1,7 +1,26 @@
-"""logitfuse: decoding-time adaptation of a large model by small expert pairs."""
+"""logitfuse: decoding-time adaptation of a large model by small expert pairs.
 
-from logitfuse.api import Completion, LogitFuse
-from logitfuse.registry import FusionParams, Registry
-from logitfuse.request import GenerationRequest, SamplingParams
+The public names load on first use, so that the command line's `--help` and `--version` import no torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from logitfuse.api import LogitFuse
+    from logitfuse.completion import Completion
+    from logitfuse.registry import FusionParams, Registry
+    from logitfuse.request import GenerationRequest, SamplingParams
+
+_HOMES = {"Completion": "logitfuse.completion", "FusionParams": "logitfuse.registry",
+          "GenerationRequest": "logitfuse.request", "LogitFuse": "logitfuse.api", "Registry": "logitfuse.registry",
+          "SamplingParams": "logitfuse.request"}
 __all__ = ["Completion", "FusionParams", "GenerationRequest", "LogitFuse", "Registry", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'logitfuse' has no attribute {name!r}")

@@ -8,47 +8,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from logitfuse.completion import Completion
 from logitfuse.engine import Engine
 from logitfuse.pool import ModelPool
 from logitfuse.prompts import Prompt, role_prompts
 from logitfuse.registry import FusionParams, Registry
 from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 
-
-@dataclass
-class Completion:
-    rid: str
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    prompt_scores: PromptScores | None = None
-    diagnostics: list = field(default_factory=list)
-
-    def add_token(self, token_id: int, text: str, logprob: float | None, finish_reason: str | None) -> None:
-        self.add(TokenEvent(self.rid, token_id, text, logprob, finish_reason=finish_reason,
-                            prompt_tokens=self.prompt_tokens))
-
-    def add(self, ev: TokenEvent | PromptScores) -> None:
-        if isinstance(ev, PromptScores):
-            self.prompt_scores = ev
-            return
-        self.text += ev.text
-        if ev.token_id is not None:
-            self.token_ids.append(ev.token_id)
-            self.logprobs.append(ev.logprob)
-            self.top_logprobs.append(ev.top)
-            if ev.diagnostics:
-                self.diagnostics.append(ev.diagnostics)
-        self.prompt_tokens = ev.prompt_tokens
-        self.finish_reason = ev.finish_reason or self.finish_reason
+__all__ = ["Completion", "LogitFuse"]
 
 
 class LogitFuse:

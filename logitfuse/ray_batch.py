@@ -26,8 +26,8 @@ import numpy as np
 from pyarrow.fs import LocalFileSystem
 from tqdm import tqdm
 
-from logitfuse.batch import Stats, run_local
-from logitfuse.batch_io import BadLine, Record, read_input
+from logitfuse.batch import local_source, run_local
+from logitfuse.batch_io import BadLine, Record, Stats, read_input
 from logitfuse.ray_files import JobFiles, read_bytes, resolve
 
 
@@ -37,8 +37,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=1, help="actors, each holding its own models")
     g.add_argument("--ray-address", default=None, help="cluster to join (default: RAY_ADDRESS, else a local one)")
     g.add_argument("--block-size", type=int, default=64, help="records per Ray task (one output part each)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0)
-    g.add_argument("--gpus-per-worker", type=float, default=0.0)
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray reserves per actor (default: 0)")
 
 
 class Collect:
@@ -63,7 +63,7 @@ class Worker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         todo = [Record(**json.loads(text)) for text in batch["record"]]
         sink, stats = Collect(), Stats()
-        run_local(self.args, todo, sink, stats, lf=self.lf)
+        run_local(self.args, self.lf, todo, sink, stats)
         self.commit(sink.records)
         return {"written": np.array([stats.written]), "errors": np.array([stats.errors]),
                 "tokens": np.array([stats.tokens])}
@@ -112,17 +112,16 @@ def dispatch(args, todo: list[Record], stats: Stats, worker_cls: type = Worker) 
 
 def run_ray(args, worker_cls: type = Worker) -> int:
     """The whole job: resume, error records, dispatch, merge; the same summary as local mode."""
-    from logitfuse.registry import Registry
 
     args.output, args.input = str(args.output), str(args.input)
     if args.server:
         print("--ray and --server are two ways to run a job: choose one", file=sys.stderr)
         return 2
     try:
-        Registry.load(args.config)  # a bad registry stops here, before any actor starts
+        local_source(args)  # a bad registry, an unknown --model or --fusion stops here, before any actor starts
         records = load_input(args.input)
-    except (OSError, ValueError) as err:
-        print(f"cannot run: {err}", file=sys.stderr)
+    except (OSError, ValueError, LookupError) as err:
+        print(f"cannot start: {err}", file=sys.stderr)
         return 2
     files = JobFiles(args.output)
     done = files.done_ids()

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from logitfuse import methods
-from logitfuse.fields import error_path, reject_unknown
+from logitfuse.fields import reject_unknown
 from logitfuse.plan import ExpertRef, FusionPlan
 from logitfuse.ray_config import RaySpec
 from logitfuse.request import InvalidRequest, UnknownName
@@ -138,6 +138,7 @@ class ServerSpec(Frozen):
     max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token
     api_keys: list[str] = []
     preload: bool = True  # load the models of every ensemble at start-up
+    on_bad_entry: Literal["refuse", "skip"] = "refuse"  # at start-up: stop on a bad entry, or serve without it
     cpu_threads: int | None = None  # torch intra-op threads for CPU work (None: torch's default)
     solver_threads: int | None = Field(default=None, ge=1)  # threads for DLF's weight search (None: cpu_threads)
     request_timeout: float | None = Field(default=None, gt=0)  # seconds a request may generate for; then it
@@ -154,6 +155,7 @@ class Registry(Frozen):
     server: ServerSpec = ServerSpec()
     ray: RaySpec = RaySpec()  # Ray Serve replicas (logitfuse.deploy)
     root: str = "."  # the folder paths are relative to (set by load)
+    skipped: dict[str, str] = {}  # bad entries left out under server.on_bad_entry: skip, with the reason (by load)
 
     @model_validator(mode="after")
     def _references(self) -> Registry:
@@ -174,16 +176,31 @@ class Registry(Frozen):
 
     @staticmethod
     def load(path: str | Path) -> Registry:
-        """Read and validate a YAML registry; errors name the offending key."""
-        path = Path(path)
-        data = yaml.safe_load(path.read_text()) or {}
-        data["root"] = str(path.resolve().parent)
+        """Read and validate a YAML registry, every entry on its own, before anything loads; errors name
+        the offending keys, all of them at once (registry_check.py; `server.on_bad_entry: skip` keeps the
+        good entries and lists the others in `skipped`)."""
+        from logitfuse import registry_check as rc
+
+        path, data = Path(path), _read_yaml(Path(path))
+        root = str(path.resolve().parent)
+        fatal = [f"{k}: unknown section (known: {', '.join((*rc.SECTIONS, 'server'))})"
+                 for k in data if k not in (*rc.SECTIONS, "server")] + ([] if "models" in data else ["models: missing"])
         try:
-            return Registry.model_validate(data)
+            server = ServerSpec.model_validate(data.get("server") or {})
         except ValidationError as err:
-            first = err.errors()[0]
-            where = error_path(first)
-            raise ValueError(f"invalid registry {path}: {where}: {first['msg']}") from None
+            fatal += rc.errors_of(err, "server")
+        if fatal:
+            raise ValueError(rc.report(path, {"": fatal}))
+        specs = {"models": ModelSpec, "rewards": RewardSpec, "experts": ExpertSpec, "ensembles": EnsembleSpec}
+        good, bad = rc.check_entries(data, specs, root)
+
+        def build(sections: dict, skipped: dict | None = None) -> Registry:
+            return Registry.model_validate({**sections, "server": server, "root": root, "skipped": skipped or {}})
+
+        good = rc.check_references(good, build, bad)
+        if bad and (server.on_bad_entry == "refuse" or not good["models"]):
+            raise ValueError(rc.report(path, bad))
+        return build(good, {key: "; ".join(lines) for key, lines in bad.items()})
 
     def resolve_path(self, p: str) -> str:
         """Relative paths are relative to the registry file; anything else (a hub id) is left alone."""
@@ -241,3 +258,18 @@ class Registry(Frozen):
             raise UnknownName(f"{kind} {name!r} not found; available: {', '.join(table) or '(none)'}", param=param)
         return table[name]
 
+
+def _read_yaml(path: Path) -> dict:
+    """The file's mapping; a missing file or malformed YAML is a ValueError saying so."""
+    if not path.is_file():
+        raise ValueError(f"no such config file {path.resolve()}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"invalid YAML in {path}: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid registry {path}: the file must be a mapping with models, experts, ensembles, "
+                         f"rewards and server sections, got {type(data).__name__}")
+    return data

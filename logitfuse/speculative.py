@@ -278,7 +278,7 @@ class SpeculativeEFT:
         self.lf, self.spec, self.stats = lf, SpecPlan(k, min_draft_prob, max_batch), SpecStats()
 
     def generate(self, reqs: list[GenerationRequest]):
-        from logitfuse.api import Completion
+        from logitfuse.completion import Completion
 
         for r in reqs:
             check_plan(r.plan)

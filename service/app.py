@@ -20,13 +20,39 @@ from service.serving import Serving
 log = logging.getLogger("logitfuse.service")
 
 
-def preload(lf: LogitFuse) -> None:
-    """Load every ensemble's models and check each ensemble's shared vocabulary once, at start-up."""
+def preload(lf: LogitFuse) -> dict[str, str]:
+    """Load every ensemble's models and check each ensemble's shared vocabulary once, at start-up.
+    Returns the ensembles that failed (a checkpoint that does not load, vocabularies that do not match)
+    with the reason, all of them rather than the first."""
+    from logitfuse.registry_check import vocab_problems
+
+    failed = vocab_problems(lf.registry)
+    if failed and lf.registry.server.on_bad_entry == "refuse":
+        return failed  # found from the tokenizers alone: stop before loading any weights
     for name in lf.registry.ensembles:
-        plan = lf.registry.plan(name)
-        for m in plan.models() + plan.rewards():
-            lf.pool.get(m)
-        lf.engine.fuser.alignment(plan)
+        if f"ensembles.{name}" in failed:
+            continue
+        try:
+            plan = lf.registry.plan(name)
+            for m in plan.models() + plan.rewards():
+                lf.pool.get(m)
+            lf.engine.fuser.alignment(plan)
+        except Exception as err:  # every failure is reported, with its entry
+            failed[f"ensembles.{name}"] = f"ensembles.{name}: {err}"
+    return failed
+
+
+def settle(lf: LogitFuse, failed: dict[str, str]) -> None:
+    """Under server.on_bad_entry: skip, serve without the ensembles that failed to load (listed in
+    /health); under refuse, stop with all of them."""
+    if not failed:
+        return
+    if lf.registry.server.on_bad_entry == "refuse":
+        raise ValueError(f"{len(failed)} ensemble(s) failed to load:\n  " + "\n  ".join(failed.values()))
+    log.warning("serving without %s", "; ".join(failed.values()))
+    reg = lf.registry
+    keep = {n: e for n, e in reg.ensembles.items() if f"ensembles.{n}" not in failed}
+    lf.registry = lf.pool.registry = reg.model_copy(update={"ensembles": keep, "skipped": reg.skipped | failed})
 
 
 def create_app(source: str | Path | Registry | LogitFuse) -> FastAPI:
@@ -34,11 +60,13 @@ def create_app(source: str | Path | Registry | LogitFuse) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if lf.registry.server.preload:
-            preload(lf)
+        if lf.registry.server.preload and not getattr(app.state, "preloaded", False):
+            settle(lf, preload(lf))
         runner = EngineRunner(lf).start()
         app.state.serving = Serving(lf, runner)
         log.info("serving %s", ", ".join(lf.registry.names()))
+        if lf.registry.skipped:
+            log.warning("left out (server.on_bad_entry: skip): %s", "; ".join(lf.registry.skipped.values()))
         try:
             yield
         finally:
@@ -58,11 +86,15 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str =
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         lf = LogitFuse(config)
+        if lf.registry.server.preload:  # before listening, so that a failure ends the process cleanly
+            settle(lf, preload(lf))
     except (ValueError, FileNotFoundError) as err:
         log.error("cannot start: %s", err)
         return 2
     server = lf.registry.server
-    uvicorn.run(create_app(lf), host=host or server.host, port=port or server.port, log_level=log_level)
+    app = create_app(lf)
+    app.state.preloaded = True
+    uvicorn.run(app, host=host or server.host, port=port or server.port, log_level=log_level)
     return 0
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from logitfuse.completion import Completion
 from logitfuse.request import PromptScores, TokenEvent
 from logitfuse.stopping import token_piece
 
@@ -15,24 +16,34 @@ class Choice:
         self.ids_as_tokens = ids_as_tokens  # vLLM's return_tokens_as_token_ids: tokens named "token_id:N"
         self.tok = tokenizer
         self.first_of_prompt = first_of_prompt
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.error: str | None = None
-        self.diagnostics: list[dict] = []
+        self.text = ""  # what the response shows: the echoed prompt, then the generated text
+        self.seq = Completion(str(index))  # the sequence itself, accumulated as everywhere else
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.seq.reported_finish_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.seq.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.seq.completion_tokens
+
+    @property
+    def error(self) -> str | None:
+        return self.seq.error
+
+    @property
+    def diagnostics(self) -> list[dict]:
+        return self.seq.diagnostics
 
     def opening(self) -> dict | None:
         return None
 
     def _account(self, ev: TokenEvent) -> None:
-        self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
-        if ev.diagnostics:
-            self.diagnostics.append(ev.diagnostics)
-        if ev.finish_reason == "error":
-            self.error = ev.error or "engine error"
-        elif ev.finish_reason:
-            self.finish_reason = "length" if ev.finish_reason in ("length", "abort") else ev.finish_reason
+        self.seq.add(ev)
 
     def token_str(self, token_id: int, text: str | None = None) -> str:
         if self.ids_as_tokens:

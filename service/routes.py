@@ -35,7 +35,8 @@ async def check_key(request: Request) -> None:
 
 @router.get("/health")
 async def health(request: Request) -> dict:
-    return {"status": "ok", "loaded": serving(request).lf.pool.loaded()}
+    lf = serving(request).lf
+    return {"status": "ok", "loaded": lf.pool.loaded(), "skipped": lf.registry.skipped}
 
 
 @router.get("/v1/models", dependencies=[Depends(check_key)])

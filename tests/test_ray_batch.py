@@ -15,9 +15,19 @@ pytest.importorskip("ray")
 
 import ray
 
-from logitfuse.batch import main, parse_args
+from logitfuse.cli import build_parser
+from logitfuse.cli import main as cli
 from logitfuse.ray_batch import Worker, run_ray
 from logitfuse.ray_files import JobFiles
+
+
+def main(argv):
+    return cli(["generate", *[str(a) for a in argv]])
+
+
+def parse_args(argv):
+    return build_parser().parse_args(["generate", *[str(a) for a in argv]])
+
 
 WORDS = "the red city king queen river blue green one two three north south".split()
 N = 16

@@ -6,7 +6,11 @@ from logitfuse.registry import Registry
 from logitfuse.request import InvalidRequest, UnknownName
 
 
-def write(tmp_path, text):
+def write(tmp_path, text, folders=("a", "m")):
+    """The registry file, beside model folders that exist (a config.json each)."""
+    for name in folders:
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text("{}")
     p = tmp_path / "r.yaml"
     p.write_text(text)
     return p
@@ -58,7 +62,73 @@ def test_invalid_file_names_the_key(tmp_path):
 
 
 def test_paths_are_relative_to_the_file(tmp_path):
-    (tmp_path / "m").mkdir()
     reg = Registry.load(write(tmp_path, "models: {a: {path: ./m}}\n"))
     assert reg.resolve_path("./m") == str(tmp_path / "m")
     assert reg.resolve_path("org/hub-model") == "org/hub-model"
+
+
+BAD = """
+models:
+  a: {path: a}
+  gone: {path: ../nowhere/base-smal}
+  hub: {path: org/not-a-cached-model}
+  typo: {path: a, dtyp: float16}
+  noconf: {path: empty}
+  placed: {path: a, dtype: fp8, device: gpu}
+experts:
+  good: {tuned: a, untuned: a}
+  broken: {tuned: typo, untuned: a}
+ensembles:
+  fine: {base: a, experts: [good]}
+  uses-broken: {base: a, experts: [broken]}
+  unknown-expert: {base: a, experts: [nobody]}
+  bad-method: {base: a, method: proxi, experts: [good]}
+server: {on_bad_entry: %s}
+"""
+
+
+def test_every_bad_entry_is_reported_at_once_before_anything_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError) as err:
+        Registry.load(write(tmp_path, BAD % "refuse"))
+    lines = str(err.value).splitlines()
+    assert lines[0].endswith("9 bad entries:")
+    text = str(err.value)
+    assert f"models.gone.path: no such folder {(tmp_path.parent / 'nowhere' / 'base-smal').resolve()}" in text
+    assert "models.hub.path: " in text and "'org/not-a-cached-model' as a hub id is not in the local cache" in text
+    assert "HF_HUB_OFFLINE" in text
+    assert "models.typo.dtyp: unknown field 'dtyp'; did you mean 'dtype'?" in text
+    assert f"models.noconf.path: no such file {tmp_path / 'empty' / 'config.json'}" in text
+    assert "experts.broken.tuned: unknown model 'typo' (models.typo is a bad entry)" in text
+    assert "ensembles.uses-broken: expert 'broken' not found" in text and "(experts.broken is a bad entry)" in text
+    assert "ensembles.unknown-expert: expert 'nobody' not found; available: good" in text
+    assert "ensembles.bad-method.method: Input should be 'none', 'proxy'" in text
+    assert "models.placed.dtype: must be one of auto, float32, float16, bfloat16, got 'fp8'" in text
+    assert "models.placed.device: must be auto, cpu, mps, cuda or cuda:N, got 'gpu'" in text
+    assert "ensembles.fine" not in text and "models.a" not in text
+
+
+def test_skip_serves_the_good_entries_and_keeps_the_reasons(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    (tmp_path / "empty").mkdir()
+    reg = Registry.load(write(tmp_path, BAD % "skip"))
+    assert reg.names() == ["fine", "a"] and list(reg.experts) == ["good"]
+    assert sorted(reg.skipped) == sorted(["models.gone", "models.hub", "models.typo", "models.noconf", "models.placed",
+                                          "experts.broken", "ensembles.uses-broken", "ensembles.unknown-expert",
+                                          "ensembles.bad-method"])
+    assert reg.skipped["models.gone"].startswith("models.gone.path: no such folder ")
+    assert reg.plan("fine").experts[0].name == "good"
+
+
+def test_a_file_that_cannot_be_read_says_why(tmp_path):
+    with pytest.raises(ValueError, match=f"no such config file {tmp_path / 'nope.yaml'}"):
+        Registry.load(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="invalid YAML in"):
+        Registry.load(write(tmp_path, "models: {a: [\n"))
+    with pytest.raises(ValueError, match="the file must be a mapping"):
+        Registry.load(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ValueError, match=r"modles: unknown section .*\n.*models: missing"):
+        Registry.load(write(tmp_path, "modles: {a: {path: a}}\n"))
+    with pytest.raises(ValueError, match=r"server\.on_bad_entry: Input should be 'refuse' or 'skip'"):
+        Registry.load(write(tmp_path, "models: {a: {path: a}}\nserver: {on_bad_entry: ignore}\n"))

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 from logitfuse.family import world as W
+from logitfuse.family.options import add_args
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' ' }}{% endfor %}"
@@ -183,11 +184,11 @@ def write_eval(tok, world: W.World, data: Path, seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="logitfuse train-family", description="Train the miniature model family")
-    ap.add_argument("--out", default="models")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--large-steps", type=int, default=650)
-    ap.add_argument("--small-steps", type=int, default=400)
-    args = ap.parse_args(argv)
+    add_args(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0, out = time.perf_counter(), Path(args.out)
     world = W.build_world(args.seed)

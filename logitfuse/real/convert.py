@@ -55,12 +55,13 @@ def convert(gguf: Path, out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="logitfuse fetch-real", description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the converted checkpoints")
     p.add_argument("--only", choices=sorted(NAMES), action="append", help="convert only these (repeatable)")
     p.add_argument("--force", action="store_true", help="convert again even where a folder exists")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     for name in args.only or list(NAMES):
         target = args.out / name
         if (target / "config.json").exists() and not args.force:
@@ -70,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         convert(gguf_source(name, args.out / "gguf"), target)
         print(f"{name}: {target} ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="logitfuse fetch-real", description=__doc__.splitlines()[0])
+    add_args(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -92,20 +92,21 @@ def train(model_path: str, out: Path, chat: bool, steps: int, batch: int, lr: fl
     return log
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="logitfuse tune-adapter", description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local model folder (e.g. models/real/smollm2-135m-instruct)")
     p.add_argument("--out", type=Path, required=True, help="folder for the adapter")
     p.add_argument("--chat-template", action="store_true", help="format prompts with the model's chat template")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="questions per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and the batches")
     p.add_argument("--top-layers", type=int, help="adapt only the top N layers (the backward pass stops below)")
-    p.add_argument("--facts", type=Path, default=FACTS)
+    p.add_argument("--facts", type=Path, default=FACTS, help="the facts TSV (default: %(default)s)")
     p.add_argument("--write-split", type=Path, help="also write the tuning and held-out questions (JSONL) here")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.write_split:
         tuning, held = split(load_facts(args.facts))
         write_jsonl(tuning, args.write_split / "tune.jsonl")
@@ -114,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.top_layers, args.facts)
     print(f"{args.out}: {log['steps']} steps in {log['seconds']} s, loss {log['losses'][0]} -> {log['losses'][-1]}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="logitfuse tune-adapter", description=__doc__.splitlines()[0])
+    add_args(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
