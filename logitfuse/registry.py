@@ -212,6 +212,11 @@ class Registry(Frozen):
         e = self.experts[expert]
         return e.tuned if e.adapter is None else f"{e.untuned}+{expert}"
 
+    def model_spec(self, name: str) -> ModelSpec:
+        """A model's entry; an adapter model's is its untuned model's (same tokenizer, config and place)."""
+        view = self.adapter_views().get(name)
+        return self.models[view[1] if view else name]
+
     def adapter_views(self) -> dict[str, tuple[str, str, str]]:
         """Adapter models by name: (expert, untuned model, adapter folder)."""
         return {self.tuned_name(n): (n, e.untuned, self.resolve_path(e.adapter))

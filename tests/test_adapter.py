@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model
 
 from logitfuse import LogitFuse, SamplingParams
-from logitfuse.backends.adapter import BASE, AdapterError, AdapterHost
+from logitfuse.backends.adapter import BASE, AdapterHost
 from tests.tiny import build_model, build_tokenizer, save
 
 PROMPTS = ["the red city of the north", "one", "king queen river blue green"]  # ragged rows
@@ -194,8 +194,9 @@ def test_preloaded_bad_adapter_stops_start_up_naming_it(configs, tmp_path):
     text = configs["adapter"].read_text().replace("preload: false", "preload: true")
     text = text.replace("experts: [a], alpha", "experts: [corrupt], alpha")
     lf = LogitFuse(write(tmp_path, "bad", text))
-    with pytest.raises(AdapterError, match="expert 'corrupt'"):
-        preload(lf)
+    failed = preload(lf)  # the server refuses to start with these (server.on_bad_entry: refuse)
+    assert "expert 'corrupt'" in failed["ensembles.proxy-a"]
+    assert "is corrupt or unreadable" in failed["ensembles.proxy-a"]
 
 
 def test_registry_needs_exactly_one_of_tuned_or_adapter(configs, tmp_path):
@@ -203,6 +204,7 @@ def test_registry_needs_exactly_one_of_tuned_or_adapter(configs, tmp_path):
     both = text.replace("a: {untuned: base-small, adapter:", "a: {tuned: base-small, untuned: base-small, adapter:")
     with pytest.raises(ValueError, match="exactly one of 'tuned'"):
         LogitFuse(write(tmp_path, "both", both))
-    taken = text.replace("models:\n", "models:\n  base-small+a: {path: x}\n")
+    small = next(line for line in text.splitlines() if line.startswith("  base-small:"))
+    taken = text.replace("models:\n", "models:\n" + small.replace("base-small:", "base-small+a:") + "\n")
     with pytest.raises(ValueError, match="'base-small\\+a' of its adapter model is taken"):
         LogitFuse(write(tmp_path, "taken", taken))
