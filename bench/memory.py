@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def held(lf: LogitFuse) -> tuple[int, int, int]:
     """(bytes, cached positions, visible positions) over the engine's slots and speculative groups."""
-    states = [slot.state for slot in lf.engine.slots.values()]
-    states += [s for g in lf.engine.spec_groups.values() for s in (g.states or [])]
+    states = lf.engine.kv_states()
     total = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for st in states for k, v in st.layers)
     return total, sum(st.mask.numel() for st in states), int(sum(st.mask.sum() for st in states))
 
@@ -39,8 +38,7 @@ def run_until(lf: LogitFuse, model: str, n: int, tokens: int, fusion=None) -> tu
     done = 0
     while engine.has_work():
         done += sum(1 for ev in engine.step() if getattr(ev, "finish_reason", None))
-        gen = max((s.stopper.generated for s in engine.seqs.values()), default=0)
-        if gen >= tokens - 1:
+        if engine.stats().longest_generated >= tokens - 1:
             break
     out = held(lf)
     while engine.has_work():

@@ -130,7 +130,7 @@ def speculative(lf: LogitFuse, label: str, model: str, ps: list[str], sp: Sampli
     of `batch`; plain and speculative runs alternate and the speed-up is the median over the pairs. With
     min_draft_prob 0 every round drafts k tokens, which prices a round in plain steps and gives the acceptance
     rate a pair of models would need for 1.5x (acceptance is the models' property, not the code's)."""
-    from logitfuse.speculative import SpeculativeEFT
+    from logitfuse.api import SpeculativeEFT
 
     chunks = [ps[i:i + batch] for i in range(0, len(ps), batch)]
     plain_run = lambda: [lf.generate(model, c, sp) for c in chunks]  # noqa: E731

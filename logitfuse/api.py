@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from logitfuse.completion import Completion
 from logitfuse.engine import Engine
+from logitfuse.plan import SpecPlan
 from logitfuse.pool import ModelPool
 from logitfuse.prompts import Prompt, role_prompts
 from logitfuse.registry import FusionParams, Registry
 from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
+from logitfuse.speculative import SpecStats, check_plan
 
-__all__ = ["Completion", "LogitFuse"]
+__all__ = ["Completion", "LogitFuse", "SpeculativeEFT"]
 
 
 class LogitFuse:
@@ -27,11 +30,15 @@ class LogitFuse:
         self.registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.apply_threads()
         self.pool = pool or ModelPool(self.registry)
+        self.engine = self.make_engine()
+        self._ids = itertools.count()
+
+    def make_engine(self) -> Engine:
+        """An engine over this pool with the registry's server settings (the server's second lane uses one)."""
         server = self.registry.server
         kv_budget = int(server.kv_budget_mb * 2**20) if server.kv_budget_mb else None
-        self.engine = Engine(self.pool.get, self.pool.get, max_batch=server.max_batch,
-                             solver_threads=server.solver_threads, kv_budget=kv_budget)
-        self._ids = itertools.count()
+        return Engine(self.pool.get, self.pool.get, max_batch=server.max_batch, solver_threads=server.solver_threads,
+                      kv_budget=kv_budget)
 
     def apply_threads(self) -> None:
         """Set torch's intra-op threads for the calling thread (the setting is per thread)."""
@@ -69,7 +76,26 @@ class LogitFuse:
         return [done[r.rid] for r in reqs]
 
 
-def _with_seed(sp: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
+class SpeculativeEFT:
+    """Library convenience: run one-expert proxy/EFT requests speculatively through the engine and keep
+    the draft statistics of its calls. (Ensembles and requests can ask for it too: `fusion.speculative`.)"""
 
+    def __init__(self, lf: LogitFuse, k: int = 4, min_draft_prob: float = 0.0, max_batch: int | None = None) -> None:
+        if k < 1:
+            raise ValueError("k (draft tokens per round) must be at least 1")
+        self.lf, self.spec, self.stats = lf, SpecPlan(k, min_draft_prob, max_batch), SpecStats()
+
+    def generate(self, reqs: list[GenerationRequest]) -> list[Completion]:
+        for r in reqs:
+            check_plan(r.plan)
+        reqs = [replace(r, plan=replace(r.plan, speculative=self.spec)) for r in reqs]
+        before = self.lf.engine.stats().speculative
+        done = {r.rid: Completion(r.rid) for r in reqs}
+        for ev in self.lf.engine.run(reqs):
+            done[ev.rid].add(ev)
+        self.stats = self.stats + (self.lf.engine.stats().speculative - before)
+        return [done[r.rid] for r in reqs]
+
+
+def _with_seed(sp: SamplingParams, seed: int) -> SamplingParams:
     return replace(sp, seed=seed)

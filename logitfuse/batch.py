@@ -55,7 +55,7 @@ def open_local(args: argparse.Namespace, reg: Registry, stats: Stats):
     plan = reg.plan(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
     for name in plan.models() + plan.rewards():
         lf.pool.get(name)
-    lf.engine.fuser.alignment(plan)
+    lf.engine.alignment(plan)
     stats.load_s = time.perf_counter() - t0
     return lf
 

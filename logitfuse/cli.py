@@ -71,6 +71,8 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", metavar="N", type=_port, default=_port(env_port) if env_port else None,
                    help="port to listen on (env LOGITFUSE_PORT; default: server.port of the config)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default: %(default)s)")
+    p.add_argument("--api-key", metavar="KEY", action="append", help="require this key as 'Authorization: "
+                   "Bearer <key>' (repeatable; also env LOGITFUSE_API_KEY, comma-separated, and server.api_keys)")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve (replicas per the config's ray: section)")
     p.add_argument("--replicas", type=int, default=None, help="with --ray: replicas per deployment")
     p.add_argument("--ray-address", default=None, help="with --ray: cluster to join (default: RAY_ADDRESS or local)")
@@ -95,7 +97,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from service.app import run_server
 
-    return run_server(args.config, args.host, args.port, args.log_level)
+    return run_server(args.config, args.host, args.port, args.log_level, args.api_key)
 
 
 def port_problem(host: str, port: int) -> str | None:

@@ -38,7 +38,7 @@ def load_group(config: str, names: list[str] | None) -> LogitFuse:
             plan = lf.registry.plan(name)
             for m in plan.models() + plan.rewards():
                 lf.pool.get(m)
-            lf.engine.fuser.alignment(plan)
+            lf.engine.alignment(plan)
     return lf
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from logitfuse import methods
+from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.methods.base import Step
 from logitfuse.plan import FusionPlan
 from logitfuse.request import GenerationRequest, InvalidRequest, PromptScores, TopLogprob
@@ -20,7 +21,7 @@ from logitfuse.vocab import Alignment, VocabMismatchError, align
 
 
 class Fuser:
-    def __init__(self, get_backend: Callable[[str], object], get_reward: Callable[[str], object] | None,
+    def __init__(self, get_backend: Callable[[str], CausalLM], get_reward: Callable[[str], RewardModel] | None,
                  solver_threads: int | None = None) -> None:
         self.get_backend = get_backend
         self.get_reward = get_reward

@@ -1,46 +1,95 @@
 """Loaded checkpoints by name: load on first use, keep under a memory budget, evict least recently used.
 
 A model in use by a running request is pinned and never evicted. Loading one model holds only that
-model's lock, so requests for models already loaded are never blocked by a load.
+model's lock, so requests for models already loaded are never blocked by a load. A model that fails to load
+(a corrupt or missing checkpoint, an unreachable remote) is marked failed: requests get ModelUnavailable naming
+the model and the file at once, and the load is tried again only when the model's local files change (or,
+for a hub id or a remote, after server.load_retry_seconds).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from logitfuse.backends.base import CausalLM, RewardModel
+from logitfuse.backends.sources import load_model, load_reward
 from logitfuse.registry import Registry
-from logitfuse.request import UnknownName
+from logitfuse.request import Unavailable, UnknownName
 
 
-def default_loader(reg: Registry, name: str):
-    """Build the backend for a registry name (a causal LM or a reward model)."""
-    from logitfuse.backends.hf import HFCausalLM, HFReward
+class ModelUnavailable(Unavailable):
+    """A model that failed to load: a 503 naming the model and the file, until its files change."""
 
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def local_folder(reg: Registry, name: str) -> str | None:
+    """The local checkpoint folder (or file) behind a registry name, if it is one."""
+    spec = reg.models.get(name) or reg.rewards.get(name)
+    path = getattr(spec, "path", None)
+    if path is None:
+        return None
+    resolved = reg.resolve_path(path)
+    return resolved if os.path.exists(resolved) else None
+
+
+def files_signature(path: str) -> tuple:
+    """(file, size, mtime) of every file under path: a changed checkpoint has another signature."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return ((path, st.st_size, st.st_mtime_ns),)
+    out = []
+    for root, _, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            out.append((os.path.join(root, f), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
+
+
+def broken_file(path: str | None) -> str | None:
+    """The first safetensors file under path whose header cannot be read (cheap: headers only)."""
+    if path is None or not os.path.isdir(path):
+        return None
+    from safetensors import safe_open
+
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            if f.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(root, f), "pt"):
+                        pass
+                except Exception:
+                    return os.path.join(root, f)
+    return None
+
+
+def default_loader(reg: Registry, name: str) -> CausalLM | RewardModel:
+    """Build the backend for a registry name (a causal LM from its source, or a reward model)."""
     if name in reg.models:
-        spec = reg.models[name]
-        if spec.remote is not None:
-            from logitfuse.backends.remote import RemoteCausalLM
-
-            return RemoteCausalLM.load(name, spec.remote, reg.resolve_path(spec.tokenizer), spec.chat_template)
-        if name in reg.adapter_hosts():
+        if name in reg.adapter_hosts():  # loaded once, shared by the adapters over it
             from logitfuse.backends.adapter import load_host
 
+            spec = reg.models[name]
             return load_host(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
                              spec.gguf_file)
-        return HFCausalLM.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
-                               spec.gguf_file, compile=spec.compile)
+        return load_model(name, reg.models[name], reg.resolve_path)
     if name in reg.rewards:
-        spec = reg.rewards[name]
-        return HFReward.load(name, reg.resolve_path(spec.path), spec.dtype, spec.device)
+        return load_reward(name, reg.rewards[name], reg.resolve_path)
     raise UnknownName(f"model {name!r} not found; available: {', '.join(list(reg.models) + list(reg.rewards))}")
 
 
+Loader = Callable[[Registry, str], CausalLM | RewardModel]
+
+
 class ModelPool:
-    def __init__(self, registry: Registry, loader: Callable | None = None, budget_bytes: int | None = None) -> None:
+    def __init__(self, registry: Registry, loader: Loader | None = None, budget_bytes: int | None = None) -> None:
         self.registry = registry
         self._loader = loader or default_loader
         self.budget = budget_bytes if budget_bytes is not None else registry.server.memory_budget_mb * 2**20
@@ -48,12 +97,18 @@ class ModelPool:
         self._pins: dict[str, int] = {}
         self._lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
+        self._failed: dict[str, tuple[Unavailable, tuple | None, float]] = {}  # error, files, when
+
+    def failed(self) -> dict[str, str]:
+        """Models that failed to load, with the reason."""
+        with self._lock:
+            return {n: str(f[0]) for n, f in self._failed.items()}
 
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
 
-    def get(self, name: str):
+    def get(self, name: str) -> CausalLM | RewardModel:
         """The backend for name, loading it if needed (blocking only callers that need this model)."""
         with self._lock:
             if name in self._loaded:
@@ -72,12 +127,39 @@ class ModelPool:
 
     def _load(self, name: str):
         view = self.registry.adapter_views().get(name)
-        if view is None:
-            return self._loader(self.registry, name)
-        from logitfuse.backends.adapter import load_view
+        if view is not None:  # an adapter joins its untuned model (bad adapters: AdapterError, a 400)
+            from logitfuse.backends.adapter import load_view
 
-        expert, untuned, folder = view
-        return load_view(self.get(untuned), name, expert, folder)  # the adapter joins its untuned model
+            expert, untuned, folder = view
+            return load_view(self.get(untuned), name, expert, folder)
+        """The loader's backend, or ModelUnavailable: recorded, and raised again without loading while the
+        model's files are unchanged (local) or for load_retry_seconds (hub ids, remotes)."""
+        folder = local_folder(self.registry, name)
+        retry = self.registry.server.load_retry_seconds
+        failure = self._failed.get(name)
+        if failure is not None:
+            err, signature, when = failure
+            unchanged = signature is not None and signature == files_signature(folder) if folder else False
+            if unchanged or (signature is None and time.monotonic() - when < retry):
+                raise err
+        try:
+            backend = self._loader(self.registry, name)
+        except UnknownName:
+            raise
+        except Exception as exc:
+            if isinstance(exc, Unavailable):  # already names the model (a remote's own error): kept as it is
+                err = exc
+                err.retry_after = retry
+            else:
+                where = broken_file(folder) or getattr(exc, "filename", None) or folder or name
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+                err = ModelUnavailable(f"model {name!r} could not be loaded from {where}: {detail}", retry)
+            with self._lock:
+                self._failed[name] = (err, files_signature(folder) if folder else None, time.monotonic())
+            raise err from None
+        with self._lock:
+            self._failed.pop(name, None)
+        return backend
 
     @contextmanager
     def pinned(self, names: list[str]) -> Iterator[dict]:
@@ -88,7 +170,7 @@ class ModelPool:
         finally:
             self.release(names)
 
-    def acquire(self, names: list[str]) -> dict:
+    def acquire(self, names: list[str]) -> dict[str, CausalLM | RewardModel]:
         """Pin names (so they are not evicted) and return their backends; pair with release."""
         with self._lock:
             for n in names:

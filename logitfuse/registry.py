@@ -133,7 +133,7 @@ class ServerSpec(Frozen):
     port: int = 8000
     memory_budget_mb: int = 8192  # loaded checkpoints beyond this are evicted, least recently used first
     max_batch: int = 64  # sequences decoded together
-    max_queue: int = 1024  # waiting sequences before 429
+    max_queue: int = Field(default=1024, ge=1)  # waiting sequences (submitted, not yet decoding) before 429
     max_logprobs: int = 20
     max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token
     api_keys: list[str] = []
@@ -145,6 +145,17 @@ class ServerSpec(Frozen):
     # ends with the tokens it has, finish_reason "length" (None: no limit)
     kv_budget_mb: float | None = Field(default=None, gt=0)  # KV cache the sequences in flight may need at
     # worst; requests wait in the queue until theirs fits, and one that never fits gets a 400 (None: no limit)
+    # -- operations (docs/operations.md) --
+    max_body_bytes: int = Field(default=512 * 1024, ge=1024)  # larger request bodies get 413, unread
+    public_paths: list[str] = ["/health"]  # paths open without a key when api_keys are set (e.g. /metrics, /docs)
+    max_connections: int | None = Field(default=256, ge=1)  # open connections; beyond it uvicorn answers 503
+    header_timeout: float = Field(default=10.0, gt=0)  # seconds for a request's headers, then the connection closes
+    body_timeout: float = Field(default=30.0, gt=0)  # seconds for its body to arrive, then 408
+    keep_alive_timeout: float = Field(default=5.0, gt=0)  # idle seconds before a kept-alive connection closes
+    rollout_lane: bool = True  # requests of a method with rollouts (Transfer Q*) decode in their own engine
+    # thread, never in other requests' steps
+    load_retry_seconds: float = Field(default=30.0, ge=0)  # a model that failed to load from a hub id or
+    # remote is retried after this long; a local folder is retried when its files change
 
 
 class Registry(Frozen):
@@ -183,19 +194,25 @@ class Registry(Frozen):
 
         path, data = Path(path), _read_yaml(Path(path))
         root = str(path.resolve().parent)
-        fatal = [f"{k}: unknown section (known: {', '.join((*rc.SECTIONS, 'server'))})"
-                 for k in data if k not in (*rc.SECTIONS, "server")] + ([] if "models" in data else ["models: missing"])
-        try:
-            server = ServerSpec.model_validate(data.get("server") or {})
-        except ValidationError as err:
-            fatal += rc.errors_of(err, "server")
+        # whole-file sections (server, ray, ...): every Registry field that is not a table of entries
+        whole = [k for k in Registry.model_fields if k not in (*rc.SECTIONS, "root", "skipped")]
+        known = (*rc.SECTIONS, *whole)
+        fatal = [f"{k}: unknown section (known: {', '.join(known)})" for k in data if k not in known]
+        fatal += [] if "models" in data else ["models: missing"]
+        settings = {}
+        for key in whole:
+            try:
+                settings[key] = Registry.model_fields[key].annotation.model_validate(data.get(key) or {})
+            except ValidationError as err:
+                fatal += rc.errors_of(err, key)
         if fatal:
             raise ValueError(rc.report(path, {"": fatal}))
+        server = settings["server"]
         specs = {"models": ModelSpec, "rewards": RewardSpec, "experts": ExpertSpec, "ensembles": EnsembleSpec}
         good, bad = rc.check_entries(data, specs, root)
 
         def build(sections: dict, skipped: dict | None = None) -> Registry:
-            return Registry.model_validate({**sections, "server": server, "root": root, "skipped": skipped or {}})
+            return Registry.model_validate({**sections, **settings, "root": root, "skipped": skipped or {}})
 
         good = rc.check_references(good, build, bad)
         if bad and (server.on_bad_entry == "refuse" or not good["models"]):

@@ -27,6 +27,10 @@ class UnknownName(LookupError):
         self.param = param
 
 
+class Overloaded(RuntimeError):
+    """The queue of waiting sequences is full: becomes a 429 with Retry-After."""
+
+
 class Unavailable(RuntimeError):
     """A model that cannot serve now (a remote endpoint down, or refusing what serving needs): becomes a 503."""
 

@@ -8,17 +8,24 @@ text (half a multi-byte character) feeds nothing. Vocabulary mapping of its scor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
+if TYPE_CHECKING:
+    from logitfuse.backends.base import CausalLM, Tokenizer
+    from logitfuse.sequence import Sequence
 
-def generated_text(base_tokenizer, seq) -> str:
+
+def generated_text(base_tokenizer: Tokenizer, seq: Sequence) -> str:
     """The text a sequence has generated so far, decoded with a few prompt tokens before it so the first
     token keeps its leading space: what a cross-tokenizer model re-tokenizes."""
     tail = seq.req.prompts[seq.req.plan.base][-4:]
     return base_tokenizer.decode(tail + seq.generated)[len(base_tokenizer.decode(tail)):]
 
 
-def retokenized_update(tokenizer, base_tokenizer, seq, name: str) -> tuple[int, list[int]]:
+def retokenized_update(tokenizer: Tokenizer, base_tokenizer: Tokenizer, seq: Sequence, name: str
+                       ) -> tuple[int, list[int]]:
     """For one row of model `name`: (positions to forget, tokens to feed); records the new tokenization."""
     ids = tokenizer.encode(generated_text(base_tokenizer, seq), add_special_tokens=False)
     old = seq.cross_ids[name]
@@ -33,7 +40,8 @@ def retokenized_update(tokenizer, base_tokenizer, seq, name: str) -> tuple[int, 
     return forget, add
 
 
-def advance_ragged(backend, state, logits: torch.Tensor, forget: list[int], new: list[list[int]]) -> torch.Tensor:
+def advance_ragged(backend: CausalLM, state: Any, logits: torch.Tensor, forget: list[int], new: list[list[int]]
+                   ) -> torch.Tensor:
     """Forget forget[i] positions of row i, then feed row i its tokens new[i] (any number, 0 included) in
     one forward; returns each row's logits after its last token (rows fed nothing keep theirs)."""
     width = max(len(a) for a in new)

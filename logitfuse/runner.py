@@ -5,6 +5,10 @@ callers to share one continuously batched engine. Callers never wait for a step 
 and aborts go to an inbox that the engine thread drains at every step boundary, so requests arriving
 together are prefilled together. A failing step fails the sequences that were running, each with an
 error event, and leaves the engine ready for the next request.
+
+Admission is bounded: at most `QueueBound.limit` sequences may be waiting (submitted, not yet decoding)
+across the runners sharing the bound, checked and registered under one lock, so a burst of concurrent
+submissions cannot overshoot it; running sequences are not counted (max_batch bounds those).
 """
 
 from __future__ import annotations
@@ -14,17 +18,36 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+import torch
+
 from logitfuse.api import LogitFuse
-from logitfuse.request import GenerationRequest, PromptScores, TokenEvent
+from logitfuse.request import GenerationRequest, Overloaded, PromptScores, TokenEvent
 
 log = logging.getLogger("logitfuse.runner")
 Sink = Callable[[TokenEvent | PromptScores], None]
 
 
+class QueueBound:
+    """At most `limit` waiting sequences across the runners that share this bound."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lock = threading.Lock()  # taken before any runner's own lock, never after
+        self.runners: list[EngineRunner] = []
+
+    def waiting(self) -> int:
+        return sum(r.waiting() for r in self.runners)
+
+
 class EngineRunner:
-    def __init__(self, lf: LogitFuse) -> None:
+    def __init__(self, lf: LogitFuse, engine=None, bound: QueueBound | None = None, threads: int | None = None,
+                 name: str = "logitfuse-engine") -> None:
         self.lf = lf
-        self.engine = lf.engine
+        self.engine = engine or lf.engine
+        self.bound = bound or QueueBound(lf.registry.server.max_queue)
+        self.bound.runners.append(self)
+        self.threads, self.name = threads, name  # torch intra-op threads of the engine thread (None: lf's)
+        self._running = 0  # sequences the engine was decoding after its last step (engine thread writes)
         self._sinks: dict[str, tuple[Sink, list[str]]] = {}
         self._lock = threading.Lock()  # guards _sinks and _inbox, never held during a step
         self._inbox: deque[GenerationRequest | str] = deque()  # requests to add, rids to abort
@@ -33,7 +56,7 @@ class EngineRunner:
         self._thread: threading.Thread | None = None
 
     def start(self) -> EngineRunner:
-        self._thread = threading.Thread(target=self._loop, name="logitfuse-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
         return self
 
@@ -48,10 +71,16 @@ class EngineRunner:
         with self._lock:
             return len(self._sinks)
 
+    def waiting(self) -> int:
+        """Sequences submitted and not yet decoding (queued here or in the engine)."""
+        with self._lock:
+            return len(self._sinks) - self._running
+
     def submit(self, requests: list[GenerationRequest], sink: Sink) -> None:
         """Pin the requests' models (loading them in the caller's thread), validate, then queue them.
 
-        Raises InvalidRequest (and queues nothing) when the engine refuses one of them.
+        Raises InvalidRequest when the engine refuses one of them, Overloaded when the waiting sequences
+        would exceed the bound; either way nothing is queued.
         """
         pinned = [list(r.plan.models()) + list(r.plan.rewards()) for r in requests]
         for names in pinned:
@@ -59,15 +88,23 @@ class EngineRunner:
         try:
             for r in requests:
                 self.engine.check(r)
+            self._register(requests, pinned, sink)
         except BaseException:
             for names in pinned:
                 self.lf.pool.release(names)
             raise
-        with self._lock:
-            for r, names in zip(requests, pinned):
-                self._sinks[r.rid] = (sink, names)
-                self._inbox.append(r)
         self._wake.set()
+
+    def _register(self, requests: list[GenerationRequest], pinned: list[list[str]], sink: Sink) -> None:
+        with self.bound.lock:
+            waiting = self.bound.waiting()
+            if waiting + len(requests) > self.bound.limit:
+                raise Overloaded(f"server overloaded: {waiting} sequences are waiting, this request adds "
+                                 f"{len(requests)}, at most {self.bound.limit} may wait (server.max_queue)")
+            with self._lock:
+                for r, names in zip(requests, pinned):
+                    self._sinks[r.rid] = (sink, names)
+                    self._inbox.append(r)
 
     def abort(self, rid: str) -> None:
         with self._lock:
@@ -83,7 +120,10 @@ class EngineRunner:
         failed = []
         for item in items:
             if isinstance(item, str):
+                running = self.engine.is_running(item)
                 self.engine.abort(item)
+                if not running:  # it was still waiting: it leaves now, and its sink is told
+                    failed.append(TokenEvent(item, None, "", finish_reason="abort"))
                 continue
             try:
                 self.engine.add(item)
@@ -93,6 +133,8 @@ class EngineRunner:
 
     def _loop(self) -> None:
         self.lf.apply_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while not self._stopping:
             self._wake.clear()
             events = self._drain()
@@ -106,18 +148,11 @@ class EngineRunner:
                 events += self.engine.step()
             except Exception as err:  # a failing step must not take the server down
                 log.exception("engine step failed")
-                events += self._fail_all(err)
+                events += self.engine.fail_all(err)
             for ev in events:
                 self._deliver(ev)
-
-    def _fail_all(self, err: Exception) -> list[TokenEvent]:
-        rids = list(self.engine.seqs) + [r.rid for r in self.engine.waiting]
-        self.engine.seqs.clear()
-        self.engine.slots.clear()
-        self.engine.spec_groups.clear()
-        self.engine.waiting.clear()
-        msg = f"{type(err).__name__}: {err}"
-        return [TokenEvent(rid, None, "", finish_reason="error", error=msg) for rid in rids]
+            with self._lock:
+                self._running = self.engine.stats().running
 
     def _deliver(self, ev: TokenEvent | PromptScores) -> None:
         done = isinstance(ev, TokenEvent) and ev.finish_reason is not None

@@ -1,8 +1,9 @@
 """Pure: logit_bias, temperature, top-k / top-p / min-p on fused scores, seeded per-row sampling, logprobs.
 
 All functions take per-row parameters as (B,) tensors so one batch can mix requests. A row with
-temperature 0 is greedy. Each row samples with its own torch.Generator, so a seeded request gives the
-same tokens whatever else is in the batch.
+temperature below MIN_TEMPERATURE is greedy (dividing by a tinier one overflows: vLLM's rule too); a top_k
+beyond the vocabulary keeps it all. Each row samples with its own torch.Generator, so a seeded request gives
+the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 NEG_INF = float("-inf")
+MIN_TEMPERATURE = 1e-5  # below it a row is greedy: scores / T would overflow to inf and softmax to NaN
+MAX_TOP_K = 2**31 - 1  # any larger top_k keeps every token (and would overflow an int64 tensor)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class SamplingTensors:
         """From (temperature, top_k, top_p, min_p) per row, and optionally each row's (token id, bias) pairs
         over a vocabulary of `width`."""
         t, k, p, m = zip(*rows) if rows else ((), (), (), ())
+        t = tuple(0.0 if x < MIN_TEMPERATURE else float(x) for x in t)
+        k = tuple(min(int(x), width or MAX_TOP_K, MAX_TOP_K) for x in k)
         f = dict(dtype=torch.float32, device=device)
         bias = None
         if biases and any(biases):
@@ -110,6 +115,11 @@ def sample(scores: torch.Tensor, params: SamplingTensors, generators: list[torch
     for i in torch.nonzero(~greedy.cpu()).flatten().tolist():
         tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i]).item()
     return tokens.to(scores.device)
+
+
+def invalid_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Rows that are not a distribution to sample from: a NaN or +inf anywhere, or no finite score. (B,)."""
+    return torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1) | ~torch.isfinite(scores).any(-1)
 
 
 def token_logprobs(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

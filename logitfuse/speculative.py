@@ -19,14 +19,20 @@ numbers of tokens per step, unlike the engine's shared slots); rows join at step
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, replace
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from logitfuse import methods
 from logitfuse.plan import FusionPlan, SpecPlan
-from logitfuse.request import GenerationRequest, InvalidRequest
+from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, apply_bias, sample, top_logprobs, warp
+
+if TYPE_CHECKING:
+    from logitfuse.backends.base import CausalLM
+    from logitfuse.fuser import Fuser
 
 
 @dataclass
@@ -88,16 +94,20 @@ def check_plan(plan: FusionPlan) -> None:
         raise InvalidRequest(methods.speculation_rule(), "fusion")
 
 
-class SpecGroup:
-    """The engine's rows of one speculative plan group (same base, expert, k and threshold)."""
+SampleRows = Callable[[list, torch.Tensor, "list | None", list], list[str]]  # (rows, scores, diags, events) -> done
 
-    def __init__(self, engine, plan: FusionPlan) -> None:
+
+class SpecGroup:
+    """The engine's rows of one speculative plan group (same base, expert, k and threshold). It fuses through
+    the engine's fuser and samples a round's first token through the engine's sample_rows hook."""
+
+    def __init__(self, plan: FusionPlan, get_backend: Callable[[str], CausalLM], fuser: Fuser,
+                 sample_rows: SampleRows) -> None:
         check_plan(plan)
-        self.engine = engine
         self.spec: SpecPlan = plan.speculative
-        get = engine.get_backend
-        self.models = [get(plan.base), get(plan.experts[0].tuned), get(plan.experts[0].untuned)]
-        self.align = engine.fuser.alignment(plan)
+        self.fuser, self.sample_rows = fuser, sample_rows
+        self.models = [get_backend(n) for n in (plan.base, plan.experts[0].tuned, plan.experts[0].untuned)]
+        self.align = fuser.alignment(plan)
         self.device = self.models[0].device
         self.rows: list = []  # engine Sequences; each row's last emitted token is not yet fed to any model
         self.states: list | None = None
@@ -107,7 +117,7 @@ class SpecGroup:
         """New rows after their prefill (model name -> (state, logits (b, V))): sample each row's first token
         from the fused prefill scores, keep the rows that go on. Returns the rids that finished."""
         scores = self._fuse(seqs, *(prefilled[m.name][1].to(self.device) for m in self.models))
-        finished = self.engine._sample_group(seqs, scores, None, events)
+        finished = self.sample_rows(seqs, scores, None, events)
         live = [i for i, s in enumerate(seqs) if s.req.rid not in finished]
         if live:
             new = [m.select(prefilled[m.name][0], live) for m in self.models]
@@ -130,7 +140,7 @@ class SpecGroup:
         per_row = z_large[0].numel() // z_large.shape[-1]
         flat = {m.name: z.reshape(-1, z.shape[-1]) for m, z in zip(self.models, (z_large, z_tuned, z_small))}
         plans = [s.req.plan for s in seqs for _ in range(per_row)]
-        scores, _ = self.engine.fuser.combine(plans, flat.__getitem__)
+        scores, _ = self.fuser.combine(plans, flat.__getitem__)
         return scores.reshape(*z_large.shape[:-1], -1)
 
     def _params(self, repeat: int = 1) -> SamplingTensors:
@@ -267,25 +277,3 @@ class SpecGroup:
                     break
         return finished
 
-
-class SpeculativeEFT:
-    """Library convenience: run one-expert proxy/EFT requests speculatively through the engine and keep
-    the draft statistics of its calls. (Ensembles and requests can ask for it too: `fusion.speculative`.)"""
-
-    def __init__(self, lf, k: int = 4, min_draft_prob: float = 0.0, max_batch: int | None = None) -> None:
-        if k < 1:
-            raise ValueError("k (draft tokens per round) must be at least 1")
-        self.lf, self.spec, self.stats = lf, SpecPlan(k, min_draft_prob, max_batch), SpecStats()
-
-    def generate(self, reqs: list[GenerationRequest]):
-        from logitfuse.completion import Completion
-
-        for r in reqs:
-            check_plan(r.plan)
-        reqs = [replace(r, plan=replace(r.plan, speculative=self.spec)) for r in reqs]
-        before = replace(self.lf.engine.spec_stats)
-        done = {r.rid: Completion(r.rid) for r in reqs}
-        for ev in self.lf.engine.run(reqs):
-            done[ev.rid].add(ev)
-        self.stats = self.stats + (self.lf.engine.spec_stats - before)
-        return [done[r.rid] for r in reqs]

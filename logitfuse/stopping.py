@@ -7,10 +7,15 @@ O(window), and text that could be the start of a stop string is held back until 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from logitfuse.backends.base import Tokenizer
+    from logitfuse.request import GenerationRequest
 
 
 class StopChecker:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
                  eos_token_id: int | None = None, max_tokens: int = 16, max_total: int | None = None,
                  prompt_ids: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
@@ -59,7 +64,7 @@ class StopChecker:
         return delta, None
 
     @classmethod
-    def for_request(cls, req, tokenizer, max_context: int) -> StopChecker:
+    def for_request(cls, req: GenerationRequest, tokenizer: Tokenizer, max_context: int) -> StopChecker:
         """The stop conditions of a GenerationRequest, detokenising with the base model's tokenizer."""
         sp = req.sampling
         return cls(tokenizer, sp.stop, sp.stop_token_ids, None if sp.ignore_eos else tokenizer.eos_token_id,
@@ -75,7 +80,7 @@ class StopChecker:
         return delta
 
 
-def token_piece(tokenizer, token_id: int) -> str:
+def token_piece(tokenizer: Tokenizer, token_id: int) -> str:
     """The text a token adds after other text, its leading space kept (how OpenAI's logprobs name tokens,
     so that a completion's tokens join into its text). A lone decode drops that space for tokenizers that
     mark word starts (SentencePiece's "▁"), so the token is decoded after an anchor token and the anchor's
@@ -84,7 +89,7 @@ def token_piece(tokenizer, token_id: int) -> str:
     return tokenizer.decode([anchor, token_id])[len(tokenizer.decode([anchor])):]
 
 
-def _anchor(tokenizer) -> int:
+def _anchor(tokenizer: Tokenizer) -> int:
     anchor = getattr(tokenizer, "_logitfuse_anchor", None)
     if anchor is None:
         anchor = tokenizer.encode("a", add_special_tokens=False)[-1]

@@ -1,19 +1,27 @@
-"""App factory with a lifespan: the library, its engine thread and the serving layer live on app.state."""
+"""App factory with a lifespan: the library, its engine threads and the serving layer live on app.state.
+
+`run_server` runs it under uvicorn with the limits of the registry's `server` section: at most
+max_connections open connections (503 beyond), keep_alive_timeout for idle connections, header_timeout for
+a request's headers (uvicorn has none: a half-sent request would hold its connection open for ever).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 
 from logitfuse.api import LogitFuse
 from logitfuse.registry import Registry
-from logitfuse.runner import EngineRunner
+from logitfuse.runner import EngineRunner, QueueBound
 from service import errors
 from service.metrics import Metrics
 from service.metrics import install as install_metrics
+from service.middleware import Guard, Limits
 from service.routes import router
 from service.serving import Serving
 
@@ -36,7 +44,7 @@ def preload(lf: LogitFuse) -> dict[str, str]:
             plan = lf.registry.plan(name)
             for m in plan.models() + plan.rewards():
                 lf.pool.get(m)
-            lf.engine.fuser.alignment(plan)
+            lf.engine.alignment(plan)
         except Exception as err:  # every failure is reported, with its entry
             failed[f"ensembles.{name}"] = f"ensembles.{name}: {err}"
     return failed
@@ -55,34 +63,58 @@ def settle(lf: LogitFuse, failed: dict[str, str]) -> None:
     lf.registry = lf.pool.registry = reg.model_copy(update={"ensembles": keep, "skipped": reg.skipped | failed})
 
 
-def create_app(source: str | Path | Registry | LogitFuse) -> FastAPI:
+def runners(lf: LogitFuse) -> tuple[EngineRunner, EngineRunner | None]:
+    """The main engine thread and, with server.rollout_lane, a second one for rows of a method with rollouts
+    (Transfer Q*: its own engine over the same pool, on half the CPU threads), sharing one max_queue bound."""
+    server = lf.registry.server
+    bound = QueueBound(server.max_queue)
+    main = EngineRunner(lf, bound=bound).start()
+    if not server.rollout_lane:
+        return main, None
+    threads = max(1, (server.cpu_threads or torch.get_num_threads()) // 2)
+    return main, EngineRunner(lf, lf.make_engine(), bound, threads, "logitfuse-rollouts").start()
+
+
+def api_keys(flags: list[str] | None, environ: dict | None = None) -> list[str]:
+    """Keys from `serve --api-key` and the LOGITFUSE_API_KEY environment variable (comma-separated);
+    the registry's server.api_keys are added by create_app."""
+    env = (os.environ if environ is None else environ).get("LOGITFUSE_API_KEY", "")
+    return [k for k in (flags or []) + [k.strip() for k in env.split(",")] if k]
+
+
+def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] | None = None) -> FastAPI:
     lf = source if isinstance(source, LogitFuse) else LogitFuse(source)
+    server = lf.registry.server
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if lf.registry.server.preload and not getattr(app.state, "preloaded", False):
             settle(lf, preload(lf))
-        runner = EngineRunner(lf).start()
-        app.state.serving = Serving(lf, runner)
+        lanes = runners(lf)
+        app.state.serving = Serving(lf, *lanes)
         log.info("serving %s", ", ".join(lf.registry.names()))
         if lf.registry.skipped:
             log.warning("left out (server.on_bad_entry: skip): %s", "; ".join(lf.registry.skipped.values()))
         try:
             yield
         finally:
-            runner.stop()
+            for r in lanes:
+                if r is not None:
+                    r.stop()
 
     app = FastAPI(title="logitfuse", lifespan=lifespan)
     app.state.metrics = Metrics()
     errors.install(app)
     install_metrics(app, app.state.metrics)
     app.include_router(router)
+    keys = tuple(dict.fromkeys(list(server.api_keys) + list(extra_keys or [])))
+    app.add_middleware(Guard, limits=Limits(keys, tuple(server.public_paths), server.max_body_bytes,
+                                            server.body_timeout), metrics=app.state.metrics)
     return app
 
 
-def run_server(config: str, host: str | None, port: int | None, log_level: str = "info") -> int:
-    import uvicorn
-
+def run_server(config: str, host: str | None, port: int | None, log_level: str = "info",
+               keys: list[str] | None = None) -> int:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         lf = LogitFuse(config)
@@ -91,14 +123,51 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str =
     except (ValueError, FileNotFoundError) as err:
         log.error("cannot start: %s", err)
         return 2
+    import uvicorn
+
     server = lf.registry.server
-    app = create_app(lf)
-    app.state.preloaded = True
-    uvicorn.run(app, host=host or server.host, port=port or server.port, log_level=log_level)
+    config = uvicorn_config(lf, host or server.host, port or server.port, log_level, api_keys(keys))
+    config.app.state.preloaded = True
+    uvicorn.Server(config).run()
     return 0
 
 
-def start_in_thread(source, host: str = "127.0.0.1", timeout: float = 60.0):
+def uvicorn_config(lf: LogitFuse, host: str, port: int, log_level: str, keys: list[str] | None = None):
+    """uvicorn's settings from the registry's server section (our own access log line replaces uvicorn's)."""
+    import uvicorn
+
+    server = lf.registry.server
+    return uvicorn.Config(create_app(lf, keys), host=host, port=port, log_level=log_level, access_log=False,
+                          limit_concurrency=server.max_connections, timeout_keep_alive=server.keep_alive_timeout,
+                          http=header_timeout_protocol(server.header_timeout))
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within `seconds`
+    of opening or of its last response."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            armed = self.cycle
+            self.loop.call_later(seconds, lambda: self._expire(armed))
+
+        def _expire(self, armed) -> None:
+            if self.cycle is armed and not self.transport.is_closing():  # no new request head since armed
+                self.transport.close()
+
+    return HeaderTimeout
+
+
+def start_in_thread(source, host: str = "127.0.0.1", timeout: float = 60.0, keys: list[str] | None = None):
     """Start the server on a free loopback port in a daemon thread (tests, benchmarks).
     Returns (base URL, uvicorn server); set `server.should_exit = True` to stop it."""
     import socket
@@ -111,7 +180,8 @@ def start_in_thread(source, host: str = "127.0.0.1", timeout: float = 60.0):
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(source), host=host, port=port, log_level="warning"))
+    lf = source if isinstance(source, LogitFuse) else LogitFuse(source)
+    server = uvicorn.Server(uvicorn_config(lf, host, port, "warning", keys))
     threading.Thread(target=server.run, daemon=True).start()
     url, deadline = f"http://{host}:{port}", time.time() + timeout
     while time.time() < deadline:

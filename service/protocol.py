@@ -11,6 +11,7 @@ import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic_core import PydanticCustomError
 
 from logitfuse.fields import ignored_fields
 from logitfuse.registry import FusionParams
@@ -31,11 +32,44 @@ TOLERATED = frozenset("""
 """.split())
 
 
+def lone_surrogate(value: Any, path: str = "body") -> tuple[str, str] | None:
+    """(field path, code point) of the first string in a JSON value holding a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return path, f"U+{ord(value[err.start]):04X}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            key = str(k).encode("utf-8", "backslashreplace").decode("utf-8")  # a key may hold one itself
+            field = key if path == "body" else f"{path}.{key}"
+            if found := (lone_surrogate(k, field) if isinstance(k, str) else None) or lone_surrogate(v, field):
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if found := lone_surrogate(v, f"{path}[{i}]"):
+                return found
+    return None
+
+
+class _Body(BaseModel):
+    """A request body: every string must be valid Unicode (a lone surrogate escape such as JSON's backslash-u
+    D800 is not, and no tokenizer or response encoder takes it)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (found := lone_surrogate(data)) is not None:
+            raise PydanticCustomError("lone_surrogate", "{field}: holds a lone UTF-16 surrogate ({code}), which is "
+                                      "not valid Unicode", {"field": found[0], "code": found[1]})
+        return data
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -181,7 +215,7 @@ class ChatCompletionRequest(_Sampling):
         return message_dicts(self.messages)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     """vLLM's /tokenize: a prompt, or chat messages, as the base model of `model` would read them."""
 
     model_config = ConfigDict(extra="ignore")
@@ -200,7 +234,7 @@ class TokenizeRequest(BaseModel):
         return self.prompt, message_dicts(self.messages) if self.messages else None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     model_config = ConfigDict(extra="ignore")
 
     model: str

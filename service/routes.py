@@ -1,4 +1,5 @@
-"""The thin router: parse, hand to Serving, shape the response."""
+"""The thin router: parse, hand to Serving, shape the response. Keys, body limits, request ids and the
+access log are checked and written in front of it (middleware.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import logging
 import time
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from logitfuse.request import GenerationRequest
 from service.errors import APIError
 from service.formats import ChatChoice, CompletionChoice
 from service.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from service.serving import Serving, diagnostics, usage
+from service.serving import Serving, diagnostics, json_safe, usage
 
 router = APIRouter()
 log = logging.getLogger("logitfuse.service")
@@ -24,27 +25,24 @@ def serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
-async def check_key(request: Request) -> None:
-    keys = request.app.state.serving.server.api_keys
-    if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in keys:
-        raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")
-
-
 @router.get("/health")
 async def health(request: Request) -> dict:
     lf = serving(request).lf
-    return {"status": "ok", "loaded": lf.pool.loaded(), "skipped": lf.registry.skipped}
+    return {"status": "ok", "loaded": lf.pool.loaded(), "skipped": lf.registry.skipped, "failed": lf.pool.failed()}
 
 
-@router.get("/v1/models", dependencies=[Depends(check_key)])
+@router.get("/v1/models")
 async def models(request: Request) -> dict:
     return serving(request).models()
 
 
-@router.post("/tokenize", dependencies=[Depends(check_key)])
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict:
+    """One model or ensemble (the SDK's models.retrieve); 404 for a name the registry does not know."""
+    return serving(request).model(model_id)
+
+
+@router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     """The token ids generation would give the base of `model` (the vocabulary of logit_bias, token-id
     prompts and stop_token_ids), with the chat template applied as it would be for `messages`."""
@@ -55,7 +53,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     return {"count": len(ids), "max_model_len": sv.lf.pool.get(req.plan.base).max_context, "tokens": ids}
 
 
-@router.post("/detokenize", dependencies=[Depends(check_key)])
+@router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     sv = serving(request)
     base = sv.lf.registry.plan(body.model).base
@@ -72,18 +70,24 @@ def count(request: Request, model: str, choices: list) -> None:
     u = usage(choices)
     m.tokens.labels(model).inc(u["completion_tokens"])
     m.prompt_tokens.labels(model).inc(u["prompt_tokens"])
+    request.state.usage = (u["prompt_tokens"], u["completion_tokens"])  # for the access log line
+
+
+def note(request: Request, body) -> None:
+    """What the access log line says about this request (escaped there)."""
+    request.state.model, request.state.user = body.model, body.user
 
 
 def _first_of_prompt(reqs: list[GenerationRequest], n: int) -> list[bool]:
     return [i % n == 0 for i in range(len(reqs))]
 
 
-@router.post("/v1/completions", dependencies=[Depends(check_key)])
+@router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     sv = serving(request)
+    note(request, body)
     sp = body.to_sampling_params(sv.server.max_logprobs)
     prompts = body.prompts()
-    log.info("completions model=%s prompts=%d n=%d user=%s", body.model, len(prompts), body.n, body.user)
     reqs = await asyncio.to_thread(sv.build, body.model, prompts, sp, body.fusion, body.n, False)
     tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
     firsts = _first_of_prompt(reqs, body.n)
@@ -97,11 +101,11 @@ async def completions(body: CompletionRequest, request: Request):
     return await respond(sv, request, body, reqs, make, head, "text_completion", "text_completion")
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+@router.post("/v1/chat/completions")
 async def chat(body: ChatCompletionRequest, request: Request):
     sv = serving(request)
+    note(request, body)
     sp = body.to_sampling_params(sv.server.max_logprobs)
-    log.info("chat model=%s messages=%d n=%d user=%s", body.model, len(body.messages), body.n, body.user)
     reqs = await asyncio.to_thread(sv.build, body.model, [None], sp, body.fusion, body.n, True, body.message_dicts())
     tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
     firsts = _first_of_prompt(reqs, body.n)
@@ -130,4 +134,4 @@ async def respond(sv: Serving, request: Request, body, reqs: list[GenerationRequ
     out = {**head, "object": final_object, "choices": [c.final() for c in choices], "usage": usage(choices)}
     if (d := diagnostics(choices, reqs[0].plan)) is not None:
         out["fusion_diagnostics"] = d
-    return JSONResponse(out, headers=headers)
+    return JSONResponse(json_safe(out), headers=headers)

@@ -2,11 +2,12 @@
 and quirks of llama.cpp's llama-server and of llama-cpp-python[server] (as read from their sources, version
 0.3.36 of llama-cpp-python and the llama.cpp it vendors), over any next-token distribution `dist(ids)`.
 
-llama-server: any model name; token-id prompts; /tokenize at the server root ({"content"}); completions
+llama-server: any model name; token-id prompts; /tokenize at the server root ({"content"}; a body without it
+gets no tokens); completions
 logprobs in the chat form with ids; a zero probability written as the lowest float; echo refused with a 500
 ("Only no echo is supported"); the generated EOS listed like any token.
 llama-cpp-python: any model name; text prompts only (a token-id prompt is a 500 carrying a validation
-error); /v1/extras/tokenize ({"input"}); logprobs keyed by token text, special tokens named "" (one dict key,
+error); /extras/tokenize at the root ({"input"}); logprobs keyed by token text, special tokens named "" (one dict key,
 the last written wins); return_tokens_as_token_ids ignored; an answer whose greedy token is EOS has empty
 tokens and top_logprobs; echo lists the prompt tokens only, each position holding the distribution *after*
 its token (the first None). `echo` may be overridden: "refuse", "ignore" (prompt positions left out) or
@@ -39,7 +40,7 @@ class FakeServer:
         self.texts = ["" if i in special else tokenizer.decode([i]) for i in range(len(tokenizer))]
         routes = [Route("/v1/models", self.models), Route("/v1/completions", self.completions, methods=["POST"])]
         routes.append(Route("/tokenize", self.tokenize, methods=["POST"]) if kind == "llama-server" else
-                      Route("/v1/extras/tokenize", self.tokenize, methods=["POST"]))
+                      Route("/extras/tokenize", self.tokenize, methods=["POST"]))
         self.app = Starlette(routes=routes)
 
     def models(self, request: Request) -> JSONResponse:
@@ -49,8 +50,9 @@ class FakeServer:
     async def tokenize(self, request: Request) -> JSONResponse:
         body = await request.json()
         text = body.get("content" if self.kind == "llama-server" else "input")
-        if text is None:
-            return JSONResponse({"error": {"code": 500, "message": "key 'content' not found"}}, status_code=500)
+        if text is None:  # another dialect's body: llama-server tokenizes nothing, llama-cpp-python refuses
+            return (JSONResponse({"tokens": []}) if self.kind == "llama-server" else
+                    JSONResponse({"detail": [{"type": "missing", "loc": ["body", "input"]}]}, status_code=422))
         return JSONResponse({"tokens": list(self.tok(text).input_ids)})
 
     async def completions(self, request: Request) -> JSONResponse:

@@ -54,11 +54,11 @@ def test_requests_wait_for_the_budget_and_come_out_as_without_it(config_file, tm
         for ev in engine.step():
             if ev.token_id is not None:
                 tokens[ev.rid].append(ev.token_id)
-        running.append(len(engine.seqs))
-        assert engine.kv_reserved <= engine.kv_budget
+        running.append(engine.stats().running)
+        assert engine.stats().kv_reserved <= engine.kv_budget
     assert max(running) == 2
     assert [tokens[r.rid] for r in reqs] == expected
-    assert engine.kv_reserved == 0
+    assert engine.stats().kv_reserved == 0
 
 
 def test_a_request_that_can_never_fit_is_refused(config_file, tmp_path, lf):

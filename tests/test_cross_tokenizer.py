@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from logitfuse import SamplingParams, fusion
+from logitfuse.api import SpeculativeEFT
 from logitfuse.engine import Engine
 from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, make_generator, sample
-from logitfuse.speculative import SpeculativeEFT
 from logitfuse.vocab import VocabInfo, align, cross_map
 
 PROMPTS = ["the red city of the north", "one", "king queen river blue green", "two three four"]
@@ -61,11 +61,11 @@ def test_cross_tokenizer_expert_equals_recomputation(lf, method, param, temperat
     advance = Engine._advance_retokenized
 
     def spy(self, name, slot):
-        before = {r: list(self.seqs[r].cross_ids.get(name, [])) for r in slot.rows}
+        before = {r: list(self._seqs[r].cross_ids.get(name, [])) for r in slot.rows}
         advance(self, name, slot)
         for r in slot.rows:
-            if name in self.seqs[r].cross_ids:
-                now = self.seqs[r].cross_ids[name]
+            if name in self._seqs[r].cross_ids:
+                now = self._seqs[r].cross_ids[name]
                 kinds.add("forget" if now[:len(before[r])] != before[r] else
                           "one" if len(now) == len(before[r]) + 1 else "several")
 

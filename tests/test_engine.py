@@ -175,7 +175,7 @@ def test_abort_and_deadline_end_sequences_at_a_step_boundary(lf):
     assert any(ev.rid == b.rid and ev.finish_reason == "abort" for ev in first)
     engine.abort(a.rid)
     rest = [ev for ev in engine.step() if ev.rid == a.rid]
-    assert rest[-1].finish_reason == "abort" and not engine.has_work() and not engine.slots
+    assert rest[-1].finish_reason == "abort" and not engine.has_work() and not engine.kv_states()
 
 
 def test_a_mixed_batch_equals_each_request_alone(lf):
@@ -239,7 +239,7 @@ def test_a_model_failing_its_decode_step_ends_only_the_sequences_using_it(lf, mo
     ends = {ev.rid: ev for ev in events if ev.finish_reason}
     assert ends["uses-b"].finish_reason == "error" and "endpoint down" in ends["uses-b"].error
     assert ends["other"].finish_reason == "length" and ends["other"].completion_tokens == 6
-    assert not engine.has_work() and not engine.slots
+    assert not engine.has_work() and not engine.kv_states()
     alone = lf.generate("proxy-a", [PROMPTS[1]], sp)[0]
     assert [ev.token_id for ev in events if ev.rid == "other" and ev.token_id is not None][-4:] == alone.token_ids[-4:]
 
@@ -253,7 +253,7 @@ def test_solver_threads_change_nothing_but_the_search_threads(lf, monkeypatch):
     solve = fuser_module.solve_dlf
     monkeypatch.setattr(fuser_module, "solve_dlf", lambda *a: seen.append(torch.get_num_threads()) or solve(*a))
     before = torch.get_num_threads()
-    monkeypatch.setattr(lf.engine.fuser, "solver_threads", before + 1)
+    monkeypatch.setattr(lf.engine._fuser, "solver_threads", before + 1)
     got = lf.generate("dlf-ab", PROMPTS, sp)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert seen and set(seen) == {before + 1} and torch.get_num_threads() == before

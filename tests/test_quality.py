@@ -55,9 +55,9 @@ def test_eft_describes_held_out_entities_with_the_bases_facts_and_speculation_ke
     eft = default.generate("large-desc", prompts, sp)
     base, small = (facts(default.generate(m, prompts, sp)) for m in ("base-large", "tuned-small-desc"))
     assert facts(eft) >= 0.3 and facts(eft) > base + 0.2 and facts(eft) > small + 0.2, (base, small, facts(eft))
-    before = default.engine.spec_stats.accepted, default.engine.spec_stats.drafted
+    before = default.engine.stats().speculative.accepted, default.engine.stats().speculative.drafted
     spec = default.generate("large-desc-spec", prompts, sp)
     assert [o.token_ids for o in spec] == [o.token_ids for o in eft]
-    accepted, drafted = (a - b for a, b in zip((default.engine.spec_stats.accepted,
-                                                 default.engine.spec_stats.drafted), before))
+    accepted, drafted = (a - b for a, b in zip((default.engine.stats().speculative.accepted,
+                                                 default.engine.stats().speculative.drafted), before))
     assert drafted > 5 * len(rows) and accepted / drafted > 0.7, (accepted, drafted)

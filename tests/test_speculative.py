@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from logitfuse import SamplingParams
+from logitfuse.api import SpeculativeEFT
 from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, make_generator, warp
-from logitfuse.speculative import SpeculativeEFT, accept_block
+from logitfuse.speculative import accept_block
 
 PROMPTS = ["the red city of the north", "one", "king queen river blue green"]
 
@@ -125,7 +126,7 @@ def test_speculative_rows_share_the_engine_with_plain_rows_and_join_mid_decode(l
     while engine.has_work():
         for ev in engine.step():
             got[ev.rid].append(ev)
-    assert not engine.spec_groups and not engine.slots
+    assert not engine.kv_states()
     for req, want in zip((first, second, late), alone):
         evs = [ev for ev in got[req.rid] if ev.token_id is not None]
         assert [ev.token_id for ev in evs] == want.token_ids

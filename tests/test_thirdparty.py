@@ -56,19 +56,36 @@ def own_greedy(url: str, model: str, prompt: str, n: int) -> str:
 def test_bare_output_is_the_servers_own_greedy_output_and_alpha_0_is_bare(server, lf):
     kind, url = server
     sp = SamplingParams(max_tokens=8, temperature=0)
-    bare = lf.generate("big", PROMPTS, sp)
     caps = lf.pool.get("big").caps
-    assert caps.dialect == kind and (kind != "llama-server" or (caps.token_prompts and caps.ids_exact))
-    for prompt, out in zip(PROMPTS, bare):
-        assert out.text == own_greedy(url, served_name(url), prompt, 8)
-    assert [o.token_ids for o in lf.generate("fused", PROMPTS, sp, {"alpha": 0.0})] == [o.token_ids for o in bare]
+    assert caps.dialect == kind
+    assert (caps.token_prompts, caps.ids_exact, caps.exact_echo) == (
+        (True, True, False) if kind == "llama-server" else (False, False, True))
+    exact = []
+    for prompt in PROMPTS:
+        events = list(lf.stream(lf.requests("big", prompt, sp)))
+        text, own = "".join(e.text for e in events), own_greedy(url, served_name(url), prompt, 8)
+        if events[-1].finish_reason == "error":
+            # text prompts only: the model's own split of its answer (llama-cpp-python generated "\n" "\n")
+            # reads back as another token ("\n\n"), which the backend refuses rather than approximate
+            assert kind == "llama-cpp-python" and "re-tokenizes differently" in events[-1].error
+            assert own.startswith(text)
+        else:
+            exact.append(prompt)
+            assert text == own
+    assert kind == "llama-cpp-python" or exact == PROMPTS
+    bare = lf.generate("big", exact, sp)
+    assert [o.token_ids for o in lf.generate("fused", exact, sp, {"alpha": 0.0})] == [o.token_ids for o in bare]
 
 
-def test_a_fused_chat_answer(lf):
+def test_a_fused_chat_answer(server, lf):
     sp = SamplingParams(max_tokens=12, temperature=0)
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     fused = list(lf.stream(lf.requests("fused", messages=messages, sampling=sp)))
     bare = list(lf.stream(lf.requests("big", messages=messages, sampling=sp)))
     text = "".join(e.text for e in fused)
-    assert fused[-1].finish_reason in ("stop", "length") and text.strip()
+    assert text.strip()
+    if fused[-1].finish_reason == "error":  # as above: llama-cpp-python's answer "Paris.." splits ". ." apart
+        assert server[0] == "llama-cpp-python" and "re-tokenizes differently" in fused[-1].error
+    else:
+        assert fused[-1].finish_reason in ("stop", "length")
     assert text == "".join(e.text for e in bare)  # the pair is one model twice: its difference is zero

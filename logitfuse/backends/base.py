@@ -16,20 +16,42 @@ from logitfuse.vocab import VocabInfo
 
 
 class Tokenizer(Protocol):
+    """The tokenizer calls the library makes (a `transformers` tokenizer has them all)."""
+
     eos_token_id: int | None
+    chat_template: str | None  # None: the tokenizer has no chat template
+    bos_token: str | None  # special-token texts, for vocabulary alignment
+    eos_token: str | None
+    unk_token: str | None
+
+    def __call__(self, text: str) -> Any:
+        """Text with the tokenizer's special tokens; `.input_ids` holds the ids."""
+        ...
+
+    def __len__(self) -> int: ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool, tokenize: bool) -> Any:
+        """Token ids of a chat (a list, or a mapping holding `input_ids`)."""
+        ...
+
+    def get_vocab(self) -> dict[str, int]: ...
+
 
 class CausalLM(Protocol):
     name: str
-    tokenizer: Any
+    tokenizer: Tokenizer
     device: torch.device
     max_context: int  # prompt + generated tokens the model accepts
     logits_width: int  # size of the last dimension of the logits it returns
     chat_template: bool  # this role formats chat prompts with its tokenizer's template
+    # capabilities
+    can_score_prompt: bool  # prefill(all_logits=True) gives the scores of every prompt position
+    remote: bool  # scores come from another server (top-N log-probabilities; no KV cache held here)
+    can_verify_blocks: bool  # decode(state, k tokens) costs one call (speculative verification relies on it)
 
     def vocab_info(self, with_texts: bool = False) -> VocabInfo: ...
 
@@ -64,13 +86,13 @@ class CausalLM(Protocol):
     def rows(self, state: Any) -> int: ...
 
 
-def tokenizer_vocab_info(name: str, tokenizer, logits_width: int, with_texts: bool = False) -> VocabInfo:
+def tokenizer_vocab_info(name: str, tokenizer: Tokenizer, logits_width: int, with_texts: bool = False) -> VocabInfo:
     """What vocabulary alignment needs of a model with a `transformers` tokenizer (texts: decoded ids)."""
     special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
     return VocabInfo(name, tokenizer.get_vocab(), special, logits_width, token_texts(tokenizer) if with_texts else None)
 
 
-def token_texts(tokenizer) -> list[str]:
+def token_texts(tokenizer: Tokenizer) -> list[str]:
     """Every id's decoded text, computed once per tokenizer (kept on it where it takes attributes)."""
     texts = getattr(tokenizer, "_logitfuse_texts", None)
     if texts is None:

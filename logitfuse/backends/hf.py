@@ -64,6 +64,10 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 class HFCausalLM:
     """A `transformers` causal LM behind the backend protocol (see backends/base.py)."""
 
+    can_score_prompt = True
+    remote = False
+    can_verify_blocks = True
+
     def __init__(self, name: str, model, tokenizer, chat_template: bool = False) -> None:
         self.name = name
         self.model = model.eval()

@@ -26,23 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from logitfuse.backends.base import token_texts, tokenizer_vocab_info
-from logitfuse.backends.remote_wire import Capabilities, Top, first_difference, positions
-from logitfuse.request import Unavailable
+from logitfuse.backends.remote_wire import Capabilities, RemoteError, Top, first_difference, positions
 from logitfuse.vocab import VocabInfo
 
 log = logging.getLogger(__name__)
 # a 5xx that says the request itself cannot be served (llama-cpp-python answers a token-id prompt with a 500
 # carrying a validation error, llama-server an echo with "Only no echo is supported"): retrying cannot help
 _REFUSAL = re.compile(r"supported|validation error|input should be|must be", re.IGNORECASE)
-
-
-class RemoteError(Unavailable):
-    """The remote endpoint failed or answered something this backend cannot use (status: its HTTP status,
-    None when it could not be reached or answered no HTTP error)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -54,7 +44,8 @@ class RemoteCausalLM:
     """The backend protocol (backends/base.py) over HTTP. No prompt scoring (echo of a whole prompt's
     distributions is not needed by decoding and is refused by the engine's request checks)."""
 
-    can_score_prompt = False
+    can_score_prompt = False  # an endpoint returns top-N logprobs of the next token only
+    remote = True
 
     def __init__(self, name: str, spec, tokenizer, chat_template: bool = False, client=None) -> None:
         import httpx

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from logitfuse.backends.remote_wire import (
     Capabilities,
+    RemoteError,
     first_difference,
     generated,
     positions,
@@ -37,7 +38,6 @@ ECHO_TOLERANCE = 0.05  # llama.cpp's logprobs move by ~0.005 with its cache and 
 
 def probe(lm) -> Capabilities:
     """Set and return lm.caps, or raise RemoteError naming what the server cannot do."""
-    from logitfuse.backends.remote import RemoteError
 
     dialect = check_tokenizer(lm)
     lm.caps = Capabilities(dialect=dialect, neutral=NEUTRAL | (LLAMA_NEUTRAL if dialect != "openai" else {}))
@@ -65,13 +65,12 @@ def probe(lm) -> Capabilities:
 def check_tokenizer(lm) -> str:
     """Raise RemoteError unless the server tokenizes a probe text as the local tokenizer does; return the
     dialect of the /tokenize endpoint that answered ("openai" where none did)."""
-    from logitfuse.backends.remote import RemoteError
 
     local = lm.encode(TOKENIZER_PROBE)
     for dialect, path, body in tokenize_requests(lm.model, TOKENIZER_PROBE):
         answer = lm.get_json(path, body)
         remote = tokenize_ids(answer) if answer is not None else None
-        if remote is None:
+        if not remote:  # another dialect's body (llama-server answers one without "content" with no tokens)
             continue
         if remote != local:
             raise RemoteError(f"model {lm.name!r}: the local tokenizer does not match {lm.url}'s {lm.model!r} "
@@ -95,7 +94,6 @@ def _echoed_ids(lm, n_local: int) -> list[int]:
 
 def _echo_is_exact(lm, ids: list[int], last: list) -> bool:
     """Echo's last two prompt positions against one-position answers for the same prefixes."""
-    from logitfuse.backends.remote import RemoteError
 
     try:
         echo = positions(lm.ask(ids, echo=True, retry=False)["choices"][0].get("logprobs"))
@@ -116,7 +114,6 @@ def _same(a: list, b: list, n: int) -> bool:
 
 def _eos_is_empty(lm, ids: list[int]) -> bool:
     """Whether an answer whose greedy token is EOS (pushed there by logit_bias) comes without logprobs."""
-    from logitfuse.backends.remote import RemoteError
 
     eos = lm.tokenizer.eos_token_id
     if eos is None:

@@ -7,7 +7,7 @@ Shapes read (`choice["logprobs"]` of a /completions answer):
 - the chat form that llama.cpp's llama-server uses for completions too: `{"content": [{"id", "token",
   "bytes", "logprob", "top_logprobs": [{"id", "token", "bytes", "logprob"}, ...]}, ...]}`, ids exact.
 And the token-id answers of the /tokenize endpoints (vLLM, logitfuse and llama-server at the server root;
-llama-cpp-python at /extras/tokenize under the API root).
+llama-cpp-python at /extras/tokenize, also at the root).
 """
 
 from __future__ import annotations
@@ -15,7 +15,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from logitfuse.request import Unavailable
+
 Top = list[tuple[int | str, float]]  # one position: (token id or token text, log-probability), best first
+
+
+class RemoteError(Unavailable):
+    """The remote endpoint failed or answered something this backend cannot use (status: its HTTP status,
+    None when it could not be reached or answered no HTTP error)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ def tokenize_requests(model: str, text: str) -> list[tuple[str, str, dict]]:
     paths starting with '/' are under the server root, others under the API root."""
     return [("openai", "/tokenize", {"model": model, "prompt": text}),
             ("llama-server", "/tokenize", {"content": text, "add_special": True, "parse_special": True}),
-            ("llama-cpp-python", "extras/tokenize", {"model": model, "input": text})]
+            ("llama-cpp-python", "/extras/tokenize", {"model": model, "input": text})]
 
 
 def tokenize_ids(answer: dict) -> list[int] | None:

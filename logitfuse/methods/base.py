@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
+from logitfuse.backends.base import RewardModel
 from logitfuse.plan import ExpertRef, FusionPlan, SpecPlan
 from logitfuse.request import InvalidRequest
 
@@ -60,7 +61,7 @@ class Step:
     base: torch.Tensor
     experts: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     solver_threads: int | None = None
-    get_reward: Callable[[str], Any] | None = None
+    get_reward: Callable[[str], RewardModel] | None = None
     seqs: list | None = None
     slots: dict | None = None
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import torch
 
 from logitfuse import fusion
-from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step
+from logitfuse.methods.base import COEF, FusionMethod, PlanInput, Scores, Step
 from logitfuse.plan import FusionPlan, TQStarPlan
 from logitfuse.request import InvalidRequest
 from logitfuse.sampling import SamplingTensors, sample
 
 TOP_K, ALPHA, ROLLOUTS = 10, 1.0, 1
 ROLLOUT_TOKENS, ROLLOUT_TOKENS_INDIRECT = 20, 5
+
+
+MAX_ALPHA = 1e9  # beyond it the bonus Q / alpha is nothing already
 
 
 class TransferQStar(FusionMethod):
@@ -35,8 +38,9 @@ class TransferQStar(FusionMethod):
         if p.baseline_reward:
             names.check_reward(p.baseline_reward, "fusion.baseline_reward")
         alpha = p.alpha if p.alpha is not None else ALPHA
-        if alpha <= 0:
-            raise InvalidRequest(f"fusion.alpha must be > 0 for tqstar, got {alpha}", "fusion.alpha")
+        if not 1 / COEF <= alpha <= MAX_ALPHA:  # Q / alpha finite, and alpha itself a float32
+            raise InvalidRequest(f"fusion.alpha must be in [{1 / COEF:g}, {MAX_ALPHA:g}] for tqstar, got {alpha}",
+                                 "fusion.alpha")
         tq = TQStarPlan(
             baseline=p.baseline, reward=p.reward, baseline_reward=p.baseline_reward, top_k=p.top_k or TOP_K,
             alpha=alpha, rollouts=p.rollouts or ROLLOUTS,

@@ -1,0 +1,137 @@
+"""A bounded soak of the real server (uvicorn on loopback, nothing else reached): mixed valid, invalid and
+cancelled requests from `--concurrency` clients for `--seconds`, then it stops by itself.
+
+    .venv/bin/python bench/soak.py [--config configs/default.yaml] [--seconds 180] [--concurrency 16]
+
+Prints requests by kind and status, p50/p99 latency of the valid ones, the process's RSS at start and end,
+and the sequences left in the engine after the clients stop (must be 0); writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+
+import httpx
+
+from service.app import start_in_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["Q: what is the capital of ludu? A:", "Q: who founded the city of ludu? A:", "the river", "one two"]
+VALID = [
+    ("/v1/completions", {"model": "large-qa", "max_tokens": 16, "temperature": 0}),
+    ("/v1/completions", {"model": "large-eft", "max_tokens": 24, "temperature": 0.8, "seed": 1, "stream": True}),
+    ("/v1/completions", {"model": "large-dlf", "max_tokens": 8}),
+    ("/v1/completions", {"model": "large-align", "max_tokens": 6}),
+    ("/v1/chat/completions", {"model": "large-eft-spec", "max_tokens": 16, "temperature": 0,
+                              "messages": [{"role": "user", "content": "what is the capital of ludu?"}]}),
+]
+INVALID = [
+    {"temperature": 1e-45, "logit_bias": {"5": 100}}, {"top_k": 2**63}, {"prompt": "hi \ud800 there"},
+    {"fusion": {"method": "dlf", "experts": ["qa", "arith"], "grid": [0, 1e308, 1e306]}},
+    {"model": "large-align", "fusion": {"alpha": 1e-300}}, {"max_tokens": 10**30}, {"n": 10**6},
+    {"model": "nope"}, {"temperature": float("nan")}, {"logit_bias": {"x": 1}}, {"prompt": []},
+    {"fusion": {"speculative": {"k": 99}}}, {"prompt": "x" * 600_000},  # over the body limit: 413
+]
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict) -> None:
+    roll = rng.random()
+    path, body = rng.choice(VALID)
+    body = {**body, "prompt": rng.choice(PROMPTS)} if "messages" not in body else dict(body)
+    kind = "valid" if roll < 0.6 else "invalid" if roll < 0.85 else "cancelled"
+    if kind == "invalid":
+        path, body = "/v1/completions", {"model": "large-qa", "prompt": "the", "max_tokens": 4, **rng.choice(INVALID)}
+    t0 = time.perf_counter()
+    try:
+        if kind == "cancelled":  # a client that leaves: mid-stream, or a JSON client timing out
+            body = {**body, "max_tokens": 200, "ignore_eos": True, "stream": rng.random() < 0.5}
+            async with client.stream("POST", path, content=json.dumps(body), timeout=rng.uniform(0.05, 0.5),
+                                     headers={"content-type": "application/json"}) as r:
+                async for _ in r.aiter_lines():
+                    if rng.random() < 0.2:
+                        break
+            stats["status"][(kind, r.status_code)] += 1
+            return
+        r = await client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        stats["status"][(kind, r.status_code)] += 1
+        if kind == "valid" and r.status_code == 200:
+            stats["latency"].append(time.perf_counter() - t0)
+    except httpx.TimeoutException:
+        stats["status"][(kind, "client left")] += 1
+
+
+async def clients(url: str, seconds: float, concurrency: int, seed: int) -> dict:
+    stats = {"status": Counter(), "latency": []}
+    deadline = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        rng = random.Random(seed + i)
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            while time.monotonic() < deadline:
+                await one(client, rng, stats)
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return stats
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--seconds", type=float, default=180.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
+    args = ap.parse_args()
+    url, server = start_in_thread(args.config, host="127.0.0.1")
+    serving = server.config.app.state.serving
+    rss0 = rss_mb()
+    t0 = time.monotonic()
+    stats = asyncio.run(clients(url, args.seconds, args.concurrency, args.seed))
+    wall = time.monotonic() - t0
+    drain_t0 = time.monotonic()
+    while serving.pending() and time.monotonic() - drain_t0 < 30:
+        time.sleep(0.05)
+    left, drained = serving.pending(), time.monotonic() - drain_t0
+    rss1 = rss_mb()
+    server.should_exit = True
+    rows = sorted(((k, str(s), n) for (k, s), n in stats["status"].items()), key=lambda x: (x[0], x[1]))
+    print(f"soak: {wall:.0f} s, {args.concurrency} clients, {sum(n for *_, n in rows)} requests "
+          f"(other jobs may share this machine)")
+    print(f"{'kind':<10} {'status':<12} {'count':>7}")
+    for k, s, n in rows:
+        print(f"{k:<10} {s:<12} {n:>7}")
+    lat = stats["latency"]
+    print(f"valid 200 latency: p50 {pct(lat, 0.5):.3f} s, p99 {pct(lat, 0.99):.3f} s ({len(lat)} requests)")
+    print(f"RSS: {rss0:.0f} MiB at start, {rss1:.0f} MiB at end; sequences left: {left} (drained in {drained:.2f} s)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"seconds": wall, "concurrency": args.concurrency, "status": rows,
+                               "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "valid_ok": len(lat),
+                               "rss_start_mb": rss0, "rss_end_mb": rss1, "sequences_left": left,
+                               "drain_s": drained}, indent=2))
+    sys.exit(0 if left == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Model sources: where a registry model's weights come from, and which backend loads them. One table.
+
+A model entry selects its source by the field it sets (`remote`, `gguf_file`, `path`); the first source
+in SOURCES whose field is set loads it. A new backend (another runtime, another file format) is one file
+under backends/ with a `load` function, and one line here. Backends are imported only when a model of
+theirs is loaded, so an optional runtime costs nothing until used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from logitfuse.backends.base import CausalLM, RewardModel
+
+if TYPE_CHECKING:
+    from logitfuse.registry import ModelSpec, RewardSpec
+
+Resolve = Callable[[str], str]  # a path in the registry file -> a path on disk (or a hub id, unchanged)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    field: str  # the ModelSpec field whose presence selects this source
+    load: Callable[[str, ModelSpec, Resolve], CausalLM]
+    about: str
+
+
+def _remote(name: str, spec: ModelSpec, resolve: Resolve) -> CausalLM:
+    from logitfuse.backends.remote import RemoteCausalLM
+
+    return RemoteCausalLM.load(name, spec.remote, resolve(spec.tokenizer), spec.chat_template)
+
+
+def _local(name: str, spec: ModelSpec, resolve: Resolve) -> CausalLM:
+    from logitfuse.backends.hf import HFCausalLM
+
+    return HFCausalLM.load(name, resolve(spec.path), spec.dtype, spec.device, spec.chat_template, spec.gguf_file,
+                           compile=spec.compile)
+
+
+SOURCES: tuple[Source, ...] = (
+    Source("remote", "remote", _remote, "an OpenAI-compatible completions endpoint (backends/remote.py)"),
+    Source("gguf", "gguf_file", _local, "a GGUF checkpoint inside `path`, dequantised by transformers (hf.py)"),
+    Source("folder", "path", _local, "a transformers checkpoint folder or hub id (backends/hf.py)"),
+)
+
+
+def source_of(spec: ModelSpec) -> Source:
+    """The source a model entry selects (the first in SOURCES whose field it sets)."""
+    for source in SOURCES:
+        if getattr(spec, source.field, None) is not None:
+            return source
+    raise ValueError(f"a model needs one of {', '.join(repr(s.field) for s in SOURCES)}")
+
+
+def load_model(name: str, spec: ModelSpec, resolve: Resolve) -> CausalLM:
+    return source_of(spec).load(name, spec, resolve)
+
+
+def load_reward(name: str, spec: RewardSpec, resolve: Resolve) -> RewardModel:
+    """Transfer Q*'s reward models: a transformers sequence classifier (backends/hf.py)."""
+    from logitfuse.backends.hf import HFReward
+
+    return HFReward.load(name, resolve(spec.path), spec.dtype, spec.device)
