@@ -126,14 +126,14 @@ class ModelPool:
             return backend
 
     def _load(self, name: str):
+        """The loader's backend, or ModelUnavailable: recorded, and raised again without loading while the
+        model's files are unchanged (local) or for load_retry_seconds (hub ids, remotes)."""
         view = self.registry.adapter_views().get(name)
         if view is not None:  # an adapter joins its untuned model (bad adapters: AdapterError, a 400)
             from logitfuse.backends.adapter import load_view
 
             expert, untuned, folder = view
             return load_view(self.get(untuned), name, expert, folder)
-        """The loader's backend, or ModelUnavailable: recorded, and raised again without loading while the
-        model's files are unchanged (local) or for load_retry_seconds (hub ids, remotes)."""
         folder = local_folder(self.registry, name)
         retry = self.registry.server.load_retry_seconds
         failure = self._failed.get(name)
