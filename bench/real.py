@@ -127,7 +127,7 @@ def step_split(lf: LogitFuse, questions: list, rows_n: int) -> dict:
 
 def _split(lf: LogitFuse, fused: str, questions: list, rows_n: int) -> dict:
     plan = lf.registry.plan(fused)
-    al = lf.engine.fuser.alignment(plan)
+    al = lf.engine.alignment(plan)
     sp = SamplingParams(max_tokens=1, temperature=0)
     reqs = [lf.requests(fused, messages=messages(q), sampling=sp)[0] for q in questions[:rows_n]]
     parts, logits, states = {}, {}, {}
