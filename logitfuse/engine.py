@@ -319,22 +319,41 @@ class Engine:
         """Every model takes its rows' newly sampled tokens: one forward per model per step. A model whose
         step fails (a remote endpoint down, out of memory) ends the sequences that use it, and only those."""
         failed: list[str] = []
-        for name, slot in list(self._slots.items()):
+        for names in self._forward_groups():
+            slots = [self._slots[n] for n in names]
             try:
-                if any(name in self._seqs[r].cross_ids for r in slot.rows):
-                    self._advance_retokenized(name, slot)
+                if any(names[0] in self._seqs[r].cross_ids for r in slots[0].rows):
+                    self._advance_retokenized(names[0], slots[0])
                     continue
-                tokens = torch.tensor([self._seqs[r].last_token for r in slot.rows], dtype=torch.long)
-                slot.logits = slot.backend.decode(slot.state, tokens.view(-1, 1))[:, 0]
+                tokens = [torch.tensor([self._seqs[r].last_token for r in s.rows], dtype=torch.long).view(-1, 1)
+                          for s in slots]
+                if len(slots) == 1:
+                    slots[0].logits = slots[0].backend.decode(slots[0].state, tokens[0])[:, 0]
+                    continue
+                parts = [(s.backend, s.state, t) for s, t in zip(slots, tokens)]
+                for s, logits in zip(slots, slots[0].backend.decode_group(parts)):
+                    s.logits = logits[:, 0]
             except Exception as err:
-                del self._slots[name]  # its state is now unusable; every row in it ends here
-                for rid in slot.rows:
-                    s = self._seqs[rid]
-                    if not s.aborted:
-                        events.append(_failed(s.req, err, s.stopper.generated))
-                        s.aborted = "done"
-                failed += slot.rows
+                for name, slot in zip(names, slots):
+                    del self._slots[name]  # its state is now unusable; every row in it ends here
+                    for rid in slot.rows:
+                        s = self._seqs[rid]
+                        if not s.aborted:
+                            events.append(_failed(s.req, err, s.stopper.generated))
+                            s.aborted = "done"
+                    failed += slot.rows
         self._drop(failed)
+
+    def _forward_groups(self) -> list[list[str]]:
+        """Slot names in groups that advance in one forward: backends sharing weights (`shared_forward`, e.g.
+        LoRA adapters over one untuned model) go together unless rows of theirs follow another tokenizer."""
+        groups: dict[object, list[str]] = {}
+        for name, slot in self._slots.items():
+            key = getattr(slot.backend, "shared_forward", None)
+            if key is None or any(name in self._seqs[r].cross_ids for r in slot.rows):
+                key = ("alone", name)
+            groups.setdefault(key, []).append(name)
+        return list(groups.values())
 
 
     def _advance_retokenized(self, name: str, slot: Slot) -> None:

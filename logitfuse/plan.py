@@ -53,6 +53,7 @@ class FusionPlan:
     coef: tuple[float, ...] = ()  # per expert: alpha * w_i (proxy) or beta * w_i (eft)
     grid: tuple[float, float, float] = (0.0, 2.0, 0.1)  # dlf: start, stop, step
     mode: str = "one_expert"  # dlf
+    support: int | None = None  # dlf: weights searched on the union of the models' top-k tokens (None: all)
     tqstar: TQStarPlan | None = None
     speculative: SpecPlan | None = None
     ensemble: str | None = None  # the registry name the request used

@@ -73,6 +73,12 @@ def broken_file(path: str | None) -> str | None:
 def default_loader(reg: Registry, name: str) -> CausalLM | RewardModel:
     """Build the backend for a registry name (a causal LM from its source, or a reward model)."""
     if name in reg.models:
+        if name in reg.adapter_hosts():  # loaded once, shared by the adapters over it
+            from logitfuse.backends.adapter import load_host
+
+            spec = reg.models[name]
+            return load_host(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
+                             spec.gguf_file)
         return load_model(name, reg.models[name], reg.resolve_path)
     if name in reg.rewards:
         return load_reward(name, reg.rewards[name], reg.resolve_path)
@@ -122,6 +128,12 @@ class ModelPool:
     def _load(self, name: str):
         """The loader's backend, or ModelUnavailable: recorded, and raised again without loading while the
         model's files are unchanged (local) or for load_retry_seconds (hub ids, remotes)."""
+        view = self.registry.adapter_views().get(name)
+        if view is not None:  # an adapter joins its untuned model (bad adapters: AdapterError, a 400)
+            from logitfuse.backends.adapter import load_view
+
+            expert, untuned, folder = view
+            return load_view(self.get(untuned), name, expert, folder)
         folder = local_folder(self.registry, name)
         retry = self.registry.server.load_retry_seconds
         failure = self._failed.get(name)
@@ -178,11 +190,17 @@ class ModelPool:
             self._evict()
 
     def _evict(self, keep: str | None = None) -> None:
-        """Drop least recently used unpinned models until the loaded ones fit the budget."""
+        """Drop least recently used unpinned models until the loaded ones fit the budget. A model goes with
+        the adapters over it (`requires`), and stays while one of them is pinned or just loaded."""
         total = sum(b.param_bytes() for b in self._loaded.values())
         for name in list(self._loaded):
             if total <= self.budget:
                 return
-            if name == keep or self._pins.get(name):
+            group = [name] + [n for n, b in self._loaded.items() if getattr(b, "requires", None) == name]
+            if name not in self._loaded or any(n == keep or self._pins.get(n) for n in group):
                 continue
-            total -= self._loaded.pop(name).param_bytes()
+            for n in group:
+                backend = self._loaded.pop(n)
+                total -= backend.param_bytes()
+                if hasattr(backend, "unload"):
+                    backend.unload()

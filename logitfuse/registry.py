@@ -71,9 +71,16 @@ class RewardSpec(Frozen):
 
 
 class ExpertSpec(Frozen):
-    tuned: str
+    tuned: str | None = None
     untuned: str
+    adapter: str | None = None  # a PEFT LoRA adapter folder: the tuned model is the untuned one plus it
     cross_tokenizer: bool = False  # the pair's tokenizer differs from the base's: map scores by token text
+
+    @model_validator(mode="after")
+    def _one_tuned(self) -> ExpertSpec:
+        if (self.tuned is None) == (self.adapter is None):
+            raise ValueError("an expert needs exactly one of 'tuned' (a model) or 'adapter' (a LoRA adapter folder)")
+        return self
 
 
 class SpeculativeParams(Frozen):
@@ -97,6 +104,7 @@ class FusionParams(Frozen):
     weights: list[Coef] | None = None
     grid: tuple[Finite, Finite, Finite] | None = None
     mode: Literal["one_expert", "joint"] | None = None
+    support: int | None = Field(default=None, ge=1)  # dlf: search on the models' top-`support` tokens + the rest
     baseline: str | None = None
     reward: str | None = None
     baseline_reward: str | None = None
@@ -163,9 +171,13 @@ class Registry(Frozen):
     @model_validator(mode="after")
     def _references(self) -> Registry:
         for name, e in self.experts.items():
-            for role in ("tuned", "untuned"):
+            for role in ("tuned", "untuned") if e.adapter is None else ("untuned",):
                 if getattr(e, role) not in self.models:
                     raise ValueError(f"experts.{name}.{role}: unknown model {getattr(e, role)!r}")
+            if e.adapter is not None and self.models[e.untuned].path is None:
+                raise ValueError(f"experts.{name}.untuned: an adapter needs a local model, {e.untuned!r} is remote")
+            if e.adapter is not None and self.tuned_name(name) in self.models:
+                raise ValueError(f"experts.{name}: the name {self.tuned_name(name)!r} of its adapter model is taken")
         for name in self.ensembles:
             try:
                 self.plan(name)
@@ -212,6 +224,25 @@ class Registry(Frozen):
         local = Path(self.root) / p
         return str(local) if not Path(p).is_absolute() and (local.exists() or p.startswith(".")) else p
 
+    def tuned_name(self, expert: str) -> str:
+        """The model name of an expert's tuned role (an adapter expert's is `<untuned>+<expert>`)."""
+        e = self.experts[expert]
+        return e.tuned if e.adapter is None else f"{e.untuned}+{expert}"
+
+    def model_spec(self, name: str) -> ModelSpec:
+        """A model's entry; an adapter model's is its untuned model's (same tokenizer, config and place)."""
+        view = self.adapter_views().get(name)
+        return self.models[view[1] if view else name]
+
+    def adapter_views(self) -> dict[str, tuple[str, str, str]]:
+        """Adapter models by name: (expert, untuned model, adapter folder)."""
+        return {self.tuned_name(n): (n, e.untuned, self.resolve_path(e.adapter))
+                for n, e in self.experts.items() if e.adapter is not None}
+
+    def adapter_hosts(self) -> set[str]:
+        """Untuned models that adapters run over: loaded once, shared by every adapter on them."""
+        return {e.untuned for e in self.experts.values() if e.adapter is not None}
+
     def names(self) -> list[str]:
         """Everything a request's `model` can name: ensembles first, then bare models."""
         return list(self.ensembles) + list(self.models)
@@ -236,7 +267,7 @@ class Registry(Frozen):
     # -- the name lookups a method makes while building its plan (methods.base.Names) -------------------
     def expert_ref(self, name: str) -> ExpertRef:
         e = self._lookup(self.experts, name, "expert", "fusion.experts")
-        return ExpertRef(name, e.tuned, e.untuned, e.cross_tokenizer)
+        return ExpertRef(name, self.tuned_name(name), e.untuned, e.cross_tokenizer)
 
     def check_model(self, name: str, param: str) -> None:
         self._lookup(self.models, name, "model", param)

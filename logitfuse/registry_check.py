@@ -149,13 +149,13 @@ def vocab_problems(reg) -> dict[str, str]:
     failed: dict[str, str] = {}
     for name in reg.ensembles:
         plan = reg.plan(name)
-        models = [reg.models[m] for m in plan.models()]
+        models = [reg.model_spec(m) for m in plan.models()]
         if plan.cross_models() or any(m.path is None or m.gguf_file for m in models):
             continue
         try:
             for m in plan.models():
                 if m not in infos:
-                    infos[m] = probe_vocab(m, reg.resolve_path(reg.models[m].path))
+                    infos[m] = probe_vocab(m, reg.resolve_path(reg.model_spec(m).path))
             align([infos[m] for m in plan.models()])
         except VocabMismatchError as err:
             failed[f"ensembles.{name}"] = f"ensembles.{name}: {err}"

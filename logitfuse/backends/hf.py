@@ -121,14 +121,18 @@ class HFCausalLM:
         return state.mask.shape[0]
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, state: HFState | None, new_mask: torch.Tensor, keep: int):
+    def _forward(self, ids: torch.Tensor, state: HFState | None, new_mask: torch.Tensor, keep: int, **extra):
         past = state.mask if state is not None else new_mask[:, :0]
         mask = torch.cat([past, new_mask], dim=-1)  # (B, T + k)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past.shape[1]:]  # (B, k)
         cache = state.cache if state is not None else DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=keep, **{self._cache_arg: cache})
+        out = self._call(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=keep, **{self._cache_arg: cache}, **extra)
         return HFState(getattr(out, self._cache_arg), mask), out.logits.float()
+
+    def _call(self, **kwargs):
+        """One forward of the model (a backend sharing its weights with others overrides this)."""
+        return self.model(**kwargs)
 
     def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
         if any(len(p) == 0 for p in prompts):

@@ -18,7 +18,7 @@ MAX_POINTS = 200
 class DynamicLogitFusion(FusionMethod):
     name = "dlf"
     summary = "dynamic logit fusion: expert weights solved at every step from the experts' own distributions"
-    params = ("experts", "grid", "mode")
+    params = ("experts", "grid", "mode", "support")
 
     def plan(self, given: PlanInput) -> FusionPlan:
         if len({e.untuned for e in given.experts}) != 1:
@@ -28,13 +28,14 @@ class DynamicLogitFusion(FusionMethod):
             raise InvalidRequest(f"fusion.grid must be [start, stop, step] with -{COEF:g} <= start <= stop <= "
                                  f"{COEF:g}, step > 0 and at most {MAX_POINTS} points, got {list(grid)}", "fusion.grid")
         return FusionPlan(self.name, given.base, given.experts, grid=grid, mode=given.params.mode or MODE,
-                          ensemble=given.ensemble)
+                          ensemble=given.ensemble, support=given.params.support)
 
     def combine(self, step: Step) -> Scores:
         plan = step.plan
         tuned, untuned = step.experts()  # (b, T, V) each; every expert shares untuned[:, 0]
         with intra_op_threads(step.solver_threads):
-            result = solve_dlf(step.base, untuned[:, 0], tuned, make_grid(*plan.grid), plan.mode)
+            result = solve_dlf(step.base, untuned[:, 0], tuned, make_grid(*plan.grid), plan.mode,
+                               plan.support)
         w = result.weights.float()  # (b, T)
         names = [e.name for e in plan.experts]
         diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]

@@ -1,0 +1,209 @@
+"""Fusion on real checkpoints (configs/real.yaml): quality on held-out questions and speed, from one run.
+
+    .venv/bin/python bench/real.py [--config configs/real.yaml] [--limit N] [--skip quality|speed]
+
+Quality: every held-out question (models/adapters/data/heldout.jsonl, facts never tuned on, half of them in
+a phrasing tuning never used), greedy, up to --max-tokens tokens. exact = the answer alone, then a stop;
+knows = the answer appears in the output (knowledge whatever the form); gap = (exact - base) / (tuned-large
+- base), the share of the tuning gain that fusion recovers. Speed: generated tokens/s of the fused ensembles
+and their base alone at 1 and 8 concurrent requests (medians over rounds, side by side), and one decoding
+step split into the models' passes, vocabulary alignment, the fusion function and DLF's weight search at
+49,152 and 262,144 tokens. Writes bench/results/real.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import argparse
+import json
+import time
+from statistics import median
+
+import torch
+
+from logitfuse import LogitFuse, SamplingParams, fusion
+from logitfuse.real.qa import exact_match, knows, read_jsonl
+from logitfuse.weights import make_grid, solve_dlf
+
+ROOT = Path(__file__).resolve().parent.parent
+HELD_OUT = ROOT / "models" / "adapters" / "data" / "heldout.jsonl"
+# (row label, ensemble or model, setting); "tuned-large" is the adapter trained on the large base itself
+SYSTEMS = [("base alone", "smollm2", "smollm2"), ("tuned small", "smollm2-qa", "smollm2"),
+           ("DLF (identity)", "smollm2-qa-dlf", "smollm2"),
+           ("base alone", "gemma-270m", "gemma"), ("proxy", "gemma-qa-proxy", "gemma"),
+           ("EFT", "gemma-qa-eft", "gemma"), ("tuned-large", "gemma-tuned", "gemma")]
+SUPPORT = 1024  # DLF's reduced search: the union of each model's top-1024 tokens plus one rest token
+SPEED = [("smollm2", "smollm2", "smollm2-qa"), ("gemma", "gemma-270m", "gemma-qa-proxy")]
+
+
+def messages(qa) -> list[dict]:
+    return [{"role": "user", "content": qa.prompt}]
+
+
+def answers(lf: LogitFuse, model: str, questions: list, max_tokens: int, batch: int = 16) -> list[tuple[str, str]]:
+    """(text, finish_reason) per question, greedy, `batch` questions decoded together."""
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+    out = []
+    for i in range(0, len(questions), batch):
+        reqs = [lf.requests(model, messages=messages(q), sampling=sp)[0] for q in questions[i:i + batch]]
+        text, reason = {r.rid: "" for r in reqs}, {}
+        for ev in lf.stream(reqs):
+            text[ev.rid] += ev.text
+            if ev.finish_reason:
+                reason[ev.rid] = ev.finish_reason
+        out += [(text[r.rid], reason.get(r.rid, "?")) for r in reqs]
+    return out
+
+
+def quality(lf: LogitFuse, questions: list, max_tokens: int) -> list[dict]:
+    rows = []
+    for label, model, setting in SYSTEMS:
+        t0 = time.perf_counter()
+        got = answers(lf, model, questions, max_tokens)
+        em = [exact_match(t, q.answer, r == "stop") for (t, r), q in zip(got, questions)]
+        kn = [knows(t, q.answer) for (t, _), q in zip(got, questions)]
+        unseen = [e for e, q in zip(em, questions) if q.phrasing == "held-out"]
+        rows.append({"system": label, "model": model, "setting": setting, "exact": sum(em) / len(em),
+                     "knows": sum(kn) / len(kn), "exact_unseen_phrasing": sum(unseen) / max(1, len(unseen)),
+                     "seconds": round(time.perf_counter() - t0, 1),
+                     "examples": [{"q": q.question, "answer": q.answer, "output": t, "finish": r}
+                                  for (t, r), q in list(zip(got, questions))[:6]]})
+        print(f"  {label:16s} {model:16s} exact {rows[-1]['exact']:.3f} knows {rows[-1]['knows']:.3f}", flush=True)
+    for setting in ("smollm2", "gemma"):
+        base = next(r["exact"] for r in rows if r["setting"] == setting and r["system"] == "base alone")
+        ref = next(r["exact"] for r in rows if r["system"] == ("tuned-large" if setting == "gemma" else "tuned small"))
+        for r in rows:
+            if r["setting"] == setting:
+                r["gap_closed"] = (r["exact"] - base) / (ref - base) if ref != base else None
+    return rows
+
+
+def tokens_per_s(lf: LogitFuse, model: str, questions: list, n: int, tokens: int) -> float:
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    reqs = [lf.requests(model, messages=messages(q), sampling=sp)[0] for q in questions[:n]]
+    t0 = time.perf_counter()
+    count = sum(1 for ev in lf.stream(reqs) if ev.token_id is not None)
+    return count / (time.perf_counter() - t0)
+
+
+def speed(lf: LogitFuse, questions: list, tokens: int, rounds: int) -> list[dict]:
+    rows = []
+    for setting, base, fused in SPEED:
+        answers(lf, fused, questions[:2], 2)  # warm-up: load and align
+        for n in (1, 8):
+            runs = {base: [], fused: []}
+            for _ in range(rounds):  # side by side: base and fused alternate within each round
+                for m in runs:
+                    runs[m].append(tokens_per_s(lf, m, questions, n, tokens))
+            b, f = median(runs[base]), median(runs[fused])
+            rows.append({"setting": setting, "fused": fused, "requests": n, "base_tok_s": b, "fused_tok_s": f,
+                         "fused_over_base": f / b})
+            print(f"  {setting:8s} {n} requests: base {b:.1f} tok/s, {fused} {f:.1f} tok/s ({f / b:.2f}x)", flush=True)
+    return rows
+
+
+def ms(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * median(times)
+
+
+def step_split(lf: LogitFuse, questions: list, rows_n: int) -> dict:
+    """One step of each fused ensemble at rows_n rows, timed piece by piece on the real models' logits."""
+    out = {}
+    for setting, _, fused in SPEED:
+        out[setting] = _split(lf, fused, questions, rows_n)
+        print(f"  {setting} ({out[setting]['vocab']} tokens, {rows_n} rows): "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in out[setting]["ms"].items()), flush=True)
+    return out
+
+
+def _split(lf: LogitFuse, fused: str, questions: list, rows_n: int) -> dict:
+    plan = lf.registry.plan(fused)
+    al = lf.engine.alignment(plan)
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    reqs = [lf.requests(fused, messages=messages(q), sampling=sp)[0] for q in questions[:rows_n]]
+    parts, logits, states = {}, {}, {}
+    for name in plan.models():
+        states[name], logits[name] = lf.pool.get(name).prefill([r.prompts[name] for r in reqs])
+    groups: dict = {}  # as the engine advances them: views of one adapter host in one forward
+    for name in plan.models():
+        groups.setdefault(getattr(lf.pool.get(name), "shared_forward", None) or name, []).append(name)
+    for names in groups.values():
+        work = [(lf.pool.get(n), states[n], logits[n].argmax(-1, keepdim=True)) for n in names]
+        if len(work) == 1:
+            step = lambda w=work[0]: w[0].decode(w[1], w[2])  # noqa: E731
+        else:
+            step = lambda w=work: w[0][0].decode_group(w)  # noqa: E731
+        parts["pass " + " + ".join(names)] = ms(step)
+    role = {n: (None if n == plan.base else n) for n in plan.models()}
+    parts["vocabulary alignment"] = ms(lambda: [al.apply(logits[n], role[n]) for n in plan.models()])
+    aligned = {n: al.apply(logits[n], role[n]) for n in plan.models()}
+    e = plan.experts[0]
+    base, tuned, untuned = aligned[plan.base], aligned[e.tuned][:, None], aligned[e.untuned][:, None]
+    coef = torch.ones(rows_n, 1)
+    parts["fusion (proxy)"] = ms(lambda: fusion.proxy_tune(base, tuned, untuned, coef))
+    grid = make_grid(0.0, 2.0, 0.1)
+    parts["DLF weight search"] = ms(lambda: solve_dlf(base, untuned[:, 0], tuned, grid))
+    parts[f"DLF search, support {SUPPORT}"] = ms(lambda: solve_dlf(base, untuned[:, 0], tuned, grid, support=SUPPORT))
+    exact = solve_dlf(base, untuned[:, 0], tuned, grid).weights
+    approx = solve_dlf(base, untuned[:, 0], tuned, grid, support=SUPPORT).weights
+    return {"vocab": al.width, "rows": rows_n, "ms": parts,
+            "support_max_weight_error": float((exact - approx).abs().max())}
+
+
+def table(result: dict) -> str:
+    lines = ["| setting | system | ensemble | exact | knows | exact (unseen phrasing) | gap closed |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result.get("quality", []):
+        gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
+        lines.append(f"| {r['setting']} | {r['system']} | `{r['model']}` | {r['exact']:.3f} | {r['knows']:.3f} | "
+                     f"{r['exact_unseen_phrasing']:.3f} | {gap} |")
+    if result.get("speed"):
+        lines += ["", "| setting | fused | requests | base tok/s | fused tok/s | fused / base |", "| --- " * 6 + "|"]
+        lines += [f"| {r['setting']} | `{r['fused']}` | {r['requests']} | {r['base_tok_s']:.1f} | "
+                  f"{r['fused_tok_s']:.1f} | {r['fused_over_base']:.2f} |" for r in result["speed"]]
+    for rows_n, split in result.get("step", {}).items():
+        for setting, s in split.items():
+            lines += ["", f"One step, {setting} ({s['vocab']:,} tokens, {rows_n} rows): "
+                      + ", ".join(f"{k} {v:.1f} ms" for k, v in s["ms"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "real.yaml"))
+    p.add_argument("--limit", type=int, help="evaluate N held-out questions spread over the file")
+    p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--speed-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--skip", choices=["quality", "speed"], action="append", default=[])
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "real.json"))
+    args = p.parse_args(argv)
+    lf = LogitFuse(args.config)
+    questions = read_jsonl(HELD_OUT)
+    if args.limit:  # an evenly spread sample over the relations (the file is grouped by relation)
+        questions = questions[:: max(1, len(questions) // args.limit)][: args.limit]
+    result = {"config": args.config, "questions": len(questions), "threads": torch.get_num_threads()}
+    if "quality" not in args.skip:
+        print(f"quality on {len(questions)} held-out questions:", flush=True)
+        result["quality"] = quality(lf, questions, args.max_tokens)
+    if "speed" not in args.skip:
+        print("speed:", flush=True)
+        result["speed"] = speed(lf, questions, args.speed_tokens, args.rounds)
+        result["step"] = {str(n): step_split(lf, questions, n) for n in (1, 8)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
