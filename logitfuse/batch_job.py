@@ -31,10 +31,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def settings(model: str, source: dict, fusion: dict | None, defaults: dict, seed: int | None, inp: Path) -> dict:
-    """The job's settings as JSON data; `source` says what the model name means (registry entry or server)."""
+def settings(model: str, source: dict, fusion: dict | None, defaults: dict, seed: int | None, inp: Path | None,
+             input_sha256: str | None = None) -> dict:
+    """The job's settings as JSON data; `source` says what the model name means (registry entry or server).
+    The input is named by its content: the file `inp`, or a digest already taken (an input behind a URI)."""
     data = {"version": VERSION, "model": model, "source": source, "fusion": fusion, "seed": seed,
-            "sampling": defaults, "input_sha256": file_sha256(inp)}
+            "sampling": defaults, "input_sha256": input_sha256 or file_sha256(inp)}
     return json.loads(json.dumps(data))  # the form it has once read back (tuples become lists)
 
 
@@ -69,12 +71,22 @@ def check(output: Path, job: dict, overwrite: bool) -> None:
     side = job_file(output)
     if overwrite or not (output.exists() and output.stat().st_size > 0):
         return
-    if not side.exists():
-        raise JobMismatch(f"{output} exists but has no job file {side.name}, so it cannot be resumed safely; "
+    try:
+        old = side.read_text(encoding="utf-8") if side.exists() else None
+    except OSError as err:
+        raise JobMismatch(f"cannot read the job file {side}: {err}; use --overwrite to start over") from None
+    compare(str(output), side.name, old, job)
+
+
+def compare(output: str, side: str, old_text: str | None, job: dict) -> None:
+    """Raise JobMismatch unless the job file's text (None: there is none) holds `job`'s settings; `output`
+    already holds records."""
+    if old_text is None:
+        raise JobMismatch(f"{output} exists but has no job file {side}, so it cannot be resumed safely; "
                           "use --overwrite to start over, or choose another --output")
     try:
-        old = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        old = json.loads(old_text)
+    except json.JSONDecodeError as err:
         raise JobMismatch(f"cannot read the job file {side}: {err}; use --overwrite to start over") from None
     diff = differences(old, job)
     if diff:

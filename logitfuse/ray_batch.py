@@ -14,6 +14,7 @@ unfinished task retried; a killed job is resumed by running the same command aga
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import numpy as np
 from pyarrow.fs import LocalFileSystem
 from tqdm import tqdm
 
+from logitfuse import batch_job, batch_lines
 from logitfuse.batch import local_source, run_local
 from logitfuse.batch_io import BadLine, Record, Stats, read_input
 from logitfuse.ray_files import JobFiles, read_bytes, resolve
@@ -118,12 +120,16 @@ def run_ray(args, worker_cls: type = Worker) -> int:
         print("--ray and --server are two ways to run a job: choose one", file=sys.stderr)
         return 2
     try:
-        local_source(args)  # a bad registry, an unknown --model or --fusion stops here, before any actor starts
+        _, source = local_source(args)  # a bad registry, an unknown --model or --fusion stops here
         records = load_input(args.input)
+        files = JobFiles(args.output)
+        digest = hashlib.sha256(read_bytes(*resolve(args.input))).hexdigest()
+        job = batch_job.settings(args.model, source, args.fusion, batch_lines.sampling_defaults(args), args.seed,
+                                 None, input_sha256=digest)
+        files.prepare_job(job, args.overwrite)  # another job's output is refused, as in local mode
     except (OSError, ValueError, LookupError) as err:
         print(f"cannot start: {err}", file=sys.stderr)
         return 2
-    files = JobFiles(args.output)
     done = files.done_ids()
     stats = Stats(skipped=sum(r.id in done for r in records))
     bad = [r.record() for r in records if isinstance(r, BadLine) and r.id not in done]

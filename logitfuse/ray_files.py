@@ -21,6 +21,8 @@ import uuid
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from logitfuse import batch_job
+
 TMP = ".tmp-"
 
 
@@ -81,6 +83,31 @@ class JobFiles:
         self.output = output
         self.fs, self.path = resolve(output)
         self.parts = f"{self.path}.parts"
+        self.job = f"{self.path}.job.json"  # the job's settings, as local mode's job file
+
+    def has_results(self) -> bool:
+        out = exists(self.fs, self.path) and self.fs.get_file_info(self.path).size > 0
+        return out or bool(self.part_paths())
+
+    def check_job(self, job: dict, overwrite: bool) -> None:
+        """Raise batch_job.JobMismatch unless this location can take `job`'s records (as local mode)."""
+        if overwrite or not self.has_results():
+            return
+        old = read_bytes(self.fs, self.job).decode("utf-8") if exists(self.fs, self.job) else None
+        batch_job.compare(self.output, self.job.rsplit("/", 1)[-1], old, job)
+
+    def prepare_job(self, job: dict, overwrite: bool) -> None:
+        """After check_job: start over (--overwrite), or keep what the same job wrote; the job file is written
+        before the first record."""
+        self.check_job(job, overwrite)
+        if overwrite:
+            for path in (self.path, self.job):
+                if exists(self.fs, path):
+                    self.fs.delete_file(path)
+            if exists(self.fs, self.parts):
+                self.fs.delete_dir(self.parts)
+        if not self.has_results():
+            write_atomic(self.fs, self.job, json.dumps(job, indent=1, sort_keys=True).encode("utf-8"))
 
     def commit(self, records: list[dict]) -> str | None:
         """One atomic part holding `records`, named by their ids (the same ids, the same part)."""

@@ -134,3 +134,23 @@ def test_uri_without_ray_and_ray_with_server_are_refused(config_file, tmp_path, 
     assert "need --ray" in capsys.readouterr().err
     assert main(args(config_file, inp, tmp_path / "o.jsonl", "--ray", "--server", "http://x:1")) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+def test_ray_resume_refuses_another_jobs_output_and_overwrite_starts_over(ray_cluster, config_file, tmp_path,
+                                                                          capsys):
+    """The job file guards --ray outputs as it guards local ones: other settings are refused with the output
+    untouched; the same settings resume (here: nothing left, so no cluster starts); --overwrite starts over."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(inp, 3)
+    assert main(args(config_file, inp, out)) == 0  # made in local mode: its job file names the settings
+    before = out.read_bytes()
+    assert main([*args(config_file, inp, out, "--ray"), "--temperature", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "made by another job" in err and "sampling.temperature: 0.9 in the job file, 0.5 now" in err
+    assert out.read_bytes() == before
+    (tmp_path / "out.jsonl.job.json").unlink()
+    assert main(args(config_file, inp, out, "--ray")) == 2
+    assert "no job file" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*args(config_file, inp, out, "--ray"), "--overwrite"]) == 0
+    assert by_id(out) == {r["id"]: r for r in map(json.loads, before.decode().splitlines())}
+    assert (tmp_path / "out.jsonl.job.json").exists()
