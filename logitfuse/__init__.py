@@ -6,6 +6,8 @@ The public names load on first use, so that the command line's `--help` and `--v
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,6 +20,13 @@ _HOMES = {"Completion": "logitfuse.completion", "FusionParams": "logitfuse.regis
           "GenerationRequest": "logitfuse.request", "LogitFuse": "logitfuse.api", "Registry": "logitfuse.registry",
           "SamplingParams": "logitfuse.request"}
 __all__ = ["Completion", "FusionParams", "GenerationRequest", "LogitFuse", "Registry", "SamplingParams"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def default_config() -> str:
+    """The registry a command reads without --config: $LOGITFUSE_CONFIG, else the embedded family's."""
+    return os.environ.get("LOGITFUSE_CONFIG", str(DEFAULT_CONFIG))
 
 
 def __getattr__(name: str):

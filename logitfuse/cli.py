@@ -18,12 +18,9 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+from logitfuse import default_config
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-def default_config() -> str:
-    return os.environ.get("LOGITFUSE_CONFIG", str(DEFAULT_CONFIG))
 
 
 def version() -> str:

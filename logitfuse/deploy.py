@@ -167,7 +167,7 @@ def build(config: str, replicas: int | None = None):
 
 def app(args: dict | None = None):
     """`serve run logitfuse.deploy:app [config=FILE] [replicas=N]` (config default: LOGITFUSE_CONFIG)."""
-    from logitfuse.cli import default_config
+    from logitfuse import default_config
 
     args = args or {}
     return build(args.get("config", default_config()), int(args["replicas"]) if "replicas" in args else None)
