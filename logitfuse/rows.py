@@ -20,49 +20,47 @@ def failed(req: GenerationRequest, err: Exception | str, generated: int = 0) -> 
                       completion_tokens=generated)
 
 
-def draw(seqs: list, scores: torch.Tensor) -> tuple[list[int], list[float], list | None, list | None]:
-    """Each row's token, its logprob, and the top-N ids and logprobs the rows ask for. scores (b, V)."""
+def draw(seqs: list, scores: torch.Tensor) -> tuple[list[bool], list[int], list[float], list | None, list | None]:
+    """Each row's validity, token, its logprob, and the top-N ids and logprobs the rows ask for. scores (b, V).
+    A row that is not a distribution is drawn from zeros instead (its token is thrown away), so the check
+    travels to the host in the same copy as the tokens: one device sync per group and step."""
+    bad = invalid_rows(scores)  # (b,)
+    scores = torch.where(bad[:, None], torch.zeros_like(scores), scores)
     sp = [s.req.sampling for s in seqs]
     params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device,
                                    [p.logit_bias for p in sp], scores.shape[-1])
     tokens = sample(scores, params, [s.generator for s in seqs])
-    # the tokens and their logprobs reach the host in one copy: the stop checks need them, nothing else waits
-    host = torch.stack([tokens.double(), token_logprobs(scores, tokens).double()]).tolist()
+    # the flags, tokens and logprobs reach the host in one copy: the stop checks need them, nothing else waits
+    host = torch.stack([bad.double(), tokens.double(), token_logprobs(scores, tokens).double()]).tolist()
     n_top = max((p.logprobs or 0) for p in sp)
     if not n_top:
-        return [int(t) for t in host[0]], host[1], None, None
+        return [b > 0 for b in host[0]], [int(t) for t in host[1]], host[2], None, None
     top_ids, top_lp = top_logprobs(scores, n_top)
-    return [int(t) for t in host[0]], host[1], top_ids.tolist(), top_lp.tolist()
+    return [b > 0 for b in host[0]], [int(t) for t in host[1]], host[2], top_ids.tolist(), top_lp.tolist()
 
 
 def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer, events: list) -> list[str]:
     """Sample and emit every row of a group; returns the ids of the sequences that finished (or failed)."""
-    bad = invalid_rows(scores).tolist()
-    finished = []
-    for s, b in zip(seqs, bad):
-        if b:
-            events.append(failed(s.req, "fused scores are not a distribution (NaN, +inf or no finite score)",
-                                 s.stopper.generated))
-            finished.append(s.req.rid)
-    keep = [i for i, b in enumerate(bad) if not b]
-    if not keep:
-        return finished
-    if len(keep) < len(seqs):
-        seqs, scores, diags = [seqs[i] for i in keep], scores[keep], diags and [diags[i] for i in keep]
     try:
-        token_ids, chosen, ids, lps = draw(seqs, scores)
+        bad, token_ids, chosen, ids, lps = draw(seqs, scores)
     except Exception as err:
         if len(seqs) == 1:
             events.append(failed(seqs[0].req, err, seqs[0].stopper.generated))
-            return finished + [seqs[0].req.rid]
+            return [seqs[0].req.rid]
+        finished = []
         for i, s in enumerate(seqs):  # one row's fault must not end the others: each row alone
             finished += sample_rows([s], scores[i:i + 1], diags and [diags[i]], tokenizer, events)
         return finished
+    finished = []
     for i, (s, t) in enumerate(zip(seqs, token_ids)):
-        try:
-            ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tokenizer, diags[i] if diags else None)
-        except Exception as err:
-            ev = failed(s.req, err, s.stopper.generated)
+        if bad[i]:
+            ev = failed(s.req, "fused scores are not a distribution (NaN, +inf or no finite score)",
+                        s.stopper.generated)
+        else:
+            try:
+                ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tokenizer, diags[i] if diags else None)
+            except Exception as err:
+                ev = failed(s.req, err, s.stopper.generated)
         events.append(ev)
         if ev.finish_reason:
             finished.append(s.req.rid)
