@@ -27,7 +27,6 @@ WORKDIR /app
 # The package before the models and configs, so that editing a config does not reinstall it.
 COPY pyproject.toml README.md ./
 COPY logitfuse logitfuse
-COPY service service
 # The project itself pins its dependencies in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install ".[serve]" \

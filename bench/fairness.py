@@ -21,9 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from service.app import start_in_thread
-from tests.conftest import TINY_CONFIG
-from tests.tiny import build_family
+from logitfuse.service.app import start_in_thread
+from logitfuse.training.tiny import TINY_CONFIG, build_family
 
 ROOT = Path(__file__).resolve().parent.parent
 LIGHT = {"model": "proxy-a", "prompt": "the red city", "max_tokens": 8, "temperature": 0, "ignore_eos": True}

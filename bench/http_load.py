@@ -22,7 +22,7 @@ import httpx
 
 from bench.throughput import ours, prompts
 from logitfuse import LogitFuse
-from service.app import start_in_thread
+from logitfuse.service.app import start_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from logitfuse import fusion
+from logitfuse.ops import fusion
 
 
 @torch.inference_mode()
@@ -48,7 +48,7 @@ def fuse(plan, z: dict) -> torch.Tensor:
         return fusion.proxy_tune(base, tuned, untuned, torch.tensor([plan.coef]))
     if plan.method == "eft":
         return fusion.eft(base, tuned, untuned, torch.ones(1), torch.tensor([plan.coef]))
-    from logitfuse.weights import make_grid, solve_dlf
+    from logitfuse.ops.weights import make_grid, solve_dlf
 
     w = solve_dlf(base, untuned[:, 0], tuned, make_grid(*plan.grid), plan.mode).weights
     return fusion.dlf_combine(base, tuned, untuned, w)

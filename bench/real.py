@@ -24,9 +24,10 @@ from statistics import median
 
 import torch
 
-from logitfuse import LogitFuse, SamplingParams, fusion
-from logitfuse.real.qa import exact_match, knows, read_jsonl
-from logitfuse.weights import make_grid, solve_dlf
+from logitfuse import LogitFuse, SamplingParams
+from logitfuse.ops import fusion
+from logitfuse.ops.weights import make_grid, solve_dlf
+from logitfuse.training.real.qa import exact_match, knows, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT = ROOT / "models" / "adapters" / "data" / "heldout.jsonl"

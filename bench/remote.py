@@ -25,7 +25,7 @@ import httpx
 
 from bench.throughput import prompts, timed
 from logitfuse import LogitFuse, SamplingParams
-from logitfuse.registry import Registry
+from logitfuse.config.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from logitfuse import LogitFuse
 from logitfuse.backends.hf import HFCausalLM, resolve_device, resolve_dtype
+from logitfuse.config.registry import Registry
 from logitfuse.pool import ModelPool
-from logitfuse.registry import Registry
 
 VOCAB = 32000
 SHAPES = {

@@ -22,7 +22,7 @@ from collections import Counter
 
 import httpx
 
-from service.app import start_in_thread
+from logitfuse.service.app import start_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Q: what is the capital of ludu? A:", "Q: who founded the city of ludu? A:", "the river", "one two"]

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from logitfuse.api import LogitFuse
-    from logitfuse.completion import Completion
-    from logitfuse.registry import FusionParams, Registry
-    from logitfuse.request import GenerationRequest, SamplingParams
+    from logitfuse.config.registry import FusionParams, Registry
+    from logitfuse.engine.output import Completion
+    from logitfuse.engine.request import GenerationRequest, SamplingParams
 
-_HOMES = {"Completion": "logitfuse.completion", "FusionParams": "logitfuse.registry",
-          "GenerationRequest": "logitfuse.request", "LogitFuse": "logitfuse.api", "Registry": "logitfuse.registry",
-          "SamplingParams": "logitfuse.request"}
+_HOMES = {"Completion": "logitfuse.engine.output", "FusionParams": "logitfuse.config.registry",
+          "GenerationRequest": "logitfuse.engine.request", "LogitFuse": "logitfuse.api",
+          "Registry": "logitfuse.config.registry", "SamplingParams": "logitfuse.engine.request"}
 __all__ = ["Completion", "FusionParams", "GenerationRequest", "LogitFuse", "Registry", "SamplingParams"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from logitfuse.completion import Completion
-from logitfuse.engine import Engine
-from logitfuse.plan import SpecPlan
+from logitfuse.config.registry import FusionParams, Registry
+from logitfuse.engine.core import Engine
+from logitfuse.engine.output import Completion
+from logitfuse.engine.prompts import Prompt, role_prompts
+from logitfuse.engine.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
+from logitfuse.engine.speculative import SpecStats, check_plan
+from logitfuse.methods.plan import SpecPlan
 from logitfuse.pool import ModelPool
-from logitfuse.prompts import Prompt, role_prompts
-from logitfuse.registry import FusionParams, Registry
-from logitfuse.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
-from logitfuse.speculative import SpecStats, check_plan
 
 __all__ = ["Completion", "LogitFuse", "SpeculativeEFT"]
 

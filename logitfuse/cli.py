@@ -76,7 +76,7 @@ def serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from logitfuse.registry import Registry
+    from logitfuse.config.registry import Registry
 
     try:
         server = Registry.load(args.config).server
@@ -84,7 +84,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"cannot start: {err}", file=sys.stderr)
         return 2
     if args.ray:
-        from logitfuse.deploy import run_cli
+        from logitfuse.service.ray_serve import run_cli
 
         return run_cli(args)
     host, port = args.host or server.host, args.port or server.port
@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"cannot start: {problem}", file=sys.stderr)
         return 2
-    from service.app import run_server
+    from logitfuse.service.app import run_server
 
     return run_server(args.config, args.host, args.port, args.log_level, args.api_key)
 
@@ -116,7 +116,7 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def generate_args(p: argparse.ArgumentParser) -> None:
-    from logitfuse.batch_lines import SAMPLING_OPTIONS
+    from logitfuse.batch.line_params import SAMPLING_OPTIONS
 
     p.add_argument("--config", metavar="FILE", default=default_config(),
                    help="registry YAML, local mode (env LOGITFUSE_CONFIG; default: %(default)s)")
@@ -145,32 +145,32 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", metavar="N", type=int, default=5,
                    help="retries on 429/5xx/connection errors (server mode; default: %(default)s)")
     p.add_argument("--api-key", metavar="KEY", default=None, help="bearer token for the server (server mode)")
-    from logitfuse.ray_batch import add_args as ray_args
+    from logitfuse.batch.ray_job import add_args as ray_args
 
     ray_args(p)
 
 
 def generate(args: argparse.Namespace) -> int:
     if args.ray:
-        from logitfuse.ray_batch import run_ray
+        from logitfuse.batch.ray_job import run_ray
 
         return run_ray(args)
     if isinstance(args.input, str) or isinstance(args.output, str):
         print("cannot start: filesystem URIs for --input/--output need --ray", file=sys.stderr)
         return 2
-    from logitfuse.batch import run
+    from logitfuse.batch.local import run
 
     return run(args)
 
 
 def train_family_args(p: argparse.ArgumentParser) -> None:
-    from logitfuse.family.options import add_args
+    from logitfuse.training.family.options import add_args
 
     add_args(p)
 
 
 def train_family(args: argparse.Namespace) -> int:
-    from logitfuse.family.train import run
+    from logitfuse.training.family.train import run
 
     return run(args)
 
@@ -188,10 +188,10 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
 
 
 def _real(module: str):
-    """logitfuse.real.<module>, imported when its command runs (its arguments need no model code)."""
+    """logitfuse.training.real.<module>, imported when its command runs (its arguments need no model code)."""
     import importlib
 
-    return importlib.import_module(f"logitfuse.real.{module}")
+    return importlib.import_module(f"logitfuse.training.real.{module}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,16 +18,8 @@ from contextlib import contextmanager
 
 from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.backends.sources import load_model, load_reward
-from logitfuse.registry import Registry
-from logitfuse.request import Unavailable, UnknownName
-
-
-class ModelUnavailable(Unavailable):
-    """A model that failed to load: a 503 naming the model and the file, until its files change."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+from logitfuse.config.registry import Registry
+from logitfuse.errors import ModelUnavailable, Unavailable, UnknownName
 
 
 def local_folder(reg: Registry, name: str) -> str | None:

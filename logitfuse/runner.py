@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 
 from logitfuse.api import LogitFuse
-from logitfuse.request import GenerationRequest, Overloaded, PromptScores, TokenEvent
+from logitfuse.engine.request import GenerationRequest, PromptScores, TokenEvent
+from logitfuse.errors import Overloaded
 
 log = logging.getLogger("logitfuse.runner")
 Sink = Callable[[TokenEvent | PromptScores], None]

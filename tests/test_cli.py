@@ -46,13 +46,13 @@ def test_an_unknown_command_is_named_with_the_closest_one(capsys):
 
 
 def test_bare_logitfuse_prints_help_and_fails_rather_than_serving(capsys, monkeypatch):
-    monkeypatch.setattr("service.app.run_server", lambda *a, **k: pytest.fail("a server started"))
+    monkeypatch.setattr("logitfuse.service.app.run_server", lambda *a, **k: pytest.fail("a server started"))
     rc, _, err = run(capsys)
     assert rc == 2 and "usage: logitfuse" in err and "serve" in err
 
 
 def test_serve_refuses_a_port_in_use_before_loading_models(capsys, config_file, monkeypatch):
-    monkeypatch.setattr("service.app.run_server", lambda *a, **k: pytest.fail("models would load"))
+    monkeypatch.setattr("logitfuse.service.app.run_server", lambda *a, **k: pytest.fail("models would load"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -103,8 +103,8 @@ def imports_of(module: str) -> set[str]:
 
 def test_the_command_and_batch_modules_import_in_one_direction():
     """cli -> batch -> batch_remote -> (batch_io, batch_lines, batch_job): nothing imports back up."""
-    order = ["logitfuse.cli", "logitfuse.batch", "logitfuse.batch_remote", "logitfuse.batch_job",
-             "logitfuse.batch_lines", "logitfuse.batch_io"]
+    order = ["logitfuse.cli", "logitfuse.batch.local", "logitfuse.batch.server", "logitfuse.batch.job_file",
+             "logitfuse.batch.line_params", "logitfuse.batch.records"]
     for i, module in enumerate(order):
         above = set(order[:i + 1]) - {module}
         assert not imports_of(module) & above, f"{module} imports {imports_of(module) & above}"

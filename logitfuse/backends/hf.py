@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.utils import logging as hf_logging
 
 from logitfuse.backends.base import tokenizer_vocab_info
-from logitfuse.vocab import VocabInfo
+from logitfuse.ops.vocab import VocabInfo
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

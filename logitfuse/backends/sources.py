@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from logitfuse.backends.base import CausalLM, RewardModel
 
 if TYPE_CHECKING:
-    from logitfuse.registry import ModelSpec, RewardSpec
+    from logitfuse.config.registry import ModelSpec, RewardSpec
 
 Resolve = Callable[[str], str]  # a path in the registry file -> a path on disk (or a hub id, unchanged)
 
@@ -29,7 +29,7 @@ class Source:
 
 
 def _remote(name: str, spec: ModelSpec, resolve: Resolve) -> CausalLM:
-    from logitfuse.backends.remote import RemoteCausalLM
+    from logitfuse.backends.remote.client import RemoteCausalLM
 
     return RemoteCausalLM.load(name, spec.remote, resolve(spec.tokenizer), spec.chat_template)
 

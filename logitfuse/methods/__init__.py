@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from logitfuse.errors import InvalidRequest
 from logitfuse.methods import dlf, eft, none, proxy, tqstar
 from logitfuse.methods.base import COEF, FusionMethod, Names, PlanInput, Step
-from logitfuse.plan import ExpertRef, FusionPlan, SpecPlan
-from logitfuse.request import InvalidRequest
+from logitfuse.methods.plan import ExpertRef, FusionPlan, SpecPlan
 
 if TYPE_CHECKING:
-    from logitfuse.registry import FusionParams
+    from logitfuse.config.registry import FusionParams
 
 __all__ = ["COEF", "DEFAULT", "NAMES", "PLAIN", "TABLE", "FusionMethod", "Step", "build_plan", "get",
            "speculation_fits", "speculation_rule", "summarise"]

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 
 from logitfuse.backends.base import RewardModel
-from logitfuse.plan import ExpertRef, FusionPlan, SpecPlan
-from logitfuse.request import InvalidRequest
+from logitfuse.errors import InvalidRequest
+from logitfuse.methods.plan import ExpertRef, FusionPlan, SpecPlan
 
 if TYPE_CHECKING:
-    from logitfuse.registry import FusionParams
+    from logitfuse.config.registry import FusionParams
 
 # fusion coefficients: finite and within a range where scores stay finite in float16/32 arithmetic
 COEF = 100.0

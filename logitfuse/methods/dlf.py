@@ -4,11 +4,11 @@ tuned experts' distributions (weights.solve_dlf), then `l_L + sum_i alpha_i(t) (
 
 from __future__ import annotations
 
-from logitfuse import fusion
+from logitfuse.errors import InvalidRequest
 from logitfuse.methods.base import COEF, FusionMethod, PlanInput, Scores, Step, intra_op_threads
-from logitfuse.plan import FusionPlan
-from logitfuse.request import InvalidRequest
-from logitfuse.weights import make_grid, solve_dlf
+from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops import fusion
+from logitfuse.ops.weights import make_grid, solve_dlf
 
 GRID = (0.0, 2.0, 0.1)  # start, stop, step of the weight search
 MODE = "one_expert"

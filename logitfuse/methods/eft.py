@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from logitfuse import fusion
 from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step, expert_coefficients
-from logitfuse.plan import FusionPlan
+from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops import fusion
 
 
 class EmulatedFineTuning(FusionMethod):

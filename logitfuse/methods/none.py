@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from logitfuse import fusion
 from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step
-from logitfuse.plan import FusionPlan
+from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops import fusion
 
 
 class BaseOnly(FusionMethod):

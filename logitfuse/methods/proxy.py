@@ -3,9 +3,9 @@ logits (fusion.proxy_tune)."""
 
 from __future__ import annotations
 
-from logitfuse import fusion
 from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step, expert_coefficients
-from logitfuse.plan import FusionPlan
+from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops import fusion
 
 
 class ProxyTuning(FusionMethod):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from logitfuse import fusion
+from logitfuse.errors import InvalidRequest
 from logitfuse.methods.base import COEF, FusionMethod, PlanInput, Scores, Step
-from logitfuse.plan import FusionPlan, TQStarPlan
-from logitfuse.request import InvalidRequest
-from logitfuse.sampling import SamplingTensors, sample
+from logitfuse.methods.plan import FusionPlan, TQStarPlan
+from logitfuse.ops import fusion
+from logitfuse.ops.sampling import SamplingTensors, sample
 
 TOP_K, ALPHA, ROLLOUTS = 10, 1.0, 1
 ROLLOUT_TOKENS, ROLLOUT_TOKENS_INDIRECT = 20, 5

@@ -1,0 +1,151 @@
+"""`logitfuse generate`: a JSONL file of prompts through a fused model, batched, resumable, nothing lost.
+
+Local mode keeps up to --batch-size sequences in the engine (continuous batching: a finished one is
+replaced at the next step); `--server` sends the same job to a running server (batch_remote.py). Each
+finished record is appended as one whole line and fsync'd; a re-run of the same job skips ids already in
+the output, so a killed job resumes with nothing lost or duplicated. Everything that can stop a job (the
+config, the model name, the input, an output made by another job) is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from tqdm import tqdm
+
+from logitfuse import methods
+from logitfuse.batch import job_file as batch_job
+from logitfuse.batch import line_params as batch_lines
+from logitfuse.batch.records import BadLine, Record, Stats, Writer, finished_ids, line_params, read_input, result_record
+from logitfuse.config.registry import Registry
+from logitfuse.engine.output import Completion
+from logitfuse.errors import InvalidRequest, UnknownName
+from logitfuse.methods.plan import FusionPlan
+
+
+def local_source(args: argparse.Namespace) -> tuple[Registry, dict]:
+    """The registry, with --model and --fusion checked against it, and what --model means in it."""
+    reg = Registry.load(args.config)
+    for key in (f"ensembles.{args.model}", f"models.{args.model}"):
+        if key in reg.skipped:
+            raise ValueError(f"--model {args.model!r} is a bad entry of {args.config}: {reg.skipped[key]}")
+    batch_lines.known_model(args.model, reg.names())
+    reg.plan(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
+    spec = reg.ensembles.get(args.model) or reg.models[args.model]
+    return reg, {"registry_entry": spec.model_dump(mode="json")}
+
+
+def build(lf, args: argparse.Namespace, rec: Record) -> list:
+    params = line_params(batch_lines.sampling_defaults(args), rec, args.seed)
+    sp, n = batch_lines.sampling(params, lf.registry.server.max_logprobs)
+    fusion = batch_lines.fusion(args.fusion, rec)
+    reqs = lf.requests(args.model, rec.prompt, sp, fusion, messages=rec.messages, n=n, rid=rec.id)
+    for r in reqs:
+        lf.engine.check(r)
+    return reqs
+
+
+def open_local(args: argparse.Namespace, reg: Registry, stats: Stats):
+    """The library with the job's models loaded and their vocabularies checked, before anything is
+    written (a job that cannot run stops instead of writing an error record per line); timed apart."""
+    from logitfuse.api import LogitFuse
+
+    t0 = time.perf_counter()
+    lf = LogitFuse(reg)
+    plan = reg.plan(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
+    for name in plan.models() + plan.rewards():
+        lf.pool.get(name)
+    lf.engine.alignment(plan)
+    stats.load_s = time.perf_counter() - t0
+    return lf
+
+
+def run_local(args: argparse.Namespace, lf, todo: list[Record], writer: Writer, stats: Stats) -> None:
+    stats.started()
+    engine, pending = lf.engine, list(reversed(todo))
+    groups: dict[str, tuple[Record, list[Completion], FusionPlan]] = {}
+    owner: dict[str, tuple[str, Completion]] = {}  # engine request id -> (record id, its sequence)
+    bar = tqdm(total=len(todo), desc="generate", unit="rec")
+    while pending or engine.has_work():
+        while pending and len(owner) < args.batch_size:
+            rec = pending.pop()
+            try:
+                reqs = build(lf, args, rec)
+            except (InvalidRequest, UnknownName, ValueError) as err:
+                stats.write(writer, batch_lines.bad_line(rec.id, err).record(), bar, error=True)
+                continue
+            parts = [Completion(r.rid) for r in reqs]
+            groups[rec.id] = (rec, parts, reqs[0].plan)
+            for r, part in zip(reqs, parts):
+                owner[r.rid] = (rec.id, part)
+                engine.add(r)
+        for ev in engine.step():
+            if ev.rid in owner:
+                _account(ev, groups, owner, writer, stats, args, bar)
+    bar.close()
+
+
+def _account(ev, groups: dict, owner: dict, writer: Writer, stats: Stats, args, bar) -> None:
+    rec_id, part = owner[ev.rid]
+    before = part.completion_tokens
+    part.add(ev)
+    stats.tokens += part.completion_tokens - before
+    bar.set_postfix(tok_s=f"{stats.rate():.0f}", refresh=False)
+    if not part.done:
+        return
+    del owner[ev.rid]
+    rec, parts, plan = groups[rec_id]
+    if not all(p.done for p in parts):
+        return
+    del groups[rec_id]
+    failed = next((p.error for p in parts if p.error), None)
+    if failed is not None:  # not written: a re-run retries it, as a server failure would be retried
+        tqdm.write(f"record {rec_id!r} failed: {failed}", file=sys.stderr)
+        stats.failed += 1
+        bar.update(1)
+        return
+    want = "logprobs" in line_params(batch_lines.sampling_defaults(args), rec, args.seed)
+    summary = methods.summarise(plan, [d for p in parts for d in p.diagnostics])
+    stats.write(writer, result_record(rec_id, args.model, parts, want, summary), bar)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole job; 2 when it cannot start (nothing written then), else 0."""
+    stats = Stats()
+    try:
+        records = read_input(args.input)
+        if args.server:
+            from logitfuse.batch.server import remote_source
+
+            lf, source = None, remote_source(args)
+        else:
+            reg, source = local_source(args)
+        defaults = batch_lines.sampling_defaults(args)
+        job = batch_job.settings(args.model, source, args.fusion, defaults, args.seed, args.input)
+        batch_job.check(args.output, job, args.overwrite)
+        if not args.server:
+            lf = open_local(args, reg, stats)
+        batch_job.prepare(args.output, job, args.overwrite)
+    except (OSError, ValueError, LookupError) as err:
+        print(f"cannot start: {err}", file=sys.stderr)
+        return 2
+    done = finished_ids(args.output)
+    stats.skipped = sum(r.id in done for r in records)
+    writer = Writer(args.output)
+    try:
+        for bad in (r for r in records if isinstance(r, BadLine) and r.id not in done):
+            stats.write(writer, bad.record(), tqdm(disable=True), error=True)
+        todo = [r for r in records if isinstance(r, Record) and r.id not in done]
+        if args.server:
+            from logitfuse.batch.server import run_remote
+
+            stats.started()
+            run_remote(args, todo, writer, stats)
+        elif todo:
+            run_local(args, lf, todo, writer, stats)
+    finally:
+        writer.close()
+    print(stats.summary(), file=sys.stderr)
+    return 0

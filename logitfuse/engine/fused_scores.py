@@ -1,0 +1,100 @@
+"""From the models' logits to fused scores for a group of rows: gather, align vocabularies, dispatch.
+
+The math is in fusion.py and weights.py, each method's use of it in logitfuse/methods/; this module only
+gathers each row's logits from the models' batched slots, applies the ensemble's vocabulary alignment and
+hands the rows to the plan's method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from logitfuse import methods
+from logitfuse.backends.base import CausalLM, RewardModel
+from logitfuse.engine.request import GenerationRequest, PromptScores, TopLogprob
+from logitfuse.engine.stopping import token_piece
+from logitfuse.errors import InvalidRequest, VocabMismatchError
+from logitfuse.methods.base import Step
+from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops.vocab import Alignment, align
+
+
+class Fuser:
+    def __init__(self, get_backend: Callable[[str], CausalLM], get_reward: Callable[[str], RewardModel] | None,
+                 solver_threads: int | None = None) -> None:
+        self.get_backend = get_backend
+        self.get_reward = get_reward
+        self.solver_threads = solver_threads  # torch intra-op threads for the DLF weight search (None: as is)
+        self._alignments: dict[tuple[str, ...], Alignment] = {}
+
+    def alignment(self, plan: FusionPlan) -> Alignment:
+        """The shared vocabulary of the plan's models, checked once per set of models."""
+        cross = plan.cross_models()
+        key = (plan.models(), cross)
+        if key not in self._alignments:
+            info = lambda n, texts=False: self.get_backend(n).vocab_info(with_texts=texts)  # noqa: E731
+            try:
+                same = [info(plan.base, bool(cross))] + [info(n) for n in plan.models()[1:] if n not in cross]
+                pairs = [(info(e.tuned, True), info(e.untuned, True)) for e in plan.experts if e.cross]
+                self._alignments[key] = align(same, pairs)
+            except VocabMismatchError as err:
+                raise InvalidRequest(str(err), "model") from None
+        return self._alignments[key]
+
+    def fuse(self, seqs: list, slots: dict) -> tuple[torch.Tensor, list | None]:
+        """Fused scores (b, V) for rows sharing one plan group, and per-row diagnostics."""
+        rids = [s.req.rid for s in seqs]
+
+        def rows_of(name: str) -> torch.Tensor:
+            slot = slots[name]
+            where = slot.index()
+            idx = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
+            return slot.logits.index_select(0, idx)
+
+        return self.combine([s.req.plan for s in seqs], rows_of, seqs, slots)
+
+    def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor], seqs: list | None = None,
+                slots: dict | None = None) -> tuple[torch.Tensor, list | None]:
+        """The plans' method (one group) on their rows; rows_of(model) -> (b, V). seqs/slots: on a decode step."""
+        plan = plans[0]
+        al = self.alignment(plan)
+        base = al.apply(rows_of(plan.base)).float()  # (b, V)
+
+        def experts() -> tuple[torch.Tensor, torch.Tensor]:
+            dev = base.device
+            tuned = torch.stack([al.apply(rows_of(e.tuned), e.tuned).to(dev).float() for e in plan.experts], 1)
+            untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
+            return tuned, untuned  # (b, T, V) each
+
+        step = Step(plans, base, experts, self.solver_threads, self.get_reward, seqs, slots)
+        return methods.get(plan.method).combine(step)
+
+
+def score_prompt(fuser: Fuser, req: GenerationRequest, logits: dict[str, torch.Tensor]) -> PromptScores:
+    """Fused log-probability of each prompt token given the tokens before it (first is None).
+
+    logits maps each model to its (L, V) logits over the prompt; position j predicts token j + 1.
+    """
+    ids = req.prompt_ids
+    n = len(ids)
+    plans = [req.plan] * (n - 1)
+    scores, _ = fuser.combine(plans, lambda name: logits[name][: n - 1]) if n > 1 else (None, None)
+    tok = fuser.get_backend(req.plan.base).tokenizer
+    top_n = req.sampling.logprobs or 0
+    lps: list[float | None] = [None]
+    tops: list[list[TopLogprob] | None] = [None]
+    if scores is not None:
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (L-1, V)
+        nxt = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)
+        lps += logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).tolist()
+        if top_n:
+            top = torch.topk(logp, min(top_n, logp.shape[-1]), dim=-1)
+            tops += [[TopLogprob(j, token_piece(tok, j), v) for j, v in zip(i_row, v_row)]
+                     for i_row, v_row in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops += [[] for _ in range(n - 1)]
+    # the first token as the text starts, the others as they continue it: the pieces join into the prompt text
+    pieces = [tok.decode([ids[0]])] + [token_piece(tok, i) for i in ids[1:]]
+    return PromptScores(req.rid, list(ids), pieces, lps, tops)

@@ -1,0 +1,67 @@
+"""The per-row failure path of a step: sampling a fused group's rows so that one row's fault ends that row.
+
+A row whose fused scores are not a distribution (a NaN, +inf, or no finite score) ends with an error event
+before sampling; if drawing the others' tokens still fails, each row is drawn alone and only the rows that
+fail end. The rows around a failing one get the tokens they would have got without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from logitfuse.engine.request import GenerationRequest, TokenEvent
+from logitfuse.ops.sampling import SamplingTensors, invalid_rows, sample, token_logprobs, top_logprobs
+
+
+def failed(req: GenerationRequest, err: Exception | str, generated: int = 0) -> TokenEvent:
+    """The error event that ends one request's sequence."""
+    msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    return TokenEvent(req.rid, None, "", finish_reason="error", error=msg, prompt_tokens=len(req.prompt_ids),
+                      completion_tokens=generated)
+
+
+def draw(seqs: list, scores: torch.Tensor) -> tuple[list[bool], list[int], list[float], list | None, list | None]:
+    """Each row's validity, token, its logprob, and the top-N ids and logprobs the rows ask for. scores (b, V).
+    A row that is not a distribution is drawn from zeros instead (its token is thrown away), so the check
+    travels to the host in the same copy as the tokens: one device sync per group and step."""
+    bad = invalid_rows(scores)  # (b,)
+    scores = torch.where(bad[:, None], torch.zeros_like(scores), scores)
+    sp = [s.req.sampling for s in seqs]
+    params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device,
+                                   [p.logit_bias for p in sp], scores.shape[-1])
+    tokens = sample(scores, params, [s.generator for s in seqs])
+    # the flags, tokens and logprobs reach the host in one copy: the stop checks need them, nothing else waits
+    host = torch.stack([bad.double(), tokens.double(), token_logprobs(scores, tokens).double()]).tolist()
+    n_top = max((p.logprobs or 0) for p in sp)
+    if not n_top:
+        return [b > 0 for b in host[0]], [int(t) for t in host[1]], host[2], None, None
+    top_ids, top_lp = top_logprobs(scores, n_top)
+    return [b > 0 for b in host[0]], [int(t) for t in host[1]], host[2], top_ids.tolist(), top_lp.tolist()
+
+
+def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer, events: list) -> list[str]:
+    """Sample and emit every row of a group; returns the ids of the sequences that finished (or failed)."""
+    try:
+        bad, token_ids, chosen, ids, lps = draw(seqs, scores)
+    except Exception as err:
+        if len(seqs) == 1:
+            events.append(failed(seqs[0].req, err, seqs[0].stopper.generated))
+            return [seqs[0].req.rid]
+        finished = []
+        for i, s in enumerate(seqs):  # one row's fault must not end the others: each row alone
+            finished += sample_rows([s], scores[i:i + 1], diags and [diags[i]], tokenizer, events)
+        return finished
+    finished = []
+    for i, (s, t) in enumerate(zip(seqs, token_ids)):
+        if bad[i]:
+            ev = failed(s.req, "fused scores are not a distribution (NaN, +inf or no finite score)",
+                        s.stopper.generated)
+        else:
+            try:
+                ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tokenizer, diags[i] if diags else None)
+            except Exception as err:
+                ev = failed(s.req, err, s.stopper.generated)
+        events.append(ev)
+        if ev.finish_reason:
+            finished.append(s.req.rid)
+    return finished

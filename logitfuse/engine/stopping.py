@@ -1,0 +1,99 @@
+"""Incremental detokenisation and stop conditions for one sequence.
+
+Text is produced with prefix offsets (decode a short window, emit what is new) so each token costs
+O(window), and text that could be the start of a stop string is held back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from logitfuse.backends.base import Tokenizer
+    from logitfuse.engine.request import GenerationRequest
+
+
+class StopChecker:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
+                 eos_token_id: int | None = None, max_tokens: int = 16, max_total: int | None = None,
+                 prompt_ids: list[int] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.stop_ids = set(stop_token_ids)
+        self.eos = eos_token_id
+        self.max_tokens = max_tokens
+        prompt_ids = prompt_ids or []
+        self.room = None if max_total is None else max_total - len(prompt_ids)  # tokens the context has left
+        # The window starts a few prompt tokens back so the first token keeps its leading space.
+        self.ids: list[int] = list(prompt_ids[-4:])
+        self.generated = 0
+        self.text = ""  # all text decoded so far (stop strings cut off once found)
+        self.sent = 0  # characters of self.text already emitted
+        self._prefix = 0  # token offsets of the decode window
+        self._read = len(self.ids)
+        self._hold = max((len(s) for s in stop), default=1) - 1
+
+    def _decode_new(self) -> str:
+        """Text that the newest token completes (empty while it is an unfinished multi-byte character)."""
+        dec = self.tokenizer.decode
+        before = dec(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = dec(self.ids[self._prefix:], skip_special_tokens=True)
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
+
+    def add(self, token_id: int) -> tuple[str, str | None]:
+        """Account for one generated token; return (text delta to emit, finish reason or None)."""
+        self.ids.append(token_id)
+        self.generated += 1
+        if token_id in self.stop_ids or (self.eos is not None and token_id == self.eos):
+            return self.flush(), "stop"
+        self.text += self._decode_new()
+        for s in self.stop:
+            cut = self.text.find(s, max(0, self.sent - len(s)))
+            if cut != -1:
+                self.text = self.text[:cut]
+                return self.flush(), "stop"
+        if self.generated >= self.max_tokens or (self.room is not None and self.generated >= self.room):
+            return self.flush(), "length"
+        safe = len(self.text) - self._hold if self.stop else len(self.text)
+        delta = self.text[self.sent:max(safe, self.sent)]
+        self.sent += len(delta)
+        return delta, None
+
+    @classmethod
+    def for_request(cls, req: GenerationRequest, tokenizer: Tokenizer, max_context: int) -> StopChecker:
+        """The stop conditions of a GenerationRequest, detokenising with the base model's tokenizer."""
+        sp = req.sampling
+        return cls(tokenizer, sp.stop, sp.stop_token_ids, None if sp.ignore_eos else tokenizer.eos_token_id,
+                   sp.max_tokens, max_context, req.prompt_ids)
+
+    def ids_generated(self) -> list[int]:
+        return self.ids[len(self.ids) - self.generated:] if self.generated else []
+
+    def flush(self) -> str:
+        """Everything not yet emitted (the sequence is ending)."""
+        delta = self.text[self.sent:]
+        self.sent = len(self.text)
+        return delta
+
+
+def token_piece(tokenizer: Tokenizer, token_id: int) -> str:
+    """The text a token adds after other text, its leading space kept (how OpenAI's logprobs name tokens,
+    so that a completion's tokens join into its text). A lone decode drops that space for tokenizers that
+    mark word starts (SentencePiece's "▁"), so the token is decoded after an anchor token and the anchor's
+    text removed."""
+    anchor = _anchor(tokenizer)
+    return tokenizer.decode([anchor, token_id])[len(tokenizer.decode([anchor])):]
+
+
+def _anchor(tokenizer: Tokenizer) -> int:
+    anchor = getattr(tokenizer, "_logitfuse_anchor", None)
+    if anchor is None:
+        anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+        with contextlib.suppress(AttributeError):  # remembered on the tokenizer where it takes attributes
+            tokenizer._logitfuse_anchor = anchor
+    return anchor
+

@@ -1,5 +1,0 @@
-import sys
-
-from logitfuse.family.train import main
-
-sys.exit(main())

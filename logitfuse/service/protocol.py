@@ -1,0 +1,242 @@
+"""Request schemas of the OpenAI-compatible API: fields in OpenAI's documented order, extensions marked.
+
+Each request converts itself into the engine's SamplingParams; range checks live there, once.
+Unknown top-level fields are ignored, as the OpenAI API does, and listed in the `X-Ignored-Fields` response
+header, except near-misses of a field of the endpoint (`fusoin`, `max_token`), which are a 400 naming both.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic_core import PydanticCustomError
+
+from logitfuse.config.field_names import ignored_fields
+from logitfuse.config.registry import FusionParams
+from logitfuse.engine.request import SamplingParams, logit_bias_pairs
+from logitfuse.errors import InvalidRequest
+
+# Fields of the OpenAI and vLLM APIs that this server does not read: tolerated, never taken for misspellings
+# (`min_tokens` is 0.8 from `max_tokens`, `top_logprobs` from `logprobs`).
+TOLERATED = frozenset("""
+    audio function_call functions metadata modalities parallel_tool_calls prediction prompt_cache_key
+    reasoning_effort safety_identifier service_tier store verbosity web_search_options
+    add_generation_prompt add_special_tokens allowed_token_ids bad_words chat_template chat_template_kwargs
+    continue_final_message documents guided_choice guided_decoding_backend guided_grammar guided_json
+    guided_regex include_stop_str_in_output length_penalty logits_processors min_tokens priority
+    prompt_logprobs repetition_penalty request_id skip_special_tokens spaces_between_special_tokens
+    structured_outputs truncate_prompt_tokens use_beam_search
+    best_of echo logprobs max_completion_tokens messages prompt response_format suffix tool_choice tools
+    top_logprobs
+""".split())
+
+
+def lone_surrogate(value: Any, path: str = "body") -> tuple[str, str] | None:
+    """(field path, code point) of the first string in a JSON value holding a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return path, f"U+{ord(value[err.start]):04X}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            key = str(k).encode("utf-8", "backslashreplace").decode("utf-8")  # a key may hold one itself
+            field = key if path == "body" else f"{path}.{key}"
+            if found := (lone_surrogate(k, field) if isinstance(k, str) else None) or lone_surrogate(v, field):
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if found := lone_surrogate(v, f"{path}[{i}]"):
+                return found
+    return None
+
+
+class _Body(BaseModel):
+    """A request body: every string must be valid Unicode (a lone surrogate escape such as JSON's backslash-u
+    D800 is not, and no tokenizer or response encoder takes it)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (found := lone_surrogate(data)) is not None:
+            raise PydanticCustomError("lone_surrogate", "{field}: holds a lone UTF-16 surrogate ({code}), which is "
+                                      "not valid Unicode", {"field": found[0], "code": found[1]})
+        return data
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    n: int = Field(default=1, ge=1, le=64)
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # -- extensions (vLLM) --
+    top_k: int | None = None
+    min_p: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (exact where strings collide)
+    # -- extensions (logitfuse) --
+    fusion: FusionParams | None = None
+    _ignored: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields(cls, data: Any, handler: Any) -> _Sampling:
+        """A near-miss of one of our fields is a 400 naming it; other unknown fields are kept to be reported."""
+        ignored = ignored_fields(data, list(cls.model_fields), TOLERATED)
+        out = handler(data)
+        out._ignored = ignored
+        return out
+
+    def ignored_fields(self) -> list[str]:
+        """The top-level fields of the request body that the server did not read."""
+        return self._ignored
+
+    def ignored_header(self) -> dict[str, str] | None:
+        """`X-Ignored-Fields: a, b` when fields were ignored (names escaped to ASCII, at most 1000 characters)."""
+        if not self._ignored:
+            return None
+        names = ", ".join(json.dumps(n)[1:-1] for n in self._ignored)
+        return {"X-Ignored-Fields": names[:1000]}
+
+    def _sampling(self, logprobs: int | None, prompt_logprobs: bool, max_tokens_default: int,
+                  max_logprobs: int) -> SamplingParams:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise InvalidRequest(f"{name} is not supported (only 0 or null)", name)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens_default if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias_pairs(self.logit_bias),
+        ).check(max_logprobs)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+            out = [p]
+        else:
+            out = list(p)
+        if not out or any(len(x) == 0 for x in out):
+            raise InvalidRequest("prompt must be a non-empty string or token list", "prompt")
+        return out
+
+    def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
+        if self.best_of not in (None, 1, self.n):
+            raise InvalidRequest("best_of is not supported (only null or equal to n)", "best_of")
+        if self.suffix:
+            raise InvalidRequest("suffix is not supported", "suffix")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens must be >= 1 unless echo is true", "max_tokens")
+        return self._sampling(self.logprobs, self.echo and self.logprobs is not None, 16, max_logprobs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts must be text (the models here read nothing else)."""
+        if isinstance(self.content, list):
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(f"content part of type {part.get('type')!r} is not supported: the models "
+                                         "served here read text only ({\"type\": \"text\", \"text\": ...})",
+                                         "messages")
+            return "".join(part["text"] for part in self.content)
+        return self.content or ""
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template reads them: role and text."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequest(f"response_format {self.response_format.get('type')!r} is not supported (no "
+                                 "constrained decoding); only {\"type\": \"text\"}", "response_format")
+        if self.tools and self.tool_choice != "none":
+            raise InvalidRequest("tools are not supported (no function calling); omit them or set tool_choice "
+                                 "to \"none\"", "tools")
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.max_tokens == 0:
+            raise InvalidRequest("max_tokens must be >= 1", "max_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= max_logprobs:
+            raise InvalidRequest(f"top_logprobs must be in [0, {max_logprobs}], got {self.top_logprobs}",
+                                 "top_logprobs")
+        n_top = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling(n_top, False, 16, max_logprobs)
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return message_dicts(self.messages)
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages, as the base model of `model` would read them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    def source(self) -> tuple[str | None, list[dict[str, str]] | None]:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages", "prompt")
+        if self.prompt is not None and not self.prompt:
+            raise InvalidRequest("prompt must be a non-empty string", "prompt")
+        if self.messages is not None and not self.messages:
+            raise InvalidRequest("messages must not be empty", "messages")
+        return self.prompt, message_dicts(self.messages) if self.messages else None
+
+
+class DetokenizeRequest(_Body):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    tokens: list[int]

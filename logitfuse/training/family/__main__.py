@@ -1,0 +1,5 @@
+import sys
+
+from logitfuse.training.family.train import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""Experts with another tokenizer (`cross_tokenizer: true`): scores mapped by token text, the expert
+following the generated text re-tokenized. Checked against a step-by-step recomputation from scratch."""
+
+import pytest
+import torch
+
+from logitfuse import SamplingParams
+from logitfuse.api import SpeculativeEFT
+from logitfuse.engine.core import Engine
+from logitfuse.errors import InvalidRequest
+from logitfuse.ops import fusion
+from logitfuse.ops.sampling import SamplingTensors, make_generator, sample
+from logitfuse.ops.vocab import VocabInfo, align, cross_map
+
+PROMPTS = ["the red city of the north", "one", "king queen river blue green", "two three four"]
+STEPS = 16
+
+
+def info(name, texts, special=None):
+    vocab = {f"raw{i}": i for i in range(len(texts))} | {t: texts.index(t) for t in (special or {}).values()}
+    return VocabInfo(name, vocab, special or {}, len(texts), texts)
+
+
+def test_cross_map_matches_unique_texts_and_special_tokens_by_role():
+    base = info("base", ["<s>", "a", " b", "c", "\ufffd", "\ufffd", "", "zz"], {"bos_token": "<s>"})
+    expert = info("exp", ["c", " b", "x", "a", "<bos>", "zz", "zz"], {"bos_token": "<bos>"})
+    assert cross_map(base, expert).tolist() == [4, 3, 1, 0, -1, -1, -1, -1]  # 'zz' is ambiguous over there
+    al = align([base], [(expert, info("exp-untuned", list(expert.texts), {"bos_token": "<bos>"}))])
+    z = torch.arange(7, dtype=torch.float32).unsqueeze(0) * 10  # expert logits 0, 10, ..., 60
+    assert al.apply(z, "exp").tolist() == [[40.0, 30.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def _reference(lf, prompt: str, method: str, sp: SamplingParams) -> list[int]:
+    """Fused decoding recomputed from scratch at every step with the tiny models (same sampling rule and
+    generator as the engine)."""
+    base, tuned, untuned = (lf.pool.get(n) for n in ("base-large", "foreign", "foreign-small"))
+    al = align([base.vocab_info(with_texts=True)], [(tuned.vocab_info(with_texts=True),
+                                                     untuned.vocab_info(with_texts=True))])
+    m = al.maps["foreign"]
+    base_ids, exp_ids = base.tokenizer(prompt).input_ids, tuned.tokenizer(prompt).input_ids
+    gen, params = make_generator(sp.seed), SamplingTensors.build([(sp.temperature, -1, 1.0, 0.0)])
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(sp.max_tokens):
+            tail = base_ids[-4:]
+            text = base.tokenizer.decode(tail + out)[len(base.tokenizer.decode(tail)):]
+            ids = exp_ids + tuned.tokenizer.encode(text, add_special_tokens=False)
+            z_b = base.prefill([base_ids + out])[1]
+            z_t, z_u = (torch.where(m >= 0, x.prefill([ids])[1][:, m.clamp(min=0)], 0.0) for x in (tuned, untuned))
+            if method == "proxy":
+                fused = fusion.proxy_tune(z_b, z_t.unsqueeze(1), z_u.unsqueeze(1), torch.tensor([[0.7]]))
+            else:
+                fused = fusion.eft(z_b, z_t.unsqueeze(1), z_u.unsqueeze(1), torch.ones(1), torch.tensor([[0.7]]))
+            out.append(int(sample(fused, params, [gen])[0]))
+    return out
+
+
+@pytest.mark.parametrize("method,param,temperature", [("proxy", "alpha", 0.0), ("eft", "beta", 0.0),
+                                                      ("proxy", "alpha", 1.0)])
+def test_cross_tokenizer_expert_equals_recomputation(lf, method, param, temperature, monkeypatch):
+    kinds = set()  # how the expert's re-tokenization moved: "one", "several" new tokens, or "forget"
+    advance = Engine._advance_retokenized
+
+    def spy(self, name, slot):
+        before = {r: list(self._seqs[r].cross_ids.get(name, [])) for r in slot.rows}
+        advance(self, name, slot)
+        for r in slot.rows:
+            if name in self._seqs[r].cross_ids:
+                now = self._seqs[r].cross_ids[name]
+                kinds.add("forget" if now[:len(before[r])] != before[r] else
+                          "one" if len(now) == len(before[r]) + 1 else "several")
+
+    monkeypatch.setattr(Engine, "_advance_retokenized", spy)
+    fusion_params = {"method": method, "experts": ["xa"], param: 0.7}
+    sps = [SamplingParams(max_tokens=STEPS, temperature=temperature, seed=i + 1, ignore_eos=True)
+           for i in range(len(PROMPTS))]
+    # a same-tokenizer request decodes in the same batch
+    reqs = [r for p, sp in zip(PROMPTS, sps) for r in lf.requests("proxy-a", p, sp, fusion_params)]
+    reqs += lf.requests("proxy-a", PROMPTS[0], sps[0], rid="plain")
+    got = {r.rid: [] for r in reqs}
+    for ev in lf.stream(reqs):
+        if ev.token_id is not None:
+            got[ev.rid].append(ev.token_id)
+    for r, p, sp in zip(reqs, PROMPTS, sps):
+        assert got[r.rid] == _reference(lf, p, method, sp), p
+    assert got["plain"] == lf.generate("proxy-a", [PROMPTS[0]], sps[0])[0].token_ids
+    assert kinds >= ({"one", "several", "forget"} if temperature else {"one", "several"})
+    ids = lf.pool.get("base-large").tokenizer(PROMPTS[1]).input_ids  # a token-id prompt means the same text
+    assert lf.generate("proxy-a", [ids], sps[1], fusion_params)[0].token_ids == got[reqs[1].rid]
+
+
+def test_cross_tokenizer_limits_are_clear(lf):
+    with pytest.raises(InvalidRequest, match="cross-tokenizer experts work with proxy and eft"):
+        lf.requests("dlf-ab", "one", None, {"experts": ["xa"]})
+    with pytest.raises(InvalidRequest, match="without speculative"):
+        lf.requests("proxy-a", "one", None, {"experts": ["xa"], "speculative": {"k": 2}})
+    with pytest.raises(InvalidRequest, match="sharing the base's tokenizer"):  # nor through the library wrapper
+        SpeculativeEFT(lf, k=2).generate(lf.requests("proxy-a", "one", None, {"experts": ["xa"]}))
+    with pytest.raises(InvalidRequest, match="cross_tokenizer: true"):  # a mismatch not declared stays an error
+        lf.engine.check(lf.requests("proxy-a", "one", None, {"experts": ["alien"]})[0])
