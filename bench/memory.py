@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def held(lf: LogitFuse) -> tuple[int, int, int]:
     """(bytes, cached positions, visible positions) over the engine's slots and speculative groups."""
-    states = lf.engine.kv_states()
+    states = lf.kv_states()
     total = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for st in states for k, v in st.layers)
     return total, sum(st.mask.numel() for st in states), int(sum(st.mask.sum() for st in states))
 
@@ -32,17 +32,16 @@ def run_until(lf: LogitFuse, model: str, n: int, tokens: int, fusion=None) -> tu
     """Decode n requests until one step before the end; return what the caches hold then."""
     sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     reqs = [r for p in prompts(n) for r in lf.requests(model, p, sp, fusion)]
-    engine = lf.engine
     for r in reqs:
-        engine.add(r)
+        lf.submit(r)
     done = 0
-    while engine.has_work():
-        done += sum(1 for ev in engine.step() if getattr(ev, "finish_reason", None))
-        if engine.stats().longest_generated >= tokens - 1:
+    while lf.has_work():
+        done += sum(1 for ev in lf.step() if getattr(ev, "finish_reason", None))
+        if lf.stats().longest_generated >= tokens - 1:
             break
     out = held(lf)
-    while engine.has_work():
-        engine.step()
+    while lf.has_work():
+        lf.step()
     return out
 
 
@@ -60,8 +59,8 @@ def main() -> None:
     base_bytes = None
     for label, model, fusion in METHODS:
         total, _, _ = run_until(lf, model, n, tokens, fusion)
-        plan = lf.registry.plan(model)
-        per_tok = {m: lf.pool.get(m).kv_bytes_per_token() for m in plan.models()}
+        plan = lf.plan(model)
+        per_tok = {m: lf.model(m).kv_bytes_per_token() for m in plan.models()}
         floor = sum(per_tok.values()) / per_tok[plan.base]
         base_bytes = base_bytes or total
         rows.append({"method": label, "bytes_per_seq": total / n, "x_base": total / base_bytes, "floor": floor})

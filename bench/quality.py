@@ -56,7 +56,7 @@ def normalise(text: str) -> str:
 
 def answer_logliks(lf: LogitFuse, model: str, fusion, rows: list[dict]) -> list[float]:
     """Sum of fused log-probs of each reference answer's tokens after its prompt, scored in one batch."""
-    tok = lf.pool.get(lf.registry.plan(model, fusion).base).tokenizer
+    tok = lf.model(lf.plan(model, fusion).base).tokenizer
     sp = SamplingParams(max_tokens=0, prompt_logprobs=True)
     reqs, starts = [], {}
     for i, r in enumerate(rows):
@@ -68,7 +68,7 @@ def answer_logliks(lf: LogitFuse, model: str, fusion, rows: list[dict]) -> list[
 
 
 def evaluate(lf: LogitFuse, model: str, fusion, rows: list[dict], tqstar_limit: int) -> dict:
-    if lf.registry.plan(model, fusion).method == "tqstar":
+    if lf.plan(model, fusion).method == "tqstar":
         rows = rows[:tqstar_limit]  # k rollouts per token: slow by nature
     sp = SamplingParams(max_tokens=8, temperature=0)
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def evaluate(lf: LogitFuse, model: str, fusion, rows: list[dict], tqstar_limit: 
     exact = sum(normalise(o.text) == normalise(r["answer"]) for o, r in zip(outs, rows))
     first = sum((normalise(o.text).split() or [""])[0] == normalise(r["answer"]).split()[0]
                 for o, r in zip(outs, rows))
-    lls = answer_logliks(lf, model, fusion, rows) if lf.registry.plan(model, fusion).method != "tqstar" else []
+    lls = answer_logliks(lf, model, fusion, rows) if lf.plan(model, fusion).method != "tqstar" else []
     return {"n": len(rows), "exact": exact / len(rows), "first_word": first / len(rows),
             "answer_loglik": sum(lls) / len(lls) if lls else None, "seconds": time.perf_counter() - t0,
             "examples": [{"prompt": r["prompt"], "answer": r["answer"], "output": o.text} for o, r in
@@ -167,14 +167,14 @@ def main() -> None:
         if not path.exists():
             continue
         rows = load_set(path, args.limit)
-        known = set(lf.registry.names())
+        known = set(lf.names())
         for suffix, subset in (("", [r for r in rows if not r.get("new_phrasing")]),
                                ("-new-phrasing", [r for r in rows if r.get("new_phrasing")])):
             results = {label: evaluate(lf, m, f, subset, args.tqstar_limit) for label, m, f in systems if m in known}
             print_table(name + suffix, results)
             report[name + suffix] = results
     path = Path(args.data) / "eval_describe.jsonl"
-    if path.exists() and "large-desc" in lf.registry.names():
+    if path.exists() and "large-desc" in lf.names():
         rows = load_set(path, args.limit)
         report["describe"] = {label: evaluate_describe(lf, m, f, rows) for label, m, f in DESCRIBE}
         print(f"\n## describe  (n = {len(rows)}, five sentences each)")

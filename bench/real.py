@@ -25,6 +25,7 @@ from statistics import median
 import torch
 
 from logitfuse import LogitFuse, SamplingParams
+from logitfuse.methods import dlf
 from logitfuse.ops import fusion
 from logitfuse.ops.weights import make_grid, solve_dlf
 from logitfuse.training.real.qa import exact_match, knows, read_jsonl
@@ -127,18 +128,18 @@ def step_split(lf: LogitFuse, questions: list, rows_n: int) -> dict:
 
 
 def _split(lf: LogitFuse, fused: str, questions: list, rows_n: int) -> dict:
-    plan = lf.registry.plan(fused)
-    al = lf.engine.alignment(plan)
+    plan = lf.plan(fused)
+    al = lf.alignment(plan)
     sp = SamplingParams(max_tokens=1, temperature=0)
     reqs = [lf.requests(fused, messages=messages(q), sampling=sp)[0] for q in questions[:rows_n]]
     parts, logits, states = {}, {}, {}
     for name in plan.models():
-        states[name], logits[name] = lf.pool.get(name).prefill([r.prompts[name] for r in reqs])
+        states[name], logits[name] = lf.model(name).prefill([r.prompts[name] for r in reqs])
     groups: dict = {}  # as the engine advances them: views of one adapter host in one forward
     for name in plan.models():
-        groups.setdefault(getattr(lf.pool.get(name), "shared_forward", None) or name, []).append(name)
+        groups.setdefault(getattr(lf.model(name), "shared_forward", None) or name, []).append(name)
     for names in groups.values():
-        work = [(lf.pool.get(n), states[n], logits[n].argmax(-1, keepdim=True)) for n in names]
+        work = [(lf.model(n), states[n], logits[n].argmax(-1, keepdim=True)) for n in names]
         if len(work) == 1:
             step = lambda w=work[0]: w[0].decode(w[1], w[2])  # noqa: E731
         else:
@@ -151,11 +152,12 @@ def _split(lf: LogitFuse, fused: str, questions: list, rows_n: int) -> dict:
     base, tuned, untuned = aligned[plan.base], aligned[e.tuned][:, None], aligned[e.untuned][:, None]
     coef = torch.ones(rows_n, 1)
     parts["fusion (proxy)"] = ms(lambda: fusion.proxy_tune(base, tuned, untuned, coef))
-    grid = make_grid(0.0, 2.0, 0.1)
-    parts["DLF weight search"] = ms(lambda: solve_dlf(base, untuned[:, 0], tuned, grid))
-    parts[f"DLF search, support {SUPPORT}"] = ms(lambda: solve_dlf(base, untuned[:, 0], tuned, grid, support=SUPPORT))
-    exact = solve_dlf(base, untuned[:, 0], tuned, grid).weights
-    approx = solve_dlf(base, untuned[:, 0], tuned, grid, support=SUPPORT).weights
+    grid, mode = make_grid(*dlf.GRID), dlf.MODE
+    parts["DLF weight search"] = ms(lambda: solve_dlf(base, untuned[:, 0], tuned, grid, mode))
+    parts[f"DLF search, support {SUPPORT}"] = ms(
+        lambda: solve_dlf(base, untuned[:, 0], tuned, grid, mode, support=SUPPORT))
+    exact = solve_dlf(base, untuned[:, 0], tuned, grid, mode).weights
+    approx = solve_dlf(base, untuned[:, 0], tuned, grid, mode, support=SUPPORT).weights
     return {"vocab": al.width, "rows": rows_n, "ms": parts,
             "support_max_weight_error": float((exact - approx).abs().max())}
 

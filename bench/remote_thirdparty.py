@@ -76,7 +76,7 @@ def measure(kind: str, tokens: int, top: int) -> dict:
         bare, got = ours(lf, "big", tokens)
         fused, _ = ours(lf, "fused-remote", tokens)
         local, _ = ours(lf, "fused-local", tokens)
-        return {"server": kind, "capabilities": lf.pool.get("big").caps.summary(), "direct_tok_s": d,
+        return {"server": kind, "capabilities": lf.model("big").caps.summary(), "direct_tok_s": d,
                 "bare_tok_s": bare, "fused_remote_tok_s": fused, "fused_local_tok_s": local,
                 "bare_vs_direct": bare / d, "fused_remote_vs_local": fused / local,
                 "same_text": sum(a == b for a, b in zip(got, want)) / len(PROMPTS)}

@@ -55,17 +55,17 @@ def ours(lf: LogitFuse, model: str, fusion, n: int, tokens: int) -> dict:
 def naive(lf: LogitFuse, model: str, fusion, n: int, tokens: int) -> dict:
     from bench.naive import naive_generate
 
-    plan = lf.registry.plan(model, fusion)
-    hf = {name: lf.pool.get(name).model for name in plan.models()}
-    tok = lf.pool.get(plan.base).tokenizer
+    plan = lf.plan(model, fusion)
+    hf = {name: lf.model(name).model for name in plan.models()}
+    tok = lf.model(plan.base).tokenizer
     ids = [tok(p).input_ids for p in prompts(n)]
     dt, outs = timed(lambda: [naive_generate(hf, plan, p, tokens) for p in ids])
     return {"tok_s": sum(map(len, outs)) / dt, "ms_tok": 1000 * dt / (tokens * n), "seconds": dt}
 
 
 def param_floor(lf: LogitFuse, model: str) -> float:
-    plan = lf.registry.plan(model)
-    size = {n: sum(p.numel() for p in lf.pool.get(n).model.parameters()) for n in plan.models()}
+    plan = lf.plan(model)
+    size = {n: sum(p.numel() for p in lf.model(n).model.parameters()) for n in plan.models()}
     return sum(size.values()) / size[plan.base]
 
 
@@ -74,7 +74,7 @@ def table(lf: LogitFuse, concurrency: list[int], tokens: int, naive_n: int, repe
     method): ratios are taken within a round, between runs close in time, and the median over rounds is
     reported (single runs on a shared machine drift by tens of percent)."""
     rows = []
-    methods = [(label, model, fusion) for label, model, fusion in METHODS if model in lf.registry.names()]
+    methods = [(label, model, fusion) for label, model, fusion in METHODS if model in lf.names()]
     for c in concurrency:
         runs: dict[str, list[tuple[dict, dict]]] = {label: [] for label, _, _ in methods}
         for _ in range(repeats):
@@ -113,7 +113,7 @@ def spec_workloads(lf: LogitFuse, tokens: int) -> list[tuple[str, str, list[str]
     speculation is for) and the qa expert forced past its one-word answers (ignore_eos, 2 x --tokens)."""
     out = []
     data = ROOT / "models" / "data" / "eval_describe.jsonl"
-    if "large-desc" in lf.registry.names() and data.exists():
+    if "large-desc" in lf.names() and data.exists():
         from bench.quality import load_set
 
         rows = load_set(data, 8)
@@ -183,8 +183,8 @@ def compiled(lf: LogitFuse, tokens: int, concurrency: list[int]) -> list[dict]:
         return out
 
     eager = measure()
-    for name in dict.fromkeys(n for _, m in cases for n in lf.registry.plan(m).models()):
-        lf.pool.get(name).compile()
+    for name in dict.fromkeys(n for _, m in cases for n in lf.plan(m).models()):
+        lf.model(name).compile()
     t0 = time.perf_counter()
     comp = measure()
     rows = []
@@ -220,7 +220,7 @@ def main() -> None:
         lf = gpu_family()
     else:
         lf = LogitFuse(args.config)
-    report: dict = {"device": str(lf.pool.get(lf.registry.plan("large-qa").base).device), "tokens": args.tokens}
+    report: dict = {"device": str(lf.model(lf.plan("large-qa").base).device), "tokens": args.tokens}
     if "table" not in args.skip:
         print(f"{'method':14s} {'conc':>4s} {'tok/s':>9s} {'ms/tok':>8s} {'x naive':>8s} {'x base':>7s} {'floor':>6s}")
         report["table"] = table(lf, args.concurrency, args.tokens, args.naive_requests, args.repeats)

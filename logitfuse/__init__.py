@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from logitfuse.api import LogitFuse
-    from logitfuse.config.registry import FusionParams, Registry
-    from logitfuse.engine.output import Completion
+    from logitfuse.config.registry import Registry
+    from logitfuse.engine.output import CompletionOutput
     from logitfuse.engine.request import GenerationRequest, SamplingParams
+    from logitfuse.methods.params import FusionParams
 
-_HOMES = {"Completion": "logitfuse.engine.output", "FusionParams": "logitfuse.config.registry",
+_HOMES = {"CompletionOutput": "logitfuse.engine.output", "FusionParams": "logitfuse.methods.params",
           "GenerationRequest": "logitfuse.engine.request", "LogitFuse": "logitfuse.api",
           "Registry": "logitfuse.config.registry", "SamplingParams": "logitfuse.engine.request"}
-__all__ = ["Completion", "FusionParams", "GenerationRequest", "LogitFuse", "Registry", "SamplingParams"]
+__all__ = ["CompletionOutput", "FusionParams", "GenerationRequest", "LogitFuse", "Registry", "SamplingParams"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 

@@ -45,7 +45,7 @@ class EngineRunner:
                  name: str = "logitfuse-engine") -> None:
         self.lf = lf
         self.engine = engine or lf.engine
-        self.bound = bound or QueueBound(lf.registry.server.max_queue)
+        self.bound = bound or QueueBound(lf.settings.max_queue)
         self.bound.runners.append(self)
         self.threads, self.name = threads, name  # torch intra-op threads of the engine thread (None: lf's)
         self._running = 0  # sequences the engine was decoding after its last step (engine thread writes)
@@ -85,14 +85,14 @@ class EngineRunner:
         """
         pinned = [list(r.plan.models()) + list(r.plan.rewards()) for r in requests]
         for names in pinned:
-            self.lf.pool.acquire(names)
+            self.lf.pin(names)
         try:
             for r in requests:
                 self.engine.check(r)
             self._register(requests, pinned, sink)
         except BaseException:
             for names in pinned:
-                self.lf.pool.release(names)
+                self.lf.unpin(names)
             raise
         self._wake.set()
 
@@ -167,4 +167,4 @@ class EngineRunner:
         except Exception:
             log.exception("event sink failed for %s", ev.rid)
         if done:
-            self.lf.pool.release(names)
+            self.lf.unpin(names)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from logitfuse.backends.base import CausalLM, RewardModel
 
 if TYPE_CHECKING:
-    from logitfuse.config.registry import ModelSpec, RewardSpec
+    from logitfuse.config.specs import ModelSpec, RewardSpec
 
 Resolve = Callable[[str], str]  # a path in the registry file -> a path on disk (or a hub id, unchanged)
 

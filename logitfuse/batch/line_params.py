@@ -10,10 +10,10 @@ import math
 from pydantic import ValidationError
 
 from logitfuse.batch.records import BadLine, Record
-from logitfuse.config.field_names import error_path
-from logitfuse.config.registry import FusionParams
 from logitfuse.engine.request import SamplingParams, logit_bias_pairs
 from logitfuse.errors import InvalidRequest, UnknownName
+from logitfuse.methods.params import FusionParams
+from logitfuse.ops.field_names import error_path
 
 SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "logprobs")  # also command options
 INTS = ("max_tokens", "top_k", "seed", "logprobs", "n")

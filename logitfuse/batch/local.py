@@ -20,7 +20,7 @@ from logitfuse.batch import job_file as batch_job
 from logitfuse.batch import line_params as batch_lines
 from logitfuse.batch.records import BadLine, Record, Stats, Writer, finished_ids, line_params, read_input, result_record
 from logitfuse.config.registry import Registry
-from logitfuse.engine.output import Completion
+from logitfuse.engine.output import CompletionOutput
 from logitfuse.errors import InvalidRequest, UnknownName
 from logitfuse.methods.plan import FusionPlan
 
@@ -39,11 +39,11 @@ def local_source(args: argparse.Namespace) -> tuple[Registry, dict]:
 
 def build(lf, args: argparse.Namespace, rec: Record) -> list:
     params = line_params(batch_lines.sampling_defaults(args), rec, args.seed)
-    sp, n = batch_lines.sampling(params, lf.registry.server.max_logprobs)
+    sp, n = batch_lines.sampling(params, lf.settings.max_logprobs)
     fusion = batch_lines.fusion(args.fusion, rec)
     reqs = lf.requests(args.model, rec.prompt, sp, fusion, messages=rec.messages, n=n, rid=rec.id)
     for r in reqs:
-        lf.engine.check(r)
+        lf.check(r)
     return reqs
 
 
@@ -54,21 +54,18 @@ def open_local(args: argparse.Namespace, reg: Registry, stats: Stats):
 
     t0 = time.perf_counter()
     lf = LogitFuse(reg)
-    plan = reg.plan(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
-    for name in plan.models() + plan.rewards():
-        lf.pool.get(name)
-    lf.engine.alignment(plan)
+    lf.prepare(args.model, batch_lines.fusion(args.fusion, Record("", 0)))
     stats.load_s = time.perf_counter() - t0
     return lf
 
 
 def run_local(args: argparse.Namespace, lf, todo: list[Record], writer: Writer, stats: Stats) -> None:
     stats.started()
-    engine, pending = lf.engine, list(reversed(todo))
-    groups: dict[str, tuple[Record, list[Completion], FusionPlan]] = {}
-    owner: dict[str, tuple[str, Completion]] = {}  # engine request id -> (record id, its sequence)
+    pending = list(reversed(todo))
+    groups: dict[str, tuple[Record, list[CompletionOutput], FusionPlan]] = {}
+    owner: dict[str, tuple[str, CompletionOutput]] = {}  # engine request id -> (record id, its sequence)
     bar = tqdm(total=len(todo), desc="generate", unit="rec")
-    while pending or engine.has_work():
+    while pending or lf.has_work():
         while pending and len(owner) < args.batch_size:
             rec = pending.pop()
             try:
@@ -76,12 +73,12 @@ def run_local(args: argparse.Namespace, lf, todo: list[Record], writer: Writer, 
             except (InvalidRequest, UnknownName, ValueError) as err:
                 stats.write(writer, batch_lines.bad_line(rec.id, err).record(), bar, error=True)
                 continue
-            parts = [Completion(r.rid) for r in reqs]
+            parts = [CompletionOutput(r.rid) for r in reqs]
             groups[rec.id] = (rec, parts, reqs[0].plan)
             for r, part in zip(reqs, parts):
                 owner[r.rid] = (rec.id, part)
-                engine.add(r)
-        for ev in engine.step():
+                lf.submit(r)
+        for ev in lf.step():
             if ev.rid in owner:
                 _account(ev, groups, owner, writer, stats, args, bar)
     bar.close()

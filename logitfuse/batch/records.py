@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from logitfuse.engine.output import Completion
+from logitfuse.engine.output import CompletionOutput
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed",
                    "logprobs", "ignore_eos", "n", "logit_bias")
@@ -170,17 +170,17 @@ def line_params(defaults: dict, rec: Record, global_seed: int | None) -> dict:
     return params | ({"seed": seed} if seed is not None else {})
 
 
-def logprobs_record(c: Completion) -> dict:
+def logprobs_record(c: CompletionOutput) -> dict:
     """The chosen tokens' ids and fused logprobs, and per token the top-N as [token id, logprob] pairs."""
     return {"token_ids": c.token_ids, "token_logprobs": c.logprobs,
             "top_logprobs": [[[t.token_id, t.logprob] for t in (top or [])] for top in c.top_logprobs]}
 
 
-def result_record(rec_id: str, model: str, parts: list[Completion], want_logprobs: bool,
+def result_record(rec_id: str, model: str, parts: list[CompletionOutput], want_logprobs: bool,
                   diagnostics: dict | None = None) -> dict:
     """The output line of a finished prompt: one part flat, several (n > 1) as "choices"; `diagnostics`:
     the method's summary of the per-step diagnostics (methods.summarise), as the server reports it."""
-    def choice(c: Completion) -> dict:
+    def choice(c: CompletionOutput) -> dict:
         out = {"text": c.text, "finish_reason": c.reported_finish_reason}
         return out | ({"logprobs": logprobs_record(c)} if want_logprobs else {})
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from logitfuse.batch import line_params as batch_lines
 from logitfuse.batch.records import BadLine, Record, Writer, line_params, result_record
-from logitfuse.engine.output import Completion
+from logitfuse.engine.output import CompletionOutput
 from logitfuse.engine.request import TopLogprob
 from logitfuse.errors import InvalidRequest
 
@@ -66,9 +66,9 @@ def _token_id(name: str) -> int | None:
     return int(name[len(ID_PREFIX):]) if name.startswith(ID_PREFIX) else None
 
 
-def _part(c: dict, top_n: int | None) -> Completion:
+def _part(c: dict, top_n: int | None) -> CompletionOutput:
     """One response choice as the sequence a local job would have accumulated."""
-    part = Completion("", text=c["message"]["content"] if "message" in c else c["text"],
+    part = CompletionOutput("", text=c["message"]["content"] if "message" in c else c["text"],
                       finish_reason=c["finish_reason"])
     lp = c.get("logprobs") or {}
     if "content" in lp:  # chat: [{token, logprob, top_logprobs: [{token, logprob}]}]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from logitfuse.config.field_names import error_path
+from logitfuse.ops.field_names import error_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
 SECTIONS = ("models", "rewards", "experts", "ensembles")

@@ -1,7 +1,7 @@
 """One accumulator of engine events: a sequence's text, tokens, logprobs, counts, diagnostics and error.
 
 The library (`LogitFuse.generate`), the batch command and the HTTP service's response shapes all read
-finished sequences from a `Completion`, so a sequence means the same thing everywhere.
+finished sequences from a `CompletionOutput`, so a sequence means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from logitfuse.engine.request import PromptScores, TokenEvent, TopLogprob
 
 
 @dataclass
-class Completion:
+class CompletionOutput:
     rid: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -24,10 +24,6 @@ class Completion:
     prompt_scores: PromptScores | None = None
     diagnostics: list[dict] = field(default_factory=list)  # per generated token, when the method reports any
     error: str | None = None  # set when the sequence ended with finish_reason "error"
-
-    def add_token(self, token_id: int, text: str, logprob: float | None, finish_reason: str | None) -> None:
-        self.add(TokenEvent(self.rid, token_id, text, logprob, finish_reason=finish_reason,
-                            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens + 1))
 
     def add(self, ev: TokenEvent | PromptScores) -> None:
         if isinstance(ev, PromptScores):

@@ -20,10 +20,10 @@ from logitfuse.errors import InvalidRequest
 from logitfuse.methods.plan import ExpertRef, FusionPlan, SpecPlan
 
 if TYPE_CHECKING:
-    from logitfuse.config.registry import FusionParams
+    from logitfuse.methods.params import FusionParams
 
 # fusion coefficients: finite and within a range where scores stay finite in float16/32 arithmetic
-COEF = 100.0
+COEF_LIMIT = 100.0
 
 
 class Names(Protocol):
@@ -116,8 +116,8 @@ def expert_coefficients(given: PlanInput, method: str, scale_field: str) -> tupl
                              "fusion.weights")
     scale = getattr(p, scale_field)
     scale = 1.0 if scale is None else scale
-    if abs(scale) > COEF:
-        raise InvalidRequest(f"fusion.{scale_field} must be in [-{COEF:g}, {COEF:g}] for {method}, got {scale}",
+    if abs(scale) > (lim := COEF_LIMIT):
+        raise InvalidRequest(f"fusion.{scale_field} must be in [-{lim:g}, {lim:g}] for {method}, got {scale}",
                              f"fusion.{scale_field}")
     return tuple(scale * w for w in weights)
 

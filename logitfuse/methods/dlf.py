@@ -5,7 +5,7 @@ tuned experts' distributions (weights.solve_dlf), then `l_L + sum_i alpha_i(t) (
 from __future__ import annotations
 
 from logitfuse.errors import InvalidRequest
-from logitfuse.methods.base import COEF, FusionMethod, PlanInput, Scores, Step, intra_op_threads
+from logitfuse.methods.base import COEF_LIMIT, FusionMethod, PlanInput, Scores, Step, intra_op_threads
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.ops import fusion
 from logitfuse.ops.weights import make_grid, solve_dlf
@@ -23,10 +23,10 @@ class DynamicLogitFusion(FusionMethod):
     def plan(self, given: PlanInput) -> FusionPlan:
         if len({e.untuned for e in given.experts}) != 1:
             raise InvalidRequest("fusion.experts: dlf needs experts tuned from one untuned model", "fusion.experts")
-        grid = tuple(given.params.grid or GRID)
-        if not (grid[2] > 0 and -COEF <= grid[0] <= grid[1] <= COEF and (grid[1] - grid[0]) / grid[2] <= MAX_POINTS):
-            raise InvalidRequest(f"fusion.grid must be [start, stop, step] with -{COEF:g} <= start <= stop <= "
-                                 f"{COEF:g}, step > 0 and at most {MAX_POINTS} points, got {list(grid)}", "fusion.grid")
+        grid, lim = tuple(given.params.grid or GRID), COEF_LIMIT
+        if not (grid[2] > 0 and -lim <= grid[0] <= grid[1] <= lim and (grid[1] - grid[0]) / grid[2] <= MAX_POINTS):
+            raise InvalidRequest(f"fusion.grid must be [start, stop, step] with -{lim:g} <= start <= stop <= "
+                                 f"{lim:g}, step > 0 and at most {MAX_POINTS} points, got {list(grid)}", "fusion.grid")
         return FusionPlan(self.name, given.base, given.experts, grid=grid, mode=given.params.mode or MODE,
                           ensemble=given.ensemble, support=given.params.support)
 

@@ -20,14 +20,16 @@ class ExpertRef:
 
 @dataclass(frozen=True)
 class TQStarPlan:
+    """Transfer Q*'s resolved parameters (their defaults live in methods/tqstar.py)."""
+
     baseline: str
     reward: str
-    baseline_reward: str | None = None  # set: indirect transfer
-    top_k: int = 10
-    alpha: float = 1.0
-    rollouts: int = 1
-    rollout_tokens: int = 20
-    beta: float = 2.0  # temperature of the indirect importance weight
+    baseline_reward: str | None  # set: indirect transfer
+    top_k: int
+    alpha: float
+    rollouts: int
+    rollout_tokens: int
+    beta: float  # temperature of the indirect importance weight
 
     @property
     def work(self) -> int:
@@ -40,9 +42,9 @@ class SpecPlan:
     """Speculative decoding of a one-expert proxy/EFT plan: the tuned expert drafts up to k tokens per round,
     and stops early where its own top probability is below min_draft_prob; above max_batch rows it pauses."""
 
-    k: int = 4
-    min_draft_prob: float = 0.0
-    max_batch: int | None = None  # draft only while the group has at most this many rows (else plain steps)
+    k: int
+    min_draft_prob: float
+    max_batch: int | None  # draft only while the group has at most this many rows (else plain steps)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class FusionPlan:
     base: str
     experts: tuple[ExpertRef, ...] = ()
     coef: tuple[float, ...] = ()  # per expert: alpha * w_i (proxy) or beta * w_i (eft)
-    grid: tuple[float, float, float] = (0.0, 2.0, 0.1)  # dlf: start, stop, step
-    mode: str = "one_expert"  # dlf
+    grid: tuple[float, float, float] | None = None  # dlf: start, stop, step (its default: methods/dlf.py)
+    mode: str | None = None  # dlf: "one_expert" or "joint"
     support: int | None = None  # dlf: weights searched on the union of the models' top-k tokens (None: all)
     tqstar: TQStarPlan | None = None
     speculative: SpecPlan | None = None

@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 
 from logitfuse.errors import InvalidRequest
-from logitfuse.methods.base import COEF, FusionMethod, PlanInput, Scores, Step
+from logitfuse.methods.base import COEF_LIMIT, FusionMethod, PlanInput, Scores, Step
 from logitfuse.methods.plan import FusionPlan, TQStarPlan
 from logitfuse.ops import fusion
 from logitfuse.ops.sampling import SamplingTensors, sample
 
+# defaults of the request's fusion fields (the paper's settings scaled to a CPU)
 TOP_K, ALPHA, ROLLOUTS = 10, 1.0, 1
 ROLLOUT_TOKENS, ROLLOUT_TOKENS_INDIRECT = 20, 5
-
-
+BETA = 2.0  # temperature of the indirect importance weight (not a request field)
 MAX_ALPHA = 1e9  # beyond it the bonus Q / alpha is nothing already
 
 
@@ -38,13 +38,14 @@ class TransferQStar(FusionMethod):
         if p.baseline_reward:
             names.check_reward(p.baseline_reward, "fusion.baseline_reward")
         alpha = p.alpha if p.alpha is not None else ALPHA
-        if not 1 / COEF <= alpha <= MAX_ALPHA:  # Q / alpha finite, and alpha itself a float32
-            raise InvalidRequest(f"fusion.alpha must be in [{1 / COEF:g}, {MAX_ALPHA:g}] for tqstar, got {alpha}",
+        if not 1 / COEF_LIMIT <= alpha <= MAX_ALPHA:  # Q / alpha finite, and alpha itself a float32
+            raise InvalidRequest(f"fusion.alpha must be in [{1 / COEF_LIMIT:g}, {MAX_ALPHA:g}] for tqstar, got {alpha}",
                                  "fusion.alpha")
         tq = TQStarPlan(
             baseline=p.baseline, reward=p.reward, baseline_reward=p.baseline_reward, top_k=p.top_k or TOP_K,
             alpha=alpha, rollouts=p.rollouts or ROLLOUTS,
-            rollout_tokens=p.rollout_tokens or (ROLLOUT_TOKENS_INDIRECT if p.baseline_reward else ROLLOUT_TOKENS))
+            rollout_tokens=p.rollout_tokens or (ROLLOUT_TOKENS_INDIRECT if p.baseline_reward else ROLLOUT_TOKENS),
+            beta=BETA)
         return FusionPlan(self.name, given.base, tqstar=tq, ensemble=given.ensemble)
 
     def work(self, plan: FusionPlan) -> int:

@@ -15,7 +15,7 @@ import torch
 from logitfuse.ops.fusion import steer
 
 
-def make_grid(start: float = 0.0, stop: float = 2.0, step: float = 0.1) -> torch.Tensor:
+def make_grid(start: float, stop: float, step: float) -> torch.Tensor:
     """Grid points start, start+step, ..., stop built as start + k*step (no accumulated float drift)."""
     n = int(round((stop - start) / step))
     return torch.tensor([round(start + k * step, 10) for k in range(n + 1)], dtype=torch.float64)
@@ -122,8 +122,8 @@ def solve_dlf(
     z_large: torch.Tensor,
     z_small: torch.Tensor,
     z_tuned: torch.Tensor,
-    grid: torch.Tensor | None = None,
-    mode: str = "one_expert",
+    grid: torch.Tensor,
+    mode: str,
     support: int | None = None,
 ) -> DLFResult:
     """DLF weights per row. z_large (B, V), z_small (B, V), z_tuned (B, T, V); grid (G,).
@@ -135,7 +135,7 @@ def solve_dlf(
     support: solve on the union of the models' top-`support` tokens plus one rest token (reduce_support),
     O(V) once plus O(G * support) per row instead of O(G * V); tests/ops/test_weights.py states the error.
     """
-    grid = (make_grid() if grid is None else grid).to(z_large.device, z_large.dtype)
+    grid = grid.to(z_large.device, z_large.dtype)
     b, t, _ = z_tuned.shape
     g = grid.numel()
     if mode not in ("one_expert", "joint"):

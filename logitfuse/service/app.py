@@ -28,45 +28,21 @@ from logitfuse.service.serving import Serving
 log = logging.getLogger("logitfuse.service")
 
 
-def preload(lf: LogitFuse) -> dict[str, str]:
-    """Load every ensemble's models and check each ensemble's shared vocabulary once, at start-up.
-    Returns the ensembles that failed (a checkpoint that does not load, vocabularies that do not match)
-    with the reason, all of them rather than the first."""
-    from logitfuse.config.startup import vocab_problems
-
-    failed = vocab_problems(lf.registry)
-    if failed and lf.registry.server.on_bad_entry == "refuse":
-        return failed  # found from the tokenizers alone: stop before loading any weights
-    for name in lf.registry.ensembles:
-        if f"ensembles.{name}" in failed:
-            continue
-        try:
-            plan = lf.registry.plan(name)
-            for m in plan.models() + plan.rewards():
-                lf.pool.get(m)
-            lf.engine.alignment(plan)
-        except Exception as err:  # every failure is reported, with its entry
-            failed[f"ensembles.{name}"] = f"ensembles.{name}: {err}"
-    return failed
-
-
 def settle(lf: LogitFuse, failed: dict[str, str]) -> None:
     """Under server.on_bad_entry: skip, serve without the ensembles that failed to load (listed in
     /health); under refuse, stop with all of them."""
     if not failed:
         return
-    if lf.registry.server.on_bad_entry == "refuse":
+    if lf.settings.on_bad_entry == "refuse":
         raise ValueError(f"{len(failed)} ensemble(s) failed to load:\n  " + "\n  ".join(failed.values()))
     log.warning("serving without %s", "; ".join(failed.values()))
-    reg = lf.registry
-    keep = {n: e for n, e in reg.ensembles.items() if f"ensembles.{n}" not in failed}
-    lf.registry = lf.pool.registry = reg.model_copy(update={"ensembles": keep, "skipped": reg.skipped | failed})
+    lf.skip(failed)
 
 
 def runners(lf: LogitFuse) -> tuple[EngineRunner, EngineRunner | None]:
     """The main engine thread and, with server.rollout_lane, a second one for rows of a method with rollouts
     (Transfer Q*: its own engine over the same pool, on half the CPU threads), sharing one max_queue bound."""
-    server = lf.registry.server
+    server = lf.settings
     bound = QueueBound(server.max_queue)
     main = EngineRunner(lf, bound=bound).start()
     if not server.rollout_lane:
@@ -84,17 +60,17 @@ def api_keys(flags: list[str] | None, environ: dict | None = None) -> list[str]:
 
 def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] | None = None) -> FastAPI:
     lf = source if isinstance(source, LogitFuse) else LogitFuse(source)
-    server = lf.registry.server
+    server = lf.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if lf.registry.server.preload and not getattr(app.state, "preloaded", False):
-            settle(lf, preload(lf))
+        if lf.settings.preload and not getattr(app.state, "preloaded", False):
+            settle(lf, lf.preload())
         lanes = runners(lf)
         app.state.serving = Serving(lf, *lanes)
-        log.info("serving %s", ", ".join(lf.registry.names()))
-        if lf.registry.skipped:
-            log.warning("left out (server.on_bad_entry: skip): %s", "; ".join(lf.registry.skipped.values()))
+        log.info("serving %s", ", ".join(lf.names()))
+        if skipped := lf.health()["skipped"]:
+            log.warning("left out (server.on_bad_entry: skip): %s", "; ".join(skipped.values()))
         try:
             yield
         finally:
@@ -118,14 +94,14 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str =
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         lf = LogitFuse(config)
-        if lf.registry.server.preload:  # before listening, so that a failure ends the process cleanly
-            settle(lf, preload(lf))
+        if lf.settings.preload:  # before listening, so that a failure ends the process cleanly
+            settle(lf, lf.preload())
     except (ValueError, FileNotFoundError) as err:
         log.error("cannot start: %s", err)
         return 2
     import uvicorn
 
-    server = lf.registry.server
+    server = lf.settings
     config = uvicorn_config(lf, host or server.host, port or server.port, log_level, api_keys(keys))
     config.app.state.preloaded = True
     uvicorn.Server(config).run()
@@ -136,7 +112,7 @@ def uvicorn_config(lf: LogitFuse, host: str, port: int, log_level: str, keys: li
     """uvicorn's settings from the registry's server section (our own access log line replaces uvicorn's)."""
     import uvicorn
 
-    server = lf.registry.server
+    server = lf.settings
     return uvicorn.Config(create_app(lf, keys), host=host, port=port, log_level=log_level, access_log=False,
                           limit_concurrency=server.max_connections, timeout_keep_alive=server.keep_alive_timeout,
                           http=header_timeout_protocol(server.header_timeout))

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from logitfuse.engine.output import Completion
+from logitfuse.engine.output import CompletionOutput
 from logitfuse.engine.request import PromptScores, TokenEvent
 from logitfuse.engine.stopping import token_piece
 
@@ -17,7 +17,7 @@ class Choice:
         self.tok = tokenizer
         self.first_of_prompt = first_of_prompt
         self.text = ""  # what the response shows: the echoed prompt, then the generated text
-        self.seq = Completion(str(index))  # the sequence itself, accumulated as everywhere else
+        self.seq = CompletionOutput(str(index))  # the sequence itself, accumulated as everywhere else
 
     @property
     def finish_reason(self) -> str | None:

@@ -37,8 +37,8 @@ def install(app: FastAPI, metrics: Metrics) -> None:
     async def _metrics(request: Request) -> Response:
         serving = request.app.state.serving
         metrics.sequences.set(serving.pending())
-        metrics.loaded.set(len(serving.lf.pool.loaded()))
-        stats = serving.lf.engine.stats()  # read without the engine's lock: a snapshot suffices
+        metrics.loaded.set(len(serving.lf.health()["loaded"]))
+        stats = serving.lf.stats()  # read without the engine's lock: a snapshot suffices
         metrics.drafted.set(stats.speculative.drafted)
         metrics.accepted.set(stats.speculative.accepted)
         metrics.kv_reserved.set(stats.kv_reserved)

@@ -13,10 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
-from logitfuse.config.field_names import ignored_fields
-from logitfuse.config.registry import FusionParams
 from logitfuse.engine.request import SamplingParams, logit_bias_pairs
 from logitfuse.errors import InvalidRequest
+from logitfuse.methods.params import FusionParams
+from logitfuse.ops.field_names import ignored_fields
 
 # Fields of the OpenAI and vLLM APIs that this server does not read: tolerated, never taken for misspellings
 # (`min_tokens` is 0.8 from `max_tokens`, `top_logprobs` from `logprobs`).

@@ -35,10 +35,7 @@ def load_group(config: str, names: list[str] | None) -> LogitFuse:
     lf = LogitFuse(reg.model_copy(update={"server": reg.server.model_copy(update={"preload": False})}))
     for name in names if names is not None else list(reg.ensembles):
         if preload:
-            plan = lf.registry.plan(name)
-            for m in plan.models() + plan.rewards():
-                lf.pool.get(m)
-            lf.engine.alignment(plan)
+            lf.prepare(name)
     return lf
 
 
@@ -53,7 +50,7 @@ class Engine:
 
     def loaded(self) -> list[str]:
         """The checkpoints this replica holds (for operators and tests)."""
-        return self.lf.pool.loaded()
+        return self.lf.health()["loaded"]
 
     async def forward(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                       body: bytes) -> AsyncIterator[dict | bytes]:

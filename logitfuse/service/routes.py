@@ -27,8 +27,7 @@ def serving(request: Request) -> Serving:
 
 @router.get("/health")
 async def health(request: Request) -> dict:
-    lf = serving(request).lf
-    return {"status": "ok", "loaded": lf.pool.loaded(), "skipped": lf.registry.skipped, "failed": lf.pool.failed()}
+    return {"status": "ok", **serving(request).lf.health()}
 
 
 @router.get("/v1/models")
@@ -50,14 +49,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     prompt, messages = body.source()
     req = (await asyncio.to_thread(sv.lf.requests, body.model, prompt, None, None, messages))[0]
     ids = req.prompt_ids
-    return {"count": len(ids), "max_model_len": sv.lf.pool.get(req.plan.base).max_context, "tokens": ids}
+    return {"count": len(ids), "max_model_len": sv.lf.model(req.plan.base).max_context, "tokens": ids}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     sv = serving(request)
-    base = sv.lf.registry.plan(body.model).base
-    backend = sv.lf.pool.get(base)
+    backend = sv.lf.model(sv.lf.plan(body.model).base)
     width = len(backend.tokenizer)
     if any(not 0 <= t < width for t in body.tokens):
         bad = next(t for t in body.tokens if not 0 <= t < width)
@@ -89,7 +87,7 @@ async def completions(body: CompletionRequest, request: Request):
     sp = body.to_sampling_params(sv.server.max_logprobs)
     prompts = body.prompts()
     reqs = await asyncio.to_thread(sv.build, body.model, prompts, sp, body.fusion, body.n, False)
-    tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
+    tok = sv.lf.model(reqs[0].plan.base).tokenizer
     firsts = _first_of_prompt(reqs, body.n)
 
     def make(i: int, r: GenerationRequest) -> CompletionChoice:
@@ -107,7 +105,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
     note(request, body)
     sp = body.to_sampling_params(sv.server.max_logprobs)
     reqs = await asyncio.to_thread(sv.build, body.model, [None], sp, body.fusion, body.n, True, body.message_dicts())
-    tok = sv.lf.pool.get(reqs[0].plan.base).tokenizer
+    tok = sv.lf.model(reqs[0].plan.base).tokenizer
     firsts = _first_of_prompt(reqs, body.n)
 
     def make(i: int, r: GenerationRequest) -> ChatChoice:

@@ -52,7 +52,7 @@ class Serving:
         self.lf = lf
         self.runner = runner
         self.rollout_lane = rollout_lane
-        self.server = lf.registry.server
+        self.server = lf.settings
         self.created = int(time.time())
 
     def runners(self) -> list[EngineRunner]:
@@ -63,14 +63,14 @@ class Serving:
         return sum(r.pending() for r in self.runners())
 
     def model(self, name: str) -> dict:
-        reg = self.lf.registry
-        if name not in reg.names():
-            raise APIError(404, f"model {name!r} not found; available: {', '.join(reg.names())}", "model")
-        method = reg.ensembles[name].method if name in reg.ensembles else methods.PLAIN
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "logitfuse", "method": method}
+        names = self.lf.names()
+        if name not in names:
+            raise APIError(404, f"model {name!r} not found; available: {', '.join(names)}", "model")
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "logitfuse",
+                "method": self.lf.method_of(name)}
 
     def models(self) -> dict:
-        return {"object": "list", "data": [self.model(n) for n in self.lf.registry.names()]}
+        return {"object": "list", "data": [self.model(n) for n in self.lf.names()]}
 
     def build(self, model: str, prompts: list, sampling: SamplingParams, fusion, n: int, chat: bool,
               messages: list | None = None) -> list[GenerationRequest]:

@@ -189,12 +189,10 @@ def test_bad_adapter_is_a_400_naming_the_expert_and_the_server_goes_on(configs, 
 
 
 def test_preloaded_bad_adapter_stops_start_up_naming_it(configs, tmp_path):
-    from logitfuse.service.app import preload
-
     text = configs["adapter"].read_text().replace("preload: false", "preload: true")
     text = text.replace("experts: [a], alpha", "experts: [corrupt], alpha")
     lf = LogitFuse(write(tmp_path, "bad", text))
-    failed = preload(lf)  # the server refuses to start with these (server.on_bad_entry: refuse)
+    failed = lf.preload()  # the server refuses to start with these (server.on_bad_entry: refuse)
     assert "expert 'corrupt'" in failed["ensembles.proxy-a"]
     assert "is corrupt or unreadable" in failed["ensembles.proxy-a"]
 

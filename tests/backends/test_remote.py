@@ -106,7 +106,7 @@ def test_retries_on_429_and_5xx_but_not_on_a_bad_request(family, monkeypatch):
     from transformers import AutoTokenizer
 
     from logitfuse.backends.remote.client import RemoteCausalLM
-    from logitfuse.config.registry import RemoteSpec
+    from logitfuse.config.specs import RemoteSpec
 
     monkeypatch.setattr("time.sleep", lambda s: None)
     answers, calls = [], []

@@ -10,7 +10,7 @@ from logitfuse.backends.base import token_texts
 from logitfuse.backends.hf import HFCausalLM
 from logitfuse.backends.remote.client import RemoteCausalLM, RemoteError
 from logitfuse.backends.remote.wire import first_difference, positions, tokenize_ids
-from logitfuse.config.registry import RemoteSpec
+from logitfuse.config.specs import RemoteSpec
 from logitfuse.errors import InvalidRequest
 from tests.fake_servers import FakeServer, serve
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from logitfuse import SamplingParams, methods
-from logitfuse.config.registry import EnsembleSpec, FusionParams
+from logitfuse.config.specs import EnsembleSpec
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.base import FusionMethod, Scores, Step
+from logitfuse.methods.params import FusionParams
 from logitfuse.ops import fusion
 
 ROOT = Path(__file__).parents[2]

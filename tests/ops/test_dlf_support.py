@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from logitfuse import SamplingParams
+from logitfuse.methods.dlf import GRID as DLF_GRID
 from logitfuse.ops.weights import _one_expert_loss, _targets, make_grid, reduce_support, solve_dlf
 
-GRID = make_grid()
+GRID = make_grid(*DLF_GRID)
 
 
 def lm_like(rows: int, vocab: int, gen, tail: float, head: int = 40) -> torch.Tensor:
@@ -51,8 +52,8 @@ def exact_loss_at(large, small, tuned, weights) -> torch.Tensor:
 def test_support_search_is_within_a_grid_step_of_exact_when_little_mass_lies_outside(tail):
     large, small, tuned = triple(tail)
     assert max(outside_mass(z, 256) for z in (large, small, tuned[:, 0])) < 4e-4
-    exact = solve_dlf(large, small, tuned, GRID)
-    reduced = solve_dlf(large, small, tuned, GRID, support=256)
+    exact = solve_dlf(large, small, tuned, GRID, "one_expert")
+    reduced = solve_dlf(large, small, tuned, GRID, "one_expert", support=256)
     diff = (exact.weights - reduced.weights).abs()
     assert float(diff.max()) <= 0.1 + 1e-6 and float((diff > 1e-6).float().mean()) <= 0.05
     regret = exact_loss_at(large, small, tuned, reduced.weights) - exact.loss  # >= 0 by definition
@@ -75,8 +76,8 @@ def test_reduced_scores_keep_each_models_mass_on_the_support_and_the_rest():
 
 def test_support_wider_than_the_vocabulary_is_the_exact_search():
     large, small, tuned = triple(-3.0, rows=6, vocab=500)
-    assert torch.equal(solve_dlf(large, small, tuned, GRID, support=500).weights,
-                       solve_dlf(large, small, tuned, GRID).weights)
+    assert torch.equal(solve_dlf(large, small, tuned, GRID, "one_expert", support=500).weights,
+                       solve_dlf(large, small, tuned, GRID, "one_expert").weights)
 
 
 def test_ensembles_take_support_per_request(lf):

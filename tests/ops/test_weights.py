@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from logitfuse.methods.dlf import GRID
 from logitfuse.ops.weights import make_grid, solve_dlf
 
 
@@ -45,7 +46,7 @@ def ref_one_expert(zl, zs, zt, grid):
 
 
 def test_grid_is_exact_tenths():
-    g = make_grid()
+    g = make_grid(*GRID)
     assert g.numel() == 21
     assert g.tolist() == [k / 10 for k in range(21)]
 
@@ -56,8 +57,8 @@ def test_one_expert_matches_brute_force(experts):
     b, v = 5, 40
     zl, zs = torch.randn(b, v, generator=gen) * 2, torch.randn(b, v, generator=gen) * 2
     zt = zs.unsqueeze(1) + torch.randn(b, experts, v, generator=gen)
-    res = solve_dlf(zl.double(), zs.double(), zt.double())
-    grid = make_grid().tolist()
+    res = solve_dlf(zl.double(), zs.double(), zt.double(), make_grid(*GRID), "one_expert")
+    grid = make_grid(*GRID).tolist()
     for row in range(b):
         want_a, want_loss = ref_one_expert(zl[row].numpy(), zs[row].numpy(), zt[row].numpy(), grid)
         np.testing.assert_allclose(res.weights[row].numpy(), want_a, atol=1e-12)
@@ -69,14 +70,14 @@ def test_equal_large_and_small_picks_one():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(3, 30, generator=gen)
     zt = (z + torch.randn(3, 30, generator=gen)).unsqueeze(1)
-    res = solve_dlf(z, z.clone(), zt)
+    res = solve_dlf(z, z.clone(), zt, make_grid(*GRID), "one_expert")
     assert res.weights.flatten().tolist() == [1.0, 1.0, 1.0]
 
 
 def test_expert_equal_to_untuned_picks_zero():
     gen = torch.Generator().manual_seed(1)
     zl, zs = torch.randn(2, 30, generator=gen), torch.randn(2, 30, generator=gen)
-    res = solve_dlf(zl, zs, zs.unsqueeze(1).repeat(1, 2, 1))
+    res = solve_dlf(zl, zs, zs.unsqueeze(1).repeat(1, 2, 1), make_grid(*GRID), "one_expert")
     assert res.weights.abs().sum().item() == 0.0
 
 
@@ -86,7 +87,7 @@ def test_loss_is_finite_and_nonnegative_with_masked_tail():
     zt = torch.randn(2, 2, 30, generator=gen)
     for z in (zl, zs, zt):
         z[..., -4:] = float("-inf")
-    res = solve_dlf(zl, zs, zt)
+    res = solve_dlf(zl, zs, zt, make_grid(*GRID), "one_expert")
     assert torch.isfinite(res.loss).all() and (res.loss >= 0).all()
     assert torch.isfinite(res.weights).all()
 
@@ -95,7 +96,8 @@ def test_joint_mode_is_no_worse_than_one_expert():
     gen = torch.Generator().manual_seed(3)
     zl, zs = torch.randn(4, 30, generator=gen).double(), torch.randn(4, 30, generator=gen).double()
     zt = zs.unsqueeze(1) + torch.randn(4, 2, 30, generator=gen).double()
-    one, joint = solve_dlf(zl, zs, zt), solve_dlf(zl, zs, zt, mode="joint")
+    grid = make_grid(*GRID)
+    one, joint = solve_dlf(zl, zs, zt, grid, "one_expert"), solve_dlf(zl, zs, zt, grid, "joint")
     for row in range(4):
         joint_loss = ref_loss(zl[row].numpy(), zs[row].numpy(), zt[row].numpy(), joint.weights[row].numpy())
         assert joint_loss == pytest.approx(joint.loss[row].item(), rel=1e-9)
@@ -105,4 +107,4 @@ def test_joint_mode_is_no_worse_than_one_expert():
 def test_unknown_mode_is_refused():
     z = torch.zeros(1, 5)
     with pytest.raises(ValueError, match="unknown DLF mode"):
-        solve_dlf(z, z, z.unsqueeze(1), mode="nope")
+        solve_dlf(z, z, z.unsqueeze(1), make_grid(*GRID), "nope")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Collection, Iterable
 
+from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
 CUTOFF = 0.8  # difflib ratio: 0.83 for fusoin/fusion, 0.93 for logprob/logprobs; 0.5 for store/stop
@@ -71,3 +72,15 @@ def ignored_fields(data: object, known: Collection[str], tolerated: Collection[s
         if key not in tolerated and near_miss(key, unset):
             raise unknown_field(key, unset, listing=False)
     return unknown
+
+
+class ClosedModel(BaseModel):
+    """A frozen schema whose unknown keys are errors naming the key, the field it resembles and every field
+    (registry entries, a request's `fusion` object)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: object) -> object:
+        return reject_unknown(data, list(cls.model_fields))

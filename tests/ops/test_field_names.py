@@ -5,8 +5,9 @@ config entry) are rejected with the known list."""
 import pytest
 from pydantic import ValidationError
 
-from logitfuse.config.field_names import near_miss
-from logitfuse.config.registry import FusionParams, Registry
+from logitfuse.config.registry import Registry
+from logitfuse.methods.params import FusionParams
+from logitfuse.ops.field_names import near_miss
 from logitfuse.service.protocol import ChatCompletionRequest, CompletionRequest
 
 COMPLETION = {"model": "proxy-a", "prompt": "the red city", "max_tokens": 2, "temperature": 0}
