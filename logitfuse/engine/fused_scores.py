@@ -14,6 +14,7 @@ import torch
 from logitfuse import methods
 from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.engine.request import GenerationRequest, PromptScores, TopLogprob
+from logitfuse.engine.rollouts import RowRollouts
 from logitfuse.engine.stopping import token_piece
 from logitfuse.errors import InvalidRequest, VocabMismatchError
 from logitfuse.methods.base import Step
@@ -53,11 +54,11 @@ class Fuser:
             idx = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
             return slot.logits.index_select(0, idx)
 
-        return self.combine([s.req.plan for s in seqs], rows_of, seqs, slots)
+        return self.combine([s.req.plan for s in seqs], rows_of, RowRollouts(seqs, slots))
 
-    def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor], seqs: list | None = None,
-                slots: dict | None = None) -> tuple[torch.Tensor, list | None]:
-        """The plans' method (one group) on their rows; rows_of(model) -> (b, V). seqs/slots: on a decode step."""
+    def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor],
+                rollouts: RowRollouts | None = None) -> tuple[torch.Tensor, list | None]:
+        """The plans' method (one group) on their rows; rows_of(model) -> (b, V). rollouts: on a decode step."""
         plan = plans[0]
         al = self.alignment(plan)
         base = al.apply(rows_of(plan.base)).float()  # (b, V)
@@ -68,7 +69,7 @@ class Fuser:
             untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
             return tuned, untuned  # (b, T, V) each
 
-        step = Step(plans, base, experts, self.solver_threads, self.get_reward, seqs, slots)
+        step = Step(plans, base, experts, self.solver_threads, self.get_reward, rollouts)
         return methods.get(plan.method).combine(step)
 
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
-from logitfuse.backends.base import RewardModel
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.plan import ExpertRef, FusionPlan, SpecPlan
 
@@ -48,22 +47,40 @@ class PlanInput:
     ensemble: str | None = None
 
 
+class Scorer(Protocol):
+    """A reward model as a method sees it: texts in, one score each."""
+
+    def score(self, texts: list[str]) -> torch.Tensor: ...
+
+
+class Rollouts(Protocol):
+    """What the engine lends a method that looks ahead, for the rows of one decode step (b rows)."""
+
+    def continue_rows(self, model: str, first: torch.Tensor, copies: int, steps: int) -> torch.Tensor:
+        """Each row repeated `copies` times in `model`, continued from first (b * copies,) by `steps` tokens
+        sampled at temperature 1 with the row's own generator: (b * copies, 1 + steps)."""
+        ...
+
+    def texts(self, model: str, branches: torch.Tensor, copies: int) -> list[str]:
+        """Each row's text so far in `model` followed by each of its branches (cut after eos)."""
+        ...
+
+
 @dataclass
 class Step:
     """One fusion call for b rows of one plan group, as the fuser hands it to a method.
 
     base is the base model's logits mapped to the shared vocabulary, (b, V) float32; `experts()` gives the
-    tuned and untuned logits (b, T, V) on the same vocabulary. seqs/slots are the engine's rows and batched
-    model states on a decode step, and None when scoring a prompt or fusing a speculative block.
+    tuned and untuned logits (b, T, V) on the same vocabulary. `rollouts` continues the rows in any model
+    on a decode step, and is None when scoring a prompt or fusing a speculative block.
     """
 
     plans: list[FusionPlan]
     base: torch.Tensor
     experts: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     solver_threads: int | None = None
-    get_reward: Callable[[str], RewardModel] | None = None
-    seqs: list | None = None
-    slots: dict | None = None
+    get_reward: Callable[[str], Scorer] | None = None
+    rollouts: Rollouts | None = None
 
     @property
     def plan(self) -> FusionPlan:

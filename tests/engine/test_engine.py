@@ -8,6 +8,7 @@ import torch
 
 from logitfuse import SamplingParams
 from logitfuse.errors import InvalidRequest
+from logitfuse.methods import dlf
 from logitfuse.ops import fusion
 from logitfuse.ops.weights import make_grid, solve_dlf
 
@@ -140,7 +141,7 @@ def test_padded_vocabulary_tail_is_aligned_and_masked(lf):
 def test_dlf_reports_weights_per_step(lf):
     out = lf.generate("dlf-ab", [PROMPTS[0]], SamplingParams(max_tokens=4, temperature=0))[0]
     assert len(out.diagnostics) == 4
-    grid = set(make_grid().tolist())
+    grid = set(make_grid(*dlf.GRID).tolist())
     for d in out.diagnostics:
         w = d["dlf_weights"]
         assert set(w) == {"a", "b"} and sum(v != 0 for v in w.values()) <= 1
