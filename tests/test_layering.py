@@ -1,98 +1,91 @@
-"""The layering, read from the source: the engine's state is its own, imports form no circles, and the
-service sits on the library (never the reverse)."""
+"""The layering, read from the source: import-linter's contracts (pyproject.toml) hold and catch a lower layer
+importing a higher one; nothing outside the engine touches engine state; front ends use the facade."""
 
 import ast
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
-PACKAGES = ("logitfuse",)
-FRONT_ENDS = {"logitfuse.cli", "logitfuse.service.ray_serve"}
+ENGINE = ROOT / "logitfuse" / "engine"
+FRONT_ENDS = [ROOT / "logitfuse" / "service", ROOT / "logitfuse" / "batch", ROOT / "bench"]
 
 
-def sources(*folders: str) -> dict[str, Path]:
-    """Module name -> file for every module under the folders."""
-    out = {}
-    for folder in folders:
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return out
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "lint-imports"
+    if not script.exists():
+        pytest.skip("import-linter is not installed (the dev extra)")
+    env = {"PATH": str(script.parent), "PYTHONPATH": str(cwd), "HOME": str(cwd)}
+    return subprocess.run([str(script), "--config", str(cwd / "pyproject.toml"), "--no-cache"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
-def engine_api() -> tuple[set[str], set[str]]:
-    """(public names of Engine: its methods, properties and plain attributes; its private fields)."""
-    tree = ast.parse((ROOT / "logitfuse" / "engine" / "core.py").read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
-    public = {n.name for n in cls.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
-    fields = {t.attr for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign))
-              for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-              if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
-    return public | {f for f in fields if not f.startswith("_")}, {f for f in fields if f.startswith("_")}
+def test_the_import_contracts_hold():
+    out = lint_imports(ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "4 kept, 0 broken" in out.stdout
+
+
+@pytest.mark.parametrize(("module", "line", "contract"), [
+    ("ops/fusion.py", "from logitfuse.engine import core", "layers, top to bottom BROKEN"),
+    ("batch/records.py", "import logitfuse.service.protocol", "layers, top to bottom BROKEN"),
+    ("service/formats.py", "from logitfuse.engine.sequence import Sequence",
+     "the engine's internals stay in the engine BROKEN"),
+])
+def test_a_broken_layer_fails_the_lint(tmp_path, module, line, contract):
+    """A copy of the package with one import that breaks a contract: lint-imports says so and exits non-zero."""
+    shutil.copytree(ROOT / "logitfuse", tmp_path / "logitfuse", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / "logitfuse" / module
+    text = target.read_text()
+    target.write_text(text.replace("from __future__ import annotations\n",
+                                   f"from __future__ import annotations\n\n{line}  # noqa\n", 1))
+    out = lint_imports(tmp_path)
+    assert out.returncode != 0 and contract in out.stdout, out.stdout + out.stderr
+
+
+def engine_fields() -> tuple[set[str], set[str]]:
+    """(the Engine's public API: methods, properties and public attributes; private fields of every class
+    of the engine package)."""
+    public, private = set(), set()
+    for path in ENGINE.glob("*.py"):
+        for cls in (n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)):
+            fields = {t.attr for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                      for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                      if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+            private |= {f for f in fields if f.startswith("_")}
+            if cls.name == "Engine" and path.name == "core.py":
+                public |= {n.name for n in cls.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+                public |= {f for f in fields if not f.startswith("_")}
+    return public, private
 
 
 def test_no_module_outside_the_engine_touches_its_state():
-    public, private = engine_api()
+    """Private fields of the engine's classes, on any receiver, and non-API names on anything called engine."""
+    public, private = engine_fields()
     assert {"add", "check", "abort", "step", "run", "fail_all", "stats", "alignment", "sample_rows"} <= public
     assert {"_seqs", "_slots", "_waiting", "_spec_groups", "_kv_reserved", "_fuser"} <= private
     bad = []
-    for folder in (*PACKAGES, "bench"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if path == ROOT / "logitfuse" / "engine" / "core.py":
-                continue
-            for n in ast.walk(ast.parse(path.read_text())):
-                if not isinstance(n, ast.Attribute):
-                    continue
-                on_engine = (isinstance(n.value, ast.Name) and n.value.id == "engine") or (
-                    isinstance(n.value, ast.Attribute) and n.value.attr == "engine")
-                if n.attr in private or (on_engine and n.attr not in public):
-                    bad.append(f"{path.relative_to(ROOT)}:{n.lineno} .{n.attr}")
-    assert not bad, bad
-
-
-def imports(path: Path, known: set[str]) -> set[str]:
-    """Library modules a module imports anywhere (functions included), except under TYPE_CHECKING."""
-    tree = ast.parse(path.read_text())
-    typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
-                   for b in n.body for x in ast.walk(b)}
-    out = set()
-    for n in ast.walk(tree):
-        if id(n) in typing_only:
+    for path in sorted([*(ROOT / "logitfuse").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]):
+        if ENGINE in path.parents:
             continue
-        if isinstance(n, ast.ImportFrom) and n.module:
-            out |= {f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in known else n.module for a in n.names}
-        elif isinstance(n, ast.Import):
-            out |= {a.name for a in n.names}
-    return out & known
-
-
-def circles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Every import circle (as the modules on it, from each start), by depth-first search."""
-    found = []
-    for start in graph:
-        stack = [(start, [start])]
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph[node]:
-                if nxt == start:
-                    found.append(path)
-                elif nxt not in path:
-                    stack.append((nxt, path + [nxt]))
-    return found
-
-
-def test_imports_form_no_circles():
-    mods = sources(*PACKAGES)
-    graph = {m: imports(p, set(mods)) - {m} for m, p in mods.items()}
-    assert graph["logitfuse.api"] >= {"logitfuse.engine.core"} and "logitfuse.api" in graph["logitfuse.runner"]
-    bad = circles(graph)
+        for n in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(n, ast.Attribute):
+                continue
+            receiver = ast.unparse(n.value)
+            if n.attr in private or (re.search(r"(^|\.|_)engine$", receiver) and n.attr not in public):
+                bad.append(f"{path.relative_to(ROOT)}:{n.lineno} {receiver}.{n.attr}")
     assert not bad, bad
-    # the scan finds a circle where there is one
-    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"], ["b", "c", "a"],
-                                                                            ["c", "a", "b"]]
 
 
-def test_the_library_never_imports_the_service():
-    """Only the front ends that start the server (the command line, the Ray Serve deployment) sit above both."""
-    mods = sources(*PACKAGES)
-    lib = [m for m in mods if not m.startswith("logitfuse.service") and m not in FRONT_ENDS]
-    assert not [(m, i) for m in lib for i in imports(mods[m], set(mods)) if i.startswith("logitfuse.service")]
+def test_front_ends_use_the_facade():
+    """The service, batch jobs, Ray Serve and the benchmarks never reach into the pool, engine or registry of
+    a LogitFuse (its public methods say what they need)."""
+    reach = re.compile(r"\b(lf|self\.lf|sv\.lf|serving\.lf)\.(pool|engine|registry)\b")
+    bad = [f"{p.relative_to(ROOT)}:{i}" for folder in FRONT_ENDS for p in sorted(folder.rglob("*.py"))
+           for i, line in enumerate(p.read_text().splitlines(), 1) if reach.search(line)]
+    assert not bad, bad

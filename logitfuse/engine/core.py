@@ -12,7 +12,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
@@ -20,28 +19,15 @@ from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.engine.admission import Admission
 from logitfuse.engine.fused_scores import Fuser, score_prompt
 from logitfuse.engine.request import GenerationRequest, PromptScores, TokenEvent
-from logitfuse.engine.retokenize import advance_ragged, retokenized_update
 from logitfuse.engine.row_sampling import failed as _failed
 from logitfuse.engine.row_sampling import sample_rows as sample_and_emit
 from logitfuse.engine.sequence import Sequence
+from logitfuse.engine.slots import ModelSlots
 from logitfuse.engine.speculative import SpecGroup, SpecStats
 from logitfuse.engine.stopping import StopChecker
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.ops.sampling import make_generator
 from logitfuse.ops.vocab import Alignment
-
-
-@dataclass
-class Slot:
-    """One model's batched state: rows[i] is the sequence id of row i; logits (B_m, V) at each row's end."""
-
-    backend: CausalLM
-    state: Any
-    rows: list[str]
-    logits: torch.Tensor
-
-    def index(self) -> dict[str, int]:
-        return {rid: i for i, rid in enumerate(self.rows)}
 
 
 @dataclass(frozen=True)
@@ -67,7 +53,7 @@ class Engine:
         self._admission = Admission(max_batch, kv_budget, self._kv_bytes)
         self._waiting: deque[GenerationRequest] = deque()
         self._seqs: dict[str, Sequence] = {}
-        self._slots: dict[str, Slot] = {}
+        self._slots = ModelSlots()
         self._spec_groups: dict[object, SpecGroup] = {}  # speculative rows keep their own KV states
         self._spec_stats = SpecStats()
         self._kv_reserved = 0  # what the running sequences may need at worst (kv_need), kept current
@@ -174,7 +160,7 @@ class Engine:
                 continue
             if key is None:
                 for name, backend, state, rids, logits in prefilled:
-                    self._join(name, backend, state, rids, logits)
+                    self._slots.join(name, backend, state, rids, logits)
             for r in reqs:
                 self._seqs[r.rid] = self._sequence(r)
                 if r.sampling.prompt_logprobs:
@@ -231,15 +217,6 @@ class Engine:
         seq = Sequence(r, stopper, make_generator(seed), make_generator(None if seed is None else seed + 1))
         seq.cross_ids = {name: [] for name in r.plan.cross_models()}
         return seq
-
-    def _join(self, name: str, backend: CausalLM, state: Any, rids: list[str], logits: torch.Tensor) -> None:
-        slot = self._slots.get(name)
-        if slot is None:
-            self._slots[name] = Slot(backend, state, rids, logits)
-            return
-        slot.state = backend.concat([slot.state, state])
-        slot.rows += rids
-        slot.logits = torch.cat([slot.logits, logits.to(slot.logits.device)], dim=0)
 
     def _reap_aborted(self, events: list) -> None:
         now = time.monotonic()
@@ -303,66 +280,15 @@ class Engine:
             group.drop(gone)
             if not group.rows:
                 del self._spec_groups[key]
-        for name in list(self._slots):
-            slot = self._slots[name]
-            keep = [i for i, r in enumerate(slot.rows) if r not in gone]
-            if len(keep) == len(slot.rows):
-                continue
-            if not keep:
-                del self._slots[name]
-                continue
-            slot.state = slot.backend.select(slot.state, keep)
-            slot.rows = [slot.rows[i] for i in keep]
-            slot.logits = slot.logits[keep]
+        self._slots.drop(gone)
 
     def _advance(self, events: list) -> None:
-        """Every model takes its rows' newly sampled tokens: one forward per model per step. A model whose
-        step fails (a remote endpoint down, out of memory) ends the sequences that use it, and only those."""
-        failed: list[str] = []
-        for names in self._forward_groups():
-            slots = [self._slots[n] for n in names]
-            try:
-                if any(names[0] in self._seqs[r].cross_ids for r in slots[0].rows):
-                    self._advance_retokenized(names[0], slots[0])
-                    continue
-                tokens = [torch.tensor([self._seqs[r].last_token for r in s.rows], dtype=torch.long).view(-1, 1)
-                          for s in slots]
-                if len(slots) == 1:
-                    slots[0].logits = slots[0].backend.decode(slots[0].state, tokens[0])[:, 0]
-                    continue
-                parts = [(s.backend, s.state, t) for s, t in zip(slots, tokens)]
-                for s, logits in zip(slots, slots[0].backend.decode_group(parts)):
-                    s.logits = logits[:, 0]
-            except Exception as err:
-                for name, slot in zip(names, slots):
-                    del self._slots[name]  # its state is now unusable; every row in it ends here
-                    for rid in slot.rows:
-                        s = self._seqs[rid]
-                        if not s.aborted:
-                            events.append(_failed(s.req, err, s.stopper.generated))
-                            s.aborted = "done"
-                    failed += slot.rows
-        self._drop(failed)
-
-    def _forward_groups(self) -> list[list[str]]:
-        """Slot names in groups that advance in one forward: backends sharing weights (`shared_forward`, e.g.
-        LoRA adapters over one untuned model) go together unless rows of theirs follow another tokenizer."""
-        groups: dict[object, list[str]] = {}
-        for name, slot in self._slots.items():
-            key = getattr(slot.backend, "shared_forward", None)
-            if key is None or any(name in self._seqs[r].cross_ids for r in slot.rows):
-                key = ("alone", name)
-            groups.setdefault(key, []).append(name)
-        return list(groups.values())
-
-
-    def _advance_retokenized(self, name: str, slot: Slot) -> None:
-        """A slot with rows of a cross-tokenizer model (see retokenize.py); other rows take their token."""
-        forget, new = [], []
-        for rid in slot.rows:
+        """Every model takes its rows' newly sampled tokens (slots.py); a model whose step fails ends the
+        sequences that use it, and only those."""
+        failed = self._slots.advance(self._seqs, self._get_backend)
+        for rid, err in failed:
             s = self._seqs[rid]
-            f, add = (retokenized_update(slot.backend.tokenizer, self._get_backend(s.req.plan.base).tokenizer, s, name)
-                      if name in s.cross_ids else (0, [s.last_token]))
-            forget.append(f)
-            new.append(add)
-        slot.logits = advance_ragged(slot.backend, slot.state, slot.logits, forget, new)
+            if not s.aborted:
+                events.append(_failed(s.req, err, s.stopper.generated))
+                s.aborted = "done"
+        self._drop([rid for rid, _ in failed])

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods import dlf, eft, none, proxy, tqstar
-from logitfuse.methods.base import COEF_LIMIT, FusionMethod, Names, PlanInput, Step
+from logitfuse.methods.base import FusionMethod, Names, PlanInput, Step
 from logitfuse.methods.plan import ExpertRef, FusionPlan, SpecPlan
 
 if TYPE_CHECKING:
     from logitfuse.methods.params import FusionParams
 
-__all__ = ["COEF_LIMIT", "DEFAULT", "NAMES", "PLAIN", "TABLE", "FusionMethod", "Step", "build_plan", "get",
+__all__ = ["DEFAULT", "NAMES", "PLAIN", "TABLE", "FusionMethod", "Step", "build_plan", "get",
            "speculation_fits", "speculation_rule", "summarise"]
 
 TABLE: dict[str, FusionMethod] = {m.name: m for m in (none.METHOD, proxy.METHOD, eft.METHOD, dlf.METHOD,

@@ -17,12 +17,11 @@ import torch
 
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.plan import ExpertRef, FusionPlan, SpecPlan
+from logitfuse.ops.fusion import COEF_LIMIT
 
 if TYPE_CHECKING:
     from logitfuse.methods.params import FusionParams
 
-# fusion coefficients: finite and within a range where scores stay finite in float16/32 arithmetic
-COEF_LIMIT = 100.0
 
 
 class Names(Protocol):

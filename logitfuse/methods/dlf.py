@@ -5,9 +5,10 @@ tuned experts' distributions (weights.solve_dlf), then `l_L + sum_i alpha_i(t) (
 from __future__ import annotations
 
 from logitfuse.errors import InvalidRequest
-from logitfuse.methods.base import COEF_LIMIT, FusionMethod, PlanInput, Scores, Step, intra_op_threads
+from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step, intra_op_threads
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.ops import fusion
+from logitfuse.ops.fusion import COEF_LIMIT
 from logitfuse.ops.weights import make_grid, solve_dlf
 
 GRID = (0.0, 2.0, 0.1)  # start, stop, step of the weight search

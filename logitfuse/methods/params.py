@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from logitfuse.methods import NAMES
-from logitfuse.methods.base import COEF_LIMIT
 from logitfuse.ops.field_names import ClosedModel
+from logitfuse.ops.fusion import COEF_LIMIT
 
 Method = Literal[NAMES]  # type: ignore[valid-type]  # the method table's names, in its order
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from logitfuse.errors import InvalidRequest
-from logitfuse.methods.base import COEF_LIMIT, FusionMethod, PlanInput, Scores, Step
+from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step
 from logitfuse.methods.plan import FusionPlan, TQStarPlan
 from logitfuse.ops import fusion
+from logitfuse.ops.fusion import COEF_LIMIT
 
 # defaults of the request's fusion fields (the paper's settings scaled to a CPU)
 TOP_K, ALPHA, ROLLOUTS = 10, 1.0, 1

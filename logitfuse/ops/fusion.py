@@ -11,6 +11,9 @@ import torch
 
 NEG_INF = float("-inf")
 
+# coefficients (alpha, beta, weights, the DLF grid) stay within +-COEF_LIMIT: scores stay finite in float16/32
+COEF_LIMIT = 100.0
+
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """Normalised log-probabilities over the last dimension; rows of all -inf stay -inf."""

@@ -6,7 +6,7 @@ import torch
 
 from logitfuse import SamplingParams
 from logitfuse.api import SpeculativeEFT
-from logitfuse.engine.core import Engine
+from logitfuse.engine.slots import ModelSlots
 from logitfuse.errors import InvalidRequest
 from logitfuse.ops import fusion
 from logitfuse.ops.sampling import SamplingTensors, make_generator, sample
@@ -59,18 +59,18 @@ def _reference(lf, prompt: str, method: str, sp: SamplingParams) -> list[int]:
                                                       ("proxy", "alpha", 1.0)])
 def test_cross_tokenizer_expert_equals_recomputation(lf, method, param, temperature, monkeypatch):
     kinds = set()  # how the expert's re-tokenization moved: "one", "several" new tokens, or "forget"
-    advance = Engine._advance_retokenized
+    advance = ModelSlots._advance_retokenized
 
-    def spy(self, name, slot):
-        before = {r: list(self._seqs[r].cross_ids.get(name, [])) for r in slot.rows}
-        advance(self, name, slot)
+    def spy(name, slot, seqs, get_backend):
+        before = {r: list(seqs[r].cross_ids.get(name, [])) for r in slot.rows}
+        advance(name, slot, seqs, get_backend)
         for r in slot.rows:
-            if name in self._seqs[r].cross_ids:
-                now = self._seqs[r].cross_ids[name]
+            if name in seqs[r].cross_ids:
+                now = seqs[r].cross_ids[name]
                 kinds.add("forget" if now[:len(before[r])] != before[r] else
                           "one" if len(now) == len(before[r]) + 1 else "several")
 
-    monkeypatch.setattr(Engine, "_advance_retokenized", spy)
+    monkeypatch.setattr(ModelSlots, "_advance_retokenized", staticmethod(spy))
     fusion_params = {"method": method, "experts": ["xa"], param: 0.7}
     sps = [SamplingParams(max_tokens=STEPS, temperature=temperature, seed=i + 1, ignore_eos=True)
            for i in range(len(PROMPTS))]

@@ -1,0 +1,109 @@
+"""Every model's batched KV state in the running batch: one Slot per model, holding the rows of all the
+sequences that use it, so that a model shared by several roles or requests runs once per step.
+
+Rows join after their prefill and leave when their sequence ends; each step every model takes its rows'
+new tokens in one forward, models sharing weights (LoRA adapters over one untuned model) in one forward
+together, and cross-tokenizer models their re-tokenized text (retokenize.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from logitfuse.backends.base import CausalLM
+from logitfuse.engine.retokenize import advance_ragged, retokenized_update
+from logitfuse.engine.sequence import Sequence
+
+
+@dataclass
+class Slot:
+    """One model's batched state: rows[i] is the sequence id of row i; logits (B_m, V) at each row's end."""
+
+    backend: CausalLM
+    state: Any
+    rows: list[str]
+    logits: torch.Tensor
+
+    def index(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.rows)}
+
+
+class ModelSlots(dict[str, Slot]):
+    """Model name -> its Slot."""
+
+    def join(self, name: str, backend: CausalLM, state: Any, rids: list[str], logits: torch.Tensor) -> None:
+        """Rows prefilled together join the model's batched state (or start it)."""
+        slot = self.get(name)
+        if slot is None:
+            self[name] = Slot(backend, state, rids, logits)
+            return
+        slot.state = backend.concat([slot.state, state])
+        slot.rows += rids
+        slot.logits = torch.cat([slot.logits, logits.to(slot.logits.device)], dim=0)
+
+    def drop(self, gone: set[str]) -> None:
+        """Rows of ended sequences leave every model's state."""
+        for name in list(self):
+            slot = self[name]
+            keep = [i for i, r in enumerate(slot.rows) if r not in gone]
+            if len(keep) == len(slot.rows):
+                continue
+            if not keep:
+                del self[name]
+                continue
+            slot.state = slot.backend.select(slot.state, keep)
+            slot.rows = [slot.rows[i] for i in keep]
+            slot.logits = slot.logits[keep]
+
+    def advance(self, seqs: dict[str, Sequence], get_backend: Callable[[str], CausalLM]
+                ) -> list[tuple[str, Exception]]:
+        """Every model takes its rows' last tokens: one forward per model (or per group of models sharing
+        weights). A model whose forward fails loses its state; its rows come back with the error."""
+        failed: list[tuple[str, Exception]] = []
+        for names in self._forward_groups(seqs):
+            slots = [self[n] for n in names]
+            try:
+                if any(names[0] in seqs[r].cross_ids for r in slots[0].rows):
+                    self._advance_retokenized(names[0], slots[0], seqs, get_backend)
+                    continue
+                tokens = [torch.tensor([seqs[r].last_token for r in s.rows], dtype=torch.long).view(-1, 1)
+                          for s in slots]
+                if len(slots) == 1:
+                    slots[0].logits = slots[0].backend.decode(slots[0].state, tokens[0])[:, 0]
+                    continue
+                parts = [(s.backend, s.state, t) for s, t in zip(slots, tokens)]
+                for s, logits in zip(slots, slots[0].backend.decode_group(parts)):
+                    s.logits = logits[:, 0]
+            except Exception as err:
+                for name, slot in zip(names, slots):
+                    del self[name]  # its state is now unusable; every row in it ends here
+                    failed += [(rid, err) for rid in slot.rows]
+        return failed
+
+    def _forward_groups(self, seqs: dict[str, Sequence]) -> list[list[str]]:
+        """Slot names in groups that advance in one forward: backends sharing weights (`shared_forward`, e.g.
+        LoRA adapters over one untuned model) go together unless rows of theirs follow another tokenizer."""
+        groups: dict[object, list[str]] = {}
+        for name, slot in self.items():
+            key = getattr(slot.backend, "shared_forward", None)
+            if key is None or any(name in seqs[r].cross_ids for r in slot.rows):
+                key = ("alone", name)
+            groups.setdefault(key, []).append(name)
+        return list(groups.values())
+
+    @staticmethod
+    def _advance_retokenized(name: str, slot: Slot, seqs: dict[str, Sequence],
+                             get_backend: Callable[[str], CausalLM]) -> None:
+        """A slot with rows of a cross-tokenizer model (see retokenize.py); other rows take their token."""
+        forget, new = [], []
+        for rid in slot.rows:
+            s = seqs[rid]
+            f, add = (retokenized_update(slot.backend.tokenizer, get_backend(s.req.plan.base).tokenizer, s, name)
+                      if name in s.cross_ids else (0, [s.last_token]))
+            forget.append(f)
+            new.append(add)
+        slot.logits = advance_ragged(slot.backend, slot.state, slot.logits, forget, new)
