@@ -39,7 +39,7 @@ def load_group(config: str, names: list[str] | None) -> LogitFuse:
     return lf
 
 
-class Engine:
+class ServedApp:
     """One engine: the service app over a LogitFuse that holds a group's models."""
 
     def _start(self, config: str, names: list[str] | None) -> None:
@@ -83,7 +83,7 @@ class Engine:
 
 
 @serve.ingress()
-class Replica(Engine):
+class Replica(ServedApp):
     """The HTTP entry itself (no groups): Serve runs the app and its lifespan."""
 
     def __init__(self, config: str) -> None:
@@ -93,7 +93,7 @@ class Replica(Engine):
         return self.app
 
 
-class GroupReplica(Engine):
+class GroupReplica(ServedApp):
     """A replica of one group, reached through the gateway: it runs the app's lifespan itself."""
 
     async def __init__(self, config: str, names: list[str]) -> None:
