@@ -165,12 +165,21 @@ class LogitFuse:
         sampling = (sampling or SamplingParams()).check(self._registry.server.max_logprobs)
         prompts = role_prompts({m: self._pool.get(m) for m in plan.models()}, prompt, messages, plan.base,
                                plan.cross_models())
+        if sampling.max_tokens is None:
+            sampling = replace(sampling, max_tokens=self._rest_of_window(plan, prompts))
         rid = rid or f"req-{next(self._ids)}"
         out = []
         for i in range(n):
             sp = sampling if sampling.seed is None or i == 0 else replace(sampling, seed=(sampling.seed + i) % 2**63)
             out.append(GenerationRequest(f"{rid}-{i}" if n > 1 else rid, plan, prompts, sp))
         return out
+
+    def _rest_of_window(self, plan: FusionPlan, prompts: dict[str, list[int]]) -> int:
+        """What a request without max_tokens may generate: the rest of the smallest context window among
+        its models (each counted in its own tokens), capped by server.max_tokens_default."""
+        room = min(self._pool.get(m).max_context - len(prompts[m]) for m in plan.models())
+        cap = self._registry.server.max_tokens_default
+        return max(1, min(room, cap) if cap else room)
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse (InvalidRequest) a request the engine could never run, before it is queued."""

@@ -6,7 +6,7 @@ start-up with the key named.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -37,6 +37,8 @@ class ModelSpec(ClosedModel):
     compile: bool = False  # torch.compile the forward pass (dynamic shapes); the first calls of each shape compile
     remote: RemoteSpec | None = None
     tokenizer: str | None = None  # remote models: a local folder or hub id holding the model's tokenizer
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # replaces the ids that end a sequence
+    # read from the model's tokenizer and generation_config.json (for families whose files are wrong)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -78,6 +80,8 @@ class ServerSpec(ClosedModel):
     max_batch: int = 64  # sequences decoded together
     max_queue: int = Field(default=1024, ge=1)  # waiting sequences (submitted, not yet decoding) before 429
     max_logprobs: int = 20
+    max_tokens_default: int | None = Field(default=None, ge=1)  # a request without max_tokens generates up to
+    # the rest of the context window (the smallest among its models), at most this many tokens (None: no cap)
     max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token
     api_keys: list[str] = []
     preload: bool = True  # load the models of every ensemble at start-up

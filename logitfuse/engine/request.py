@@ -14,7 +14,7 @@ from logitfuse.methods.plan import FusionPlan
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the rest of the context window (LogitFuse.requests resolves it)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 = off
@@ -30,7 +30,7 @@ class SamplingParams:
     def check(self, max_logprobs: int = 20) -> SamplingParams:
         """Raise InvalidRequest naming the first out-of-range field; return self."""
         checks = [
-            (self.max_tokens >= 0, "max_tokens", "must be >= 0", self.max_tokens),
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens", "must be >= 0", self.max_tokens),
             (self.temperature >= 0 and self.temperature <= 100, "temperature", "must be in [0, 100]",
              self.temperature),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p),

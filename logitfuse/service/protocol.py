@@ -116,14 +116,13 @@ class _Sampling(_Body):
         names = ", ".join(json.dumps(n)[1:-1] for n in self._ignored)
         return {"X-Ignored-Fields": names[:1000]}
 
-    def _sampling(self, logprobs: int | None, prompt_logprobs: bool, max_tokens_default: int,
-                  max_logprobs: int) -> SamplingParams:
+    def _sampling(self, logprobs: int | None, prompt_logprobs: bool, max_logprobs: int) -> SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 raise InvalidRequest(f"{name} is not supported (only 0 or null)", name)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=max_tokens_default if self.max_tokens is None else self.max_tokens,
+            max_tokens=self.max_tokens,  # None: the rest of the context window, as vLLM
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
@@ -158,7 +157,7 @@ class CompletionRequest(_Sampling):
             raise InvalidRequest("suffix is not supported", "suffix")
         if self.max_tokens == 0 and not self.echo:
             raise InvalidRequest("max_tokens must be >= 1 unless echo is true", "max_tokens")
-        return self._sampling(self.logprobs, self.echo and self.logprobs is not None, 16, max_logprobs)
+        return self._sampling(self.logprobs, self.echo and self.logprobs is not None, max_logprobs)
 
 
 class ChatMessage(BaseModel):
@@ -210,7 +209,7 @@ class ChatCompletionRequest(_Sampling):
             raise InvalidRequest(f"top_logprobs must be in [0, {max_logprobs}], got {self.top_logprobs}",
                                  "top_logprobs")
         n_top = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(n_top, False, 16, max_logprobs)
+        return self._sampling(n_top, False, max_logprobs)
 
     def message_dicts(self) -> list[dict[str, str]]:
         return message_dicts(self.messages)
