@@ -145,7 +145,6 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", metavar="N", type=int, default=5,
                    help="retries on 429/5xx/connection errors (server mode; default: %(default)s)")
     p.add_argument("--api-key", metavar="KEY", default=None, help="bearer token for the server (server mode)")
-    from logitfuse.batch.ray_job import add_args as ray_args
 
     ray_args(p)
 
@@ -224,3 +223,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def ray_args(p: argparse.ArgumentParser) -> None:
+    """generate's Ray options (defined here: building the parser must import neither ray nor pyarrow)."""
+    g = p.add_argument_group("Ray (--ray)")
+    g.add_argument("--ray", action="store_true", help="run the job on Ray Data (input/output may be URIs)")
+    g.add_argument("--num-workers", type=int, default=1, help="actors, each holding its own models")
+    g.add_argument("--ray-address", default=None, help="cluster to join (default: RAY_ADDRESS, else a local one)")
+    g.add_argument("--block-size", type=int, default=64, help="records per Ray task (one output part each)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray reserves per actor (default: 0)")

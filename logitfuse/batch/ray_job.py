@@ -34,16 +34,6 @@ from logitfuse.batch.ray_files import JobFiles, read_bytes, resolve
 from logitfuse.batch.records import BadLine, Record, Stats, read_input
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Ray (--ray)")
-    g.add_argument("--ray", action="store_true", help="run the job on Ray Data (input/output may be URIs)")
-    g.add_argument("--num-workers", type=int, default=1, help="actors, each holding its own models")
-    g.add_argument("--ray-address", default=None, help="cluster to join (default: RAY_ADDRESS, else a local one)")
-    g.add_argument("--block-size", type=int, default=64, help="records per Ray task (one output part each)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)")
-    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray reserves per actor (default: 0)")
-
-
 class Collect:
     """A Writer that keeps the records in memory (the actor commits them as one part)."""
 
