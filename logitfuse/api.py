@@ -10,6 +10,7 @@ reach into the pool, the engine or the registry: what they need of them is a met
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -32,6 +33,8 @@ from logitfuse.ops.vocab import Alignment
 from logitfuse.pool import ModelPool
 
 __all__ = ["CompletionOutput", "LogitFuse", "SpeculativeEFT"]
+
+log = logging.getLogger("logitfuse")
 
 
 class LogitFuse:
@@ -60,7 +63,8 @@ class LogitFuse:
         server = self._registry.server
         kv_budget = int(server.kv_budget_mb * 2**20) if server.kv_budget_mb else None
         return Engine(self._pool.get, self._pool.get, max_batch=server.max_batch,
-                      solver_threads=server.solver_threads, kv_budget=kv_budget)
+                      solver_threads=server.solver_threads, kv_budget=kv_budget,
+                      stop_override=lambda name: self._registry.model_spec(name).stop_token_ids)
 
     def apply_threads(self) -> None:
         """Set torch's intra-op threads for the calling thread (the setting is per thread)."""
@@ -98,7 +102,8 @@ class LogitFuse:
         plan = self.plan(model, fusion)
         for name in plan.models() + plan.rewards():
             self._pool.get(name)
-        self._engine.alignment(plan)
+        for note in self._engine.alignment(plan).notes:
+            log.info("%s: %s", model, note)
         return plan
 
     def alignment(self, plan: FusionPlan) -> Alignment:

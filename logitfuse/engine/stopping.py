@@ -7,21 +7,22 @@ O(window), and text that could be the start of a stop string is held back until 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from logitfuse.backends.base import Tokenizer
+    from logitfuse.backends.base import CausalLM, Tokenizer
     from logitfuse.engine.request import GenerationRequest
+    from logitfuse.methods.plan import FusionPlan
 
 
 class StopChecker:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
-                 eos_token_id: int | None = None, max_tokens: int = 16, max_total: int | None = None,
+                 eos_ids: frozenset[int] = frozenset(), max_tokens: int = 16, max_total: int | None = None,
                  prompt_ids: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
-        self.stop_ids = set(stop_token_ids)
-        self.eos = eos_token_id
+        self.stop_ids = set(stop_token_ids) | set(eos_ids)  # the request's ids and the plan's end ids
         self.max_tokens = max_tokens
         prompt_ids = prompt_ids or []
         self.room = None if max_total is None else max_total - len(prompt_ids)  # tokens the context has left
@@ -48,7 +49,7 @@ class StopChecker:
         """Account for one generated token; return (text delta to emit, finish reason or None)."""
         self.ids.append(token_id)
         self.generated += 1
-        if token_id in self.stop_ids or (self.eos is not None and token_id == self.eos):
+        if token_id in self.stop_ids:
             return self.flush(), "stop"
         self.text += self._decode_new()
         for s in self.stop:
@@ -64,10 +65,12 @@ class StopChecker:
         return delta, None
 
     @classmethod
-    def for_request(cls, req: GenerationRequest, tokenizer: Tokenizer, max_context: int) -> StopChecker:
-        """The stop conditions of a GenerationRequest, detokenising with the base model's tokenizer."""
+    def for_request(cls, req: GenerationRequest, tokenizer: Tokenizer, max_context: int,
+                    eos_ids: frozenset[int] = frozenset()) -> StopChecker:
+        """The stop conditions of a GenerationRequest, detokenising with the base model's tokenizer; eos_ids
+        are the plan's end ids (plan_stop_ids), left out under ignore_eos."""
         sp = req.sampling
-        return cls(tokenizer, sp.stop, sp.stop_token_ids, None if sp.ignore_eos else tokenizer.eos_token_id,
+        return cls(tokenizer, sp.stop, sp.stop_token_ids, frozenset() if sp.ignore_eos else eos_ids,
                    sp.max_tokens, max_context, req.prompt_ids)
 
     def ids_generated(self) -> list[int]:
@@ -78,6 +81,27 @@ class StopChecker:
         delta = self.text[self.sent:]
         self.sent = len(self.text)
         return delta
+
+
+def plan_stop_ids(plan: FusionPlan, get_backend: Callable[[str], CausalLM],
+                  own: Callable[[str], frozenset[int]]) -> frozenset[int]:
+    """The ids that end a fused sequence, in the base's vocabulary: the base's own end ids and those of every
+    tuned expert (a base and its instruct sibling name different ones: `<|endoftext|>` vs `<|im_end|>`).
+    An expert sharing the base's vocabulary keeps its ids; a cross-tokenizer expert's are mapped by token
+    text, and skipped where the base has no such token. own(model) -> that model's end ids."""
+    base = get_backend(plan.base).tokenizer
+    ids = set(own(plan.base))
+    for e in plan.experts:
+        theirs = own(e.tuned)
+        if not e.cross:
+            ids |= {i for i in theirs if i < len(base)}
+            continue
+        texts = get_backend(e.tuned).tokenizer.convert_ids_to_tokens(sorted(theirs))
+        for text in texts:
+            i = base.convert_tokens_to_ids(text) if text is not None else None
+            if i is not None and i != base.unk_token_id and base.convert_ids_to_tokens(i) == text:
+                ids.add(i)
+    return frozenset(ids)
 
 
 def token_piece(tokenizer: Tokenizer, token_id: int) -> str:

@@ -39,6 +39,7 @@ class Alignment:
     shared: int
     width: int
     maps: Mapping[str, torch.Tensor] = field(default_factory=dict)  # model -> (width,) its ids, -1: none
+    notes: tuple[str, ...] = ()  # differences that do not stop fusion (special-token roles), for the logs
 
     def apply(self, logits: torch.Tensor, model: str | None = None) -> torch.Tensor:
         """(..., V_model) -> (..., width): ids >= shared get -inf; through a map, unmapped ids get 0."""
@@ -90,7 +91,8 @@ def cross_map(base: VocabInfo, expert: VocabInfo) -> torch.Tensor:
 
 
 def align(models: list[VocabInfo], cross: Sequence[tuple[VocabInfo, VocabInfo]] = ()) -> Alignment:
-    """Check that all models share token ids and special tokens; return the shared range.
+    """Check that all models share token ids (the same token at every id); return the shared range, with
+    differing special-token roles as notes.
 
     The first model is the base; its logits width is the ensemble's width. `cross` holds the (tuned,
     untuned) pairs of cross-tokenizer experts: each pair must share its own vocabulary, and both get a map
@@ -106,6 +108,7 @@ def align(models: list[VocabInfo], cross: Sequence[tuple[VocabInfo, VocabInfo]] 
             raise VocabMismatchError(f"a cross-tokenizer expert pair must share one tokenizer: {tuned.name!r} and "
                                      f"{untuned.name!r} map to {base.name!r}'s vocabulary differently")
     shared = min(min(len(m.vocab), m.logits_width) for m in models)
+    notes: list[str] = []
     for other in models[1:]:
         diff = _first_difference(base, other, shared)
         if diff is not None:
@@ -115,10 +118,10 @@ def align(models: list[VocabInfo], cross: Sequence[tuple[VocabInfo, VocabInfo]] 
                 f"{base.name!r} but {tb!r} in {other.name!r}; fused models must share one tokenizer (or mark the "
                 f"expert `cross_tokenizer: true` to map its vocabulary by token text)"
             )
-        for key in sorted(set(base.special) | set(other.special)):
-            if base.special.get(key) != other.special.get(key):
-                raise VocabMismatchError(
-                    f"special token mismatch between {base.name!r} and {other.name!r}: {key} is "
-                    f"{base.special.get(key)!r} vs {other.special.get(key)!r}"
-                )
-    return Alignment(shared=shared, width=base.logits_width, maps=maps)
+        # A base and its instruct sibling share every id but name different eos tokens: the same ids mean a
+        # shared vocabulary, and the roles only tell which ids end a sequence (engine/stopping.py).
+        notes += [f"{other.name!r} names {key} {other.special.get(key)!r} where {base.name!r} names "
+                  f"{base.special.get(key)!r} (same token ids; both end sequences where they are end tokens)"
+                  for key in sorted(set(base.special) | set(other.special))
+                  if base.special.get(key) != other.special.get(key)]
+    return Alignment(shared=shared, width=base.logits_width, maps=maps, notes=tuple(notes))
