@@ -44,14 +44,30 @@ def advance_ragged(backend: CausalLM, state: Any, logits: torch.Tensor, forget: 
                    ) -> torch.Tensor:
     """Forget forget[i] positions of row i, then feed row i its tokens new[i] (any number, 0 included) in
     one forward; returns each row's logits after its last token (rows fed nothing keep theirs)."""
-    width = max(len(a) for a in new)
-    if any(forget):
-        backend.forget_last(state, forget)
+    return advance_ragged_group([(backend, state, logits, forget, new)])[0]
+
+
+def advance_ragged_group(parts: list[tuple[CausalLM, Any, torch.Tensor, list[int], list[list[int]]]]
+                         ) -> list[torch.Tensor]:
+    """advance_ragged for several states at once: (backend, state, logits, forget, new) each. States of
+    backends sharing weights (adapter views of one model: `decode_group`) run in one forward, so the tuned
+    and untuned rows of a cross-tokenizer adapter expert, which follow the same text, cost one pass."""
+    width = max((len(a) for *_, new in parts for a in new), default=0)
+    for backend, state, _, forget, _ in parts:
+        if any(forget):
+            backend.forget_last(state, forget)
     if width == 0:
-        return logits
-    block = torch.tensor([a + [a[-1] if a else 0] * (width - len(a)) for a in new], dtype=torch.long)
-    out = backend.decode(state, block)  # (B, width, V)
-    backend.forget_last(state, [width - len(a) for a in new])  # the padding
-    keep = torch.tensor([len(a) > 0 for a in new], device=logits.device)
-    last = out[torch.arange(len(new)), torch.tensor([max(len(a), 1) - 1 for a in new])]
-    return torch.where(keep.unsqueeze(-1), last.to(logits.device), logits)
+        return [logits for _, _, logits, _, _ in parts]
+    blocks = [torch.tensor([a + [a[-1] if a else 0] * (width - len(a)) for a in new], dtype=torch.long)
+              for *_, new in parts]  # (B_i, width) each, padded with a row's own last token
+    if len(parts) == 1:
+        outs = [parts[0][0].decode(parts[0][1], blocks[0])]  # (B, width, V)
+    else:
+        outs = parts[0][0].decode_group([(b, s, blk) for (b, s, *_), blk in zip(parts, blocks)])
+    result = []
+    for (backend, state, logits, _, new), out in zip(parts, outs):
+        backend.forget_last(state, [width - len(a) for a in new])  # the padding
+        keep = torch.tensor([len(a) > 0 for a in new], device=logits.device)
+        last = out[torch.arange(len(new)), torch.tensor([max(len(a), 1) - 1 for a in new])]
+        result.append(torch.where(keep.unsqueeze(-1), last.to(logits.device), logits))
+    return result

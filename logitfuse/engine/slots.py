@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from logitfuse.backends.base import CausalLM
-from logitfuse.engine.retokenize import advance_ragged, retokenized_update
+from logitfuse.engine.retokenize import advance_ragged_group, retokenized_update
 from logitfuse.engine.sequence import Sequence
 
 
@@ -67,8 +67,8 @@ class ModelSlots(dict[str, Slot]):
         for names in self._forward_groups(seqs):
             slots = [self[n] for n in names]
             try:
-                if any(names[0] in seqs[r].cross_ids for r in slots[0].rows):
-                    self._advance_retokenized(names[0], slots[0], seqs, get_backend)
+                if any(n in seqs[r].cross_ids for n, s in zip(names, slots) for r in s.rows):
+                    self._advance_retokenized(names, slots, seqs, get_backend)
                     continue
                 tokens = [torch.tensor([seqs[r].last_token for r in s.rows], dtype=torch.long).view(-1, 1)
                           for s in slots]
@@ -86,24 +86,28 @@ class ModelSlots(dict[str, Slot]):
 
     def _forward_groups(self, seqs: dict[str, Sequence]) -> list[list[str]]:
         """Slot names in groups that advance in one forward: backends sharing weights (`shared_forward`, e.g.
-        LoRA adapters over one untuned model) go together unless rows of theirs follow another tokenizer."""
+        LoRA adapters over one untuned model) go together, also when their rows follow another tokenizer
+        (a cross-tokenizer adapter expert's tuned and untuned rows read the same re-tokenized text)."""
         groups: dict[object, list[str]] = {}
         for name, slot in self.items():
             key = getattr(slot.backend, "shared_forward", None)
-            if key is None or any(name in seqs[r].cross_ids for r in slot.rows):
-                key = ("alone", name)
-            groups.setdefault(key, []).append(name)
+            groups.setdefault(("alone", name) if key is None else key, []).append(name)
         return list(groups.values())
 
     @staticmethod
-    def _advance_retokenized(name: str, slot: Slot, seqs: dict[str, Sequence],
+    def _advance_retokenized(names: list[str], slots: list[Slot], seqs: dict[str, Sequence],
                              get_backend: Callable[[str], CausalLM]) -> None:
-        """A slot with rows of a cross-tokenizer model (see retokenize.py); other rows take their token."""
-        forget, new = [], []
-        for rid in slot.rows:
-            s = seqs[rid]
-            f, add = (retokenized_update(slot.backend.tokenizer, get_backend(s.req.plan.base).tokenizer, s, name)
-                      if name in s.cross_ids else (0, [s.last_token]))
-            forget.append(f)
-            new.append(add)
-        slot.logits = advance_ragged(slot.backend, slot.state, slot.logits, forget, new)
+        """Slots with rows of a cross-tokenizer model (see retokenize.py), in one forward where their
+        backends share weights; rows of the base's tokenizer take their token."""
+        parts = []
+        for name, slot in zip(names, slots):
+            forget, new = [], []
+            for rid in slot.rows:
+                s = seqs[rid]
+                f, add = (retokenized_update(slot.backend.tokenizer, get_backend(s.req.plan.base).tokenizer, s,
+                                             name) if name in s.cross_ids else (0, [s.last_token]))
+                forget.append(f)
+                new.append(add)
+            parts.append((slot.backend, slot.state, slot.logits, forget, new))
+        for slot, logits in zip(slots, advance_ragged_group(parts)):
+            slot.logits = logits

@@ -61,14 +61,13 @@ def test_cross_tokenizer_expert_equals_recomputation(lf, method, param, temperat
     kinds = set()  # how the expert's re-tokenization moved: "one", "several" new tokens, or "forget"
     advance = ModelSlots._advance_retokenized
 
-    def spy(name, slot, seqs, get_backend):
-        before = {r: list(seqs[r].cross_ids.get(name, [])) for r in slot.rows}
-        advance(name, slot, seqs, get_backend)
-        for r in slot.rows:
+    def spy(names, slots, seqs, get_backend):
+        before = {(n, r): list(seqs[r].cross_ids.get(n, [])) for n, s in zip(names, slots) for r in s.rows}
+        advance(names, slots, seqs, get_backend)
+        for (name, r), old in before.items():
             if name in seqs[r].cross_ids:
                 now = seqs[r].cross_ids[name]
-                kinds.add("forget" if now[:len(before[r])] != before[r] else
-                          "one" if len(now) == len(before[r]) + 1 else "several")
+                kinds.add("forget" if now[:len(old)] != old else "one" if len(now) == len(old) + 1 else "several")
 
     monkeypatch.setattr(ModelSlots, "_advance_retokenized", staticmethod(spy))
     fusion_params = {"method": method, "experts": ["xa"], param: 0.7}
