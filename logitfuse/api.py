@@ -20,6 +20,7 @@ import torch
 
 from logitfuse import methods
 from logitfuse.backends.base import CausalLM, RewardModel
+from logitfuse.backends.prefix_cache import PrefixCache
 from logitfuse.config.registry import Registry
 from logitfuse.config.specs import ServerSpec
 from logitfuse.engine.core import Engine, EngineStats
@@ -42,6 +43,9 @@ class LogitFuse:
         self._registry = registry if isinstance(registry, Registry) else Registry.load(registry)
         self.apply_threads()
         self._pool = pool or ModelPool(self._registry)
+        server = self._registry.server
+        # one prefix cache for every engine lane over this pool (the KV of a prefix is the same in each)
+        self._prefix_cache = PrefixCache(int(server.prefix_cache_mb * 2**20)) if server.prefix_cache else None
         self._engine = self.make_engine()
         self._ids = itertools.count()
 
@@ -64,7 +68,8 @@ class LogitFuse:
         kv_budget = int(server.kv_budget_mb * 2**20) if server.kv_budget_mb else None
         return Engine(self._pool.get, self._pool.get, max_batch=server.max_batch,
                       solver_threads=server.solver_threads, kv_budget=kv_budget,
-                      stop_override=lambda name: self._registry.model_spec(name).stop_token_ids)
+                      stop_override=lambda name: self._registry.model_spec(name).stop_token_ids,
+                      prefix_cache=self._prefix_cache)
 
     def apply_threads(self) -> None:
         """Set torch's intra-op threads for the calling thread (the setting is per thread)."""

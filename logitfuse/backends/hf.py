@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.utils import logging as hf_logging
 
 from logitfuse.backends.base import tokenizer_vocab_info
+from logitfuse.backends.prefix_cache import PrefixCache
 from logitfuse.errors import require
 from logitfuse.ops.vocab import VocabInfo
 
@@ -68,6 +69,7 @@ class HFCausalLM:
     can_score_prompt = True
     remote = False
     can_verify_blocks = True
+    prefix_cache: PrefixCache | None = None  # set by the engine that uses it (server.prefix_cache)
 
     def __init__(self, name: str, model, tokenizer, chat_template: bool = False) -> None:
         self.name = name
@@ -140,6 +142,42 @@ class HFCausalLM:
     def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError(f"{self.name}: empty prompt")
+        if self.prefix_cache is None or all_logits:  # scoring needs every position's logits: no reuse
+            return self._prefill(prompts, all_logits)
+        return self._prefill_cached(prompts)
+
+    def _prefill_cached(self, prompts: list[list[int]]) -> tuple[HFState, torch.Tensor]:
+        """Prefill each distinct prompt once (n samples of one prompt share it), from its longest cached
+        prefix where there is one (one forward per such row over the rest), the others batched from
+        scratch; then keep every prompt's full blocks and put the rows back in the prompts' order."""
+        cache = self.prefix_cache
+        unique = list(dict.fromkeys(tuple(p) for p in prompts))
+        found = [cache.longest(self.name, list(p)) for p in unique]
+        parts = []  # (indices into unique, state, last logits (b, V))
+        misses = [i for i, (n, _) in enumerate(found) if n == 0]
+        if misses:
+            parts.append((misses, *self._prefill([list(unique[i]) for i in misses])))
+        for i, (n, layers) in enumerate(found):
+            if n:
+                past = HFState.of(layers, torch.ones((1, n), dtype=torch.long, device=self.device))
+                rest = torch.tensor([unique[i][n:]], dtype=torch.long, device=self.device)
+                state, logits = self._forward(rest, past, torch.ones_like(rest), 1)
+                parts.append(([i], state, logits[:, -1]))
+        for idx, state, _ in parts:
+            for row, i in enumerate(idx):
+                visible = state.mask[row].nonzero()[:, 0]
+                cache.store(self.name, list(unique[i]), [(k[row:row + 1, :, visible], v[row:row + 1, :, visible])
+                                                          for k, v in state.layers])
+        state = parts[0][1] if len(parts) == 1 else self.concat([s for _, s, _ in parts])
+        logits = torch.cat([lg for _, _, lg in parts])
+        where = {i: r for r, i in enumerate(i for idx, _, _ in parts for i in idx)}
+        rows = [where[unique.index(tuple(p))] for p in prompts]
+        if rows != list(range(len(where))):
+            state, logits = self.select(state, rows), logits[rows]
+        return state, logits
+
+    def _prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
+        """Left-padded prompts in one forward from an empty cache."""
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)

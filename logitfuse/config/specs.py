@@ -80,6 +80,8 @@ class ServerSpec(ClosedModel):
     max_batch: int = 64  # sequences decoded together
     max_queue: int = Field(default=1024, ge=1)  # waiting sequences (submitted, not yet decoding) before 429
     max_logprobs: int = 20
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before (exact; per model, shared by requests)
+    prefix_cache_mb: float = Field(default=512, gt=0, le=2**30)  # its bound, least recently used blocks go first
     max_tokens_default: int | None = Field(default=None, ge=1)  # a request without max_tokens generates up to
     # the rest of the context window (the smallest among its models), at most this many tokens (None: no cap)
     max_tqstar_work: int = 4096  # k * rollouts * rollout_tokens per generated token

@@ -1,0 +1,86 @@
+"""The prefix cache: prompts that share a prefix reuse its KV, exactly (the same tokens and logprobs as
+without the cache, for every method), the n samples of one prompt prefill once, and the cache stays
+within its byte budget, least recently used blocks first."""
+
+import pytest
+import torch
+
+from logitfuse import LogitFuse, SamplingParams
+from logitfuse.backends.prefix_cache import PrefixCache
+from logitfuse.training.tiny import TINY_CONFIG
+
+SYSTEM = ("the king of the north is the old queen of the river city and the first capital of the east "
+          "is a small blue city with two rivers and three kings who ruled it from the west")
+QUESTIONS = ["who was the first king ?", "how many rivers are there ?", "what colour is the city ?",
+             "where is the capital ?"]
+METHODS = ["base-large", "proxy-a", "eft-ab", "dlf-ab", "tq"]
+
+
+def registry(family, tmp_path, cache: bool):
+    text = TINY_CONFIG.format(**{k: str(v) for k, v in family.items()})
+    path = tmp_path / f"cache-{cache}.yaml"
+    path.write_text(text.replace("server: {", f"server: {{prefix_cache: {str(cache).lower()}, "))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(family, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prefix")
+    return LogitFuse(registry(family, tmp, True)), LogitFuse(registry(family, tmp, False))
+
+
+def run(lf, model, prompts, n=1):
+    sp = SamplingParams(max_tokens=6, temperature=0.8, seed=7, logprobs=3, ignore_eos=True)
+    reqs = [r for p in prompts for r in lf.requests(model, p, sp, n=n)]
+    out = {r.rid: [] for r in reqs}
+    for ev in lf.stream(reqs):
+        if ev.token_id is not None:
+            out[ev.rid].append((ev.token_id, ev.logprob, [t.logprob for t in ev.top]))
+    return [out[r.rid] for r in reqs]
+
+
+@pytest.mark.parametrize("model", METHODS)
+def test_cached_prefixes_give_the_uncached_tokens_and_logprobs(pair, model):
+    cached, plain = pair
+    prompts = [f"{SYSTEM} {q}" for q in QUESTIONS]
+    run(cached, model, prompts[:1])  # warms the cache with the shared prefix
+    before = cached.stats().prefix_hit
+    got, want = run(cached, model, prompts), run(plain, model, prompts)
+    assert cached.stats().prefix_hit - before >= 3 * 48  # the other prompts reused at least 3 blocks each
+    for g, w in zip(got, want):
+        assert [t for t, _, _ in g] == [t for t, _, _ in w]
+        for (_, lg, top_g), (_, lw, top_w) in zip(g, w):
+            assert lg == pytest.approx(lw, abs=1e-5)
+            assert top_g == pytest.approx(top_w, abs=1e-5)
+    assert plain.stats().prefix_queried == 0  # the switch turns it off
+
+
+def test_the_samples_of_one_prompt_prefill_once(pair, monkeypatch):
+    cached, plain = pair
+    backend = cached.model("base-large")
+    rows = []
+    original = backend._forward
+    monkeypatch.setattr(backend, "_forward", lambda ids, state, mask, keep, **kw: rows.append(ids.shape[0])
+                        or original(ids, state, mask, keep, **kw))
+    prompt = "a prompt seen here for the first time , long enough to fill more than one block of tokens ."
+    got = run(cached, "base-large", [prompt], n=4)
+    assert rows[0] == 1  # the prefill: one row for the four samples
+    want = run(plain, "base-large", [prompt], n=4)
+    assert [[t for t, _, _ in row] for row in got] == [[t for t, _, _ in row] for row in want]
+    assert [lp for row in got for _, lp, _ in row] == pytest.approx([lp for row in want for _, lp, _ in row], abs=1e-5)
+
+
+def test_the_cache_keeps_to_its_budget_and_checks_ids():
+    cache = PrefixCache(budget_bytes=3 * 2 * 4 * 4 * 4, block=4)  # three blocks of 1 layer, (1, 1, 4, 4) k and v
+    layers = [(torch.arange(48.0).view(1, 1, 12, 4), -torch.arange(48.0).view(1, 1, 12, 4))]
+    ids = list(range(12))
+    cache.store("m", ids, layers)
+    n, got = cache.longest("m", [*ids, 99])
+    assert n == 12 and torch.equal(got[0][0], layers[0][0]) and torch.equal(got[0][1], layers[0][1])
+    assert cache.longest("m", ids)[0] == 8  # at least one token is left to compute
+    assert cache.longest("m", [0, 1, 2, 3, 4, 5, 6, 0, 8])[0] == 4  # the second block differs
+    assert cache.longest("other", [*ids, 99]) == (0, None)  # per model
+    cache.store("m", [50, 51, 52, 53, 54], [(k[:, :, :5], v[:, :, :5]) for k, v in layers])
+    # over budget: the least recently used block went (the third: the lookups since touched the first two)
+    assert cache.bytes <= cache.budget and cache.longest("m", [*ids, 99])[0] == 8
+    assert cache.longest("m", [50, 51, 52, 53, 54])[0] == 4
