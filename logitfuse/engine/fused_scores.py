@@ -69,7 +69,13 @@ class Fuser:
             untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
             return tuned, untuned  # (b, T, V) each
 
-        step = Step(plans, base, experts, self.solver_threads, self.get_reward, rollouts)
+        def native() -> tuple[torch.Tensor, torch.Tensor]:
+            dev = base.device
+            return (torch.stack([rows_of(e.tuned).to(dev).float() for e in plan.experts], 1),
+                    torch.stack([rows_of(e.untuned).to(dev).float() for e in plan.experts], 1))  # (b, T, V_e)
+
+        cross = any(e.cross for e in plan.experts)
+        step = Step(plans, base, experts, self.solver_threads, self.get_reward, rollouts, native if cross else None)
         return methods.get(plan.method).combine(step)
 
 

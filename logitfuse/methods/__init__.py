@@ -77,7 +77,7 @@ def build_plan(names: Names, params: FusionParams, base: str, ensemble: str, spe
 
 
 def _cross_rule() -> str:
-    return f"cross-tokenizer experts work with {' and '.join(_with('cross_tokenizer'))}"
+    return f"cross-tokenizer experts work with {', '.join(_with('cross_tokenizer'))}"
 
 
 def summarise(plan: FusionPlan, steps: list[dict]) -> dict | None:

@@ -80,6 +80,8 @@ class Step:
     solver_threads: int | None = None
     get_reward: Callable[[str], Scorer] | None = None
     rollouts: Rollouts | None = None
+    native: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # cross-tokenizer plans: the experts'
+    # tuned and untuned logits in their own vocabulary, (b, T, V_e) each (the experts share one tokenizer)
 
     @property
     def plan(self) -> FusionPlan:

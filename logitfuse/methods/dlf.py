@@ -9,7 +9,7 @@ from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step, intra_
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.ops import fusion
 from logitfuse.ops.fusion import COEF_LIMIT
-from logitfuse.ops.weights import make_grid, solve_dlf
+from logitfuse.ops.weights import expert_targets, make_grid, solve_dlf
 
 GRID = (0.0, 2.0, 0.1)  # start, stop, step of the weight search
 MODE = "one_expert"
@@ -20,6 +20,7 @@ class DynamicLogitFusion(FusionMethod):
     name = "dlf"
     summary = "dynamic logit fusion: expert weights solved at every step from the experts' own distributions"
     params = ("experts", "grid", "mode", "support")
+    cross_tokenizer = True  # KL targets in the experts' own vocabulary, steering on the mapped logits
 
     def plan(self, given: PlanInput) -> FusionPlan:
         if len({e.untuned for e in given.experts}) != 1:
@@ -34,9 +35,13 @@ class DynamicLogitFusion(FusionMethod):
     def combine(self, step: Step) -> Scores:
         plan = step.plan
         tuned, untuned = step.experts()  # (b, T, V) each; every expert shares untuned[:, 0]
+        targets = None
+        if step.native is not None:  # cross-tokenizer experts: targets from their own distributions
+            own_tuned, own_untuned = step.native()
+            targets = expert_targets(own_untuned[:, 0], own_tuned)
         with intra_op_threads(step.solver_threads):
             result = solve_dlf(step.base, untuned[:, 0], tuned, make_grid(*plan.grid), plan.mode,
-                               plan.support)
+                               plan.support, targets)
         w = result.weights.float()  # (b, T)
         names = [e.name for e in plan.experts]
         diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]

@@ -34,6 +34,13 @@ class DLFResult:
     loss: torch.Tensor  # (B,) loss at the chosen weights
 
 
+def expert_targets(z_small: torch.Tensor, z_tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL targets from raw logits z_small (B, V_e), z_tuned (B, T, V_e) in the experts' own vocabulary:
+    (KL(Q_t || Q), KL(Q || Q_t)), each (B, T). For cross-tokenizer experts these are exact where the
+    experts' logits mapped onto the base's vocabulary would lose mass (DLF across tokenizers)."""
+    return _targets(torch.log_softmax(z_small, dim=-1), torch.log_softmax(z_tuned, dim=-1))
+
+
 def _targets(l_small: torch.Tensor, l_tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(Q_t || Q) and KL(Q || Q_t), each (B, T)."""
     l_small_t = l_small.unsqueeze(1).expand_as(l_tuned)
@@ -125,6 +132,7 @@ def solve_dlf(
     grid: torch.Tensor,
     mode: str,
     support: int | None = None,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DLFResult:
     """DLF weights per row. z_large (B, V), z_small (B, V), z_tuned (B, T, V); grid (G,).
 
@@ -134,6 +142,8 @@ def solve_dlf(
     Ties keep the first grid point (strict <), so equal losses return the smallest weight.
     support: solve on the union of the models' top-`support` tokens plus one rest token (reduce_support),
     O(V) once plus O(G * support) per row instead of O(G * V); tests/ops/test_weights.py states the error.
+    targets: the KL targets (expert_targets) when they come from elsewhere than z_small/z_tuned: for
+    cross-tokenizer experts, from their own vocabulary, while z_small/z_tuned are mapped onto the base's.
     """
     grid = grid.to(z_large.device, z_large.dtype)
     b, t, _ = z_tuned.shape
@@ -143,7 +153,7 @@ def solve_dlf(
     if support is not None and support < z_large.shape[-1]:
         z_large, z_small, z_tuned = reduce_support(z_large, z_small, z_tuned, support)
     l_large = torch.log_softmax(z_large, dim=-1)
-    fwd_t, rev_t = _targets(torch.log_softmax(z_small, dim=-1), torch.log_softmax(z_tuned, dim=-1))
+    fwd_t, rev_t = targets if targets is not None else expert_targets(z_small, z_tuned)
     eye = torch.eye(t, dtype=z_large.dtype, device=z_large.device)  # (T, T)
     a = (eye.unsqueeze(1) * grid.view(1, g, 1)).reshape(1, t * g, t).expand(b, t * g, t)  # (B, T*G, T)
     loss = _one_expert_loss(z_large, z_small, z_tuned, grid, fwd_t, rev_t)  # (B, T*G)

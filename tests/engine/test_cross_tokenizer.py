@@ -89,8 +89,7 @@ def test_cross_tokenizer_expert_equals_recomputation(lf, method, param, temperat
 
 
 def test_cross_tokenizer_limits_are_clear(lf):
-    with pytest.raises(InvalidRequest, match="cross-tokenizer experts work with proxy and eft"):
-        lf.requests("dlf-ab", "one", None, {"experts": ["xa"]})
+    assert lf.requests("dlf-ab", "one", None, {"experts": ["xa"]})[0].plan.experts[0].cross  # DLF takes them
     with pytest.raises(InvalidRequest, match="without speculative"):
         lf.requests("proxy-a", "one", None, {"experts": ["xa"], "speculative": {"k": 2}})
     with pytest.raises(InvalidRequest, match="sharing the base's tokenizer"):  # nor through the library wrapper

@@ -90,7 +90,7 @@ def test_cross_tokenizer_experts_are_accepted_exactly_where_the_method_says(lf, 
     if methods.TABLE[name].cross_tokenizer:
         assert lf.registry.plan("proxy-a", ask).cross_models() == ("foreign", "foreign-small")
     else:
-        with pytest.raises(InvalidRequest, match="cross-tokenizer experts work with proxy and eft"):
+        with pytest.raises(InvalidRequest, match="cross-tokenizer experts work with proxy, eft, dlf"):
             lf.registry.plan("proxy-a", ask)
 
 
