@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 from logitfuse import methods
 from logitfuse.backends.base import CausalLM
+from logitfuse.engine import grammar
 from logitfuse.engine.request import GenerationRequest
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.base import FusionMethod
@@ -80,11 +81,36 @@ class Admission:
                                  "(set fusion.speculative.k to 0)", "fusion.speculative")
         if sp.prompt_logprobs:
             self._check_scoring(req, method, get_backend)
+        if sp.controlled():
+            self._check_controls(req, width, get_backend)
         if (need := self.never_fits(req)) is not None:
             raise InvalidRequest(
                 f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens positions in "
                 f"{', '.join(plan.models())}); the server allows {self.kv_budget / 2**20:.1f} MiB in all "
                 "(server.kv_budget_mb): lower max_tokens or shorten the prompt", "max_tokens")
+
+    @staticmethod
+    def _check_controls(req: GenerationRequest, width: int, get_backend: Callable[[str], CausalLM]) -> None:
+        """Penalties and token controls act on the sampled rows of the engine's step: a speculative plan's
+        drafts and verification do not apply them, so such a request is refused there; a grammar must
+        compile for the base's tokenizer (once per schema, cached: engine/grammar.py)."""
+        sp = req.sampling
+        if req.plan.speculative:
+            name = "structured output" if sp.structured else "penalties and token controls"
+            raise InvalidRequest(f"{name} cannot be combined with speculative decoding (drafts and their "
+                                 "verification do not apply them): set fusion.speculative.k to 0 or use an "
+                                 "ensemble without speculation", sp.structured.field if sp.structured else "fusion")
+        if sp.allowed_token_ids is not None and max(sp.allowed_token_ids) >= width:
+            raise InvalidRequest(f"allowed_token_ids names token {max(sp.allowed_token_ids)}, outside this "
+                                 f"model's vocabulary of {width} tokens", "allowed_token_ids")
+        if sp.structured is not None:
+            tokenizer = get_backend(req.plan.base).tokenizer
+            if not hasattr(tokenizer, "convert_ids_to_tokens"):
+                raise InvalidRequest(f"{sp.structured.field}: structured output needs the base model's own "
+                                     "tokenizer; this base has none the grammar engine can read", sp.structured.field)
+            if not grammar.next_mask(grammar.compile_spec(sp.structured, tokenizer, width)).any():
+                raise InvalidRequest(f"{sp.structured.field}: no token of this model's vocabulary can start text "
+                                     "that follows it (the vocabulary cannot spell it)", sp.structured.field)
 
     @staticmethod
     def _check_scoring(req: GenerationRequest, method: FusionMethod, get_backend: Callable[[str], CausalLM]) -> None:

@@ -11,6 +11,23 @@ from dataclasses import dataclass, field
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.plan import FusionPlan
 
+MAX_REPETITION_PENALTY = 100  # beyond it every seen token is as good as banned; vLLM asks only > 0
+
+
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """A constraint on the generated text: a JSON schema (json; json_object is any JSON object), a regular
+    expression, one of a list of strings (choice), or a Lark / GBNF grammar. `spec` is the schema (JSON text,
+    keys sorted: one cache entry per schema), the pattern, the choices (a JSON list) or the grammar; `field`
+    is the request field it came from, named in errors."""
+
+    kind: str
+    spec: str
+    field: str = "structured_outputs"
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,6 +43,16 @@ class SamplingParams:
     logprobs: int | None = None  # top-N fused logprobs per generated token (0 = only the chosen token's)
     prompt_logprobs: bool = False  # score the prompt (echo + logprobs)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added before sampling
+    # -- penalties and token controls (vLLM's semantics; ops/penalties.py) --
+    presence_penalty: float = 0.0  # in [-2, 2]: minus p for every token already in the output
+    frequency_penalty: float = 0.0  # in [-2, 2]: minus f times the token's count in the output
+    repetition_penalty: float = 1.0  # > 0: seen (prompt or output) tokens' scores divided (> 0) or multiplied
+    min_tokens: int = 0  # stop tokens (eos, stop_token_ids) and stop strings wait until this many tokens
+    bad_words: tuple[str, ...] = ()  # words never generated (each word's last token banned after the rest)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these tokens (None: all)
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    structured: StructuredSpec | None = None  # a grammar the output must follow (engine/grammar.py)
 
     def check(self, max_logprobs: int = 20) -> SamplingParams:
         """Raise InvalidRequest naming the first out-of-range field; return self."""
@@ -44,11 +71,35 @@ class SamplingParams:
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits", self.seed),
             (all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
              "must map token ids to biases in [-100, 100]", dict(self.logit_bias)),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]", self.presence_penalty),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty),
+            (0 < self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+             f"must be in (0, {MAX_REPETITION_PENALTY}]", self.repetition_penalty),
+            (isinstance(self.min_tokens, int) and self.min_tokens >= 0 and (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens), "min_tokens",
+             "must be >= 0 and at most max_tokens", self.min_tokens),
+            (all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+             "must be non-empty strings", self.bad_words),
+            (self.allowed_token_ids is None or (len(self.allowed_token_ids) > 0 and all(
+                isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)), "allowed_token_ids",
+             "must be a non-empty list of token ids", self.allowed_token_ids),
+            (self.structured is None or self.structured.kind in STRUCTURED_KINDS, "structured_outputs",
+             f"kind must be one of {', '.join(STRUCTURED_KINDS)}", self.structured and self.structured.kind),
         ]
         for ok, name, rule, value in checks:
             if not ok:
                 raise InvalidRequest(f"{name} {rule}, got {value!r}", param=name)
+        if self.structured is not None and self.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with structured outputs: the text ends with the "
+                                 "end-of-sequence token once the grammar is complete", "ignore_eos")
         return self
+
+    def controlled(self) -> bool:
+        """Whether anything beyond logit_bias changes the scores before sampling (penalties, token controls, a
+        grammar): such rows are processed by engine/token_controls.py."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.bad_words or self.allowed_token_ids is not None
+                    or self.structured is not None)
 
 
 def logit_bias_pairs(mapping: dict | None) -> tuple[tuple[int, float], ...]:

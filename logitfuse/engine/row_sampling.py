@@ -1,14 +1,16 @@
 """The per-row failure path of a step: sampling a fused group's rows so that one row's fault ends that row.
 
 A row whose fused scores are not a distribution (a NaN, +inf, or no finite score) ends with an error event
-before sampling; if drawing the others' tokens still fails, each row is drawn alone and only the rows that
-fail end. The rows around a failing one get the tokens they would have got without it.
+before sampling, and so does a row whose token controls (a grammar, allowed_token_ids, ...) leave no token;
+if drawing the others' tokens still fails, each row is drawn alone and only the rows that fail end. The rows
+around a failing one get the tokens they would have got without it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from logitfuse.engine import token_controls
 from logitfuse.engine.request import GenerationRequest, TokenEvent
 from logitfuse.ops.sampling import SamplingTensors, invalid_rows, sample, token_logprobs, top_logprobs
 
@@ -20,29 +22,43 @@ def failed(req: GenerationRequest, err: Exception | str, generated: int = 0) -> 
                       completion_tokens=generated)
 
 
-def draw(seqs: list, scores: torch.Tensor) -> tuple[list[bool], list[int], list[float], list | None, list | None]:
-    """Each row's validity, token, its logprob, and the top-N ids and logprobs the rows ask for. scores (b, V).
-    A row that is not a distribution is drawn from zeros instead (its token is thrown away), so the check
-    travels to the host in the same copy as the tokens: one device sync per group and step."""
+NOT_A_DISTRIBUTION = "fused scores are not a distribution (NaN, +inf or no finite score)"
+NOTHING_ALLOWED = ("no token is allowed: the request's token controls (structured output, allowed_token_ids, "
+                   "bad_words, min_tokens) leave no token the fused distribution gives any probability (a method "
+                   "that keeps only its top candidates, as tqstar does, can exclude every allowed token)")
+
+
+def draw(seqs: list, scores: torch.Tensor, tokenizer=None
+         ) -> tuple[list[str | None], list[int], list[float], list | None, list | None]:
+    """Each row's fault (None: none), token, its logprob, and the top-N ids and logprobs the rows ask for.
+    scores (b, V). A row that is not a distribution is drawn from zeros instead (its token is thrown away), so
+    the check travels to the host in the same copy as the tokens: one device sync per group and step. The
+    logprobs are the fused distribution's, before the rows' controls and warps."""
     bad = invalid_rows(scores)  # (b,)
     scores = torch.where(bad[:, None], torch.zeros_like(scores), scores)
     sp = [s.req.sampling for s in seqs]
     params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device,
                                    [p.logit_bias for p in sp], scores.shape[-1])
-    tokens = sample(scores, params, [s.generator for s in seqs])
+    shaped, params = token_controls.shape(seqs, scores, params, tokenizer)
+    empty = (~torch.isfinite(shaped).any(-1) & ~bad) if shaped is not scores else torch.zeros_like(bad)
+    # (b,) the controls left no token (only rows with controls can: plain rows skip the full-vocabulary pass)
+    shaped = torch.where(empty[:, None], torch.zeros_like(shaped), shaped)
+    tokens = sample(shaped, params, [s.generator for s in seqs])
     # the flags, tokens and logprobs reach the host in one copy: the stop checks need them, nothing else waits
-    host = torch.stack([bad.double(), tokens.double(), token_logprobs(scores, tokens).double()]).tolist()
+    host = torch.stack([bad.double() + 2 * empty.double(), tokens.double(),
+                        token_logprobs(scores, tokens).double()]).tolist()
+    faults = [None if f == 0 else NOT_A_DISTRIBUTION if f == 1 else NOTHING_ALLOWED for f in host[0]]
     n_top = max((p.logprobs or 0) for p in sp)
     if not n_top:
-        return [b > 0 for b in host[0]], [int(t) for t in host[1]], host[2], None, None
+        return faults, [int(t) for t in host[1]], host[2], None, None
     top_ids, top_lp = top_logprobs(scores, n_top)
-    return [b > 0 for b in host[0]], [int(t) for t in host[1]], host[2], top_ids.tolist(), top_lp.tolist()
+    return faults, [int(t) for t in host[1]], host[2], top_ids.tolist(), top_lp.tolist()
 
 
 def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer, events: list) -> list[str]:
     """Sample and emit every row of a group; returns the ids of the sequences that finished (or failed)."""
     try:
-        bad, token_ids, chosen, ids, lps = draw(seqs, scores)
+        bad, token_ids, chosen, ids, lps = draw(seqs, scores, tokenizer)
     except Exception as err:
         if len(seqs) == 1:
             events.append(failed(seqs[0].req, err, seqs[0].stopper.generated))
@@ -54,10 +70,10 @@ def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer,
     finished = []
     for i, (s, t) in enumerate(zip(seqs, token_ids)):
         if bad[i]:
-            ev = failed(s.req, "fused scores are not a distribution (NaN, +inf or no finite score)",
-                        s.stopper.generated)
+            ev = failed(s.req, bad[i], s.stopper.generated)
         else:
             try:
+                token_controls.take(s, t)
                 ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tokenizer, diags[i] if diags else None)
             except Exception as err:
                 ev = failed(s.req, err, s.stopper.generated)

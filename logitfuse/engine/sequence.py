@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ class Sequence:
     diagnostics: list = field(default_factory=list)
     generated: list[int] = field(default_factory=list)  # base token ids emitted so far
     cross_ids: dict[str, list[int]] = field(default_factory=dict)  # cross-tokenizer model -> its ids of them
+    controls: Any = None  # token_controls.RowControls, built at the first sampled token when the row has any
 
     def emit(self, token: int, logprob: float, top_ids: list[int] | None, top_lps: list[float] | None,
              tokenizer, diagnostics: dict | None = None) -> TokenEvent:

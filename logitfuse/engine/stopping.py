@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 
 class StopChecker:
+    include_stop = False  # include_stop_str_in_output: keep the stop string that ended the text
+    skip_special = True  # skip_special_tokens: leave special tokens out of the text
+    min_tokens = 0  # stop strings are looked for once more tokens than this are generated (stop ids: masked)
+
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
                  eos_ids: frozenset[int] = frozenset(), max_tokens: int = 16, max_total: int | None = None,
                  prompt_ids: list[int] | None = None) -> None:
@@ -38,8 +42,8 @@ class StopChecker:
     def _decode_new(self) -> str:
         """Text that the newest token completes (empty while it is an unfinished multi-byte character)."""
         dec = self.tokenizer.decode
-        before = dec(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = dec(self.ids[self._prefix:], skip_special_tokens=True)
+        before = dec(self.ids[self._prefix:self._read], skip_special_tokens=self.skip_special)
+        after = dec(self.ids[self._prefix:], skip_special_tokens=self.skip_special)
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
@@ -52,10 +56,10 @@ class StopChecker:
         if token_id in self.stop_ids:
             return self.flush(), "stop"
         self.text += self._decode_new()
-        for s in self.stop:
+        for s in self.stop if self.generated > self.min_tokens else ():  # vLLM: stop strings after min_tokens
             cut = self.text.find(s, max(0, self.sent - len(s)))
             if cut != -1:
-                self.text = self.text[:cut]
+                self.text = self.text[:cut + (len(s) if self.include_stop else 0)]
                 return self.flush(), "stop"
         if self.generated >= self.max_tokens or (self.room is not None and self.generated >= self.room):
             return self.flush(), "length"
@@ -70,8 +74,11 @@ class StopChecker:
         """The stop conditions of a GenerationRequest, detokenising with the base model's tokenizer; eos_ids
         are the plan's end ids (plan_stop_ids), left out under ignore_eos."""
         sp = req.sampling
-        return cls(tokenizer, sp.stop, sp.stop_token_ids, frozenset() if sp.ignore_eos else eos_ids,
-                   sp.max_tokens, max_context, req.prompt_ids)
+        checker = cls(tokenizer, sp.stop, sp.stop_token_ids, frozenset() if sp.ignore_eos else eos_ids,
+                      sp.max_tokens, max_context, req.prompt_ids)
+        checker.include_stop, checker.skip_special = sp.include_stop_str_in_output, sp.skip_special_tokens
+        checker.min_tokens = sp.min_tokens
+        return checker
 
     def ids_generated(self) -> list[int]:
         return self.ids[len(self.ids) - self.generated:] if self.generated else []

@@ -2,35 +2,62 @@
 
 Each request converts itself into the engine's SamplingParams; range checks live there, once.
 Unknown top-level fields are ignored, as the OpenAI API does, and listed in the `X-Ignored-Fields` response
-header, except near-misses of a field of the endpoint (`fusoin`, `max_token`), which are a 400 naming both.
+header, except near-misses of a field of the endpoint (`fusoin`, `max_token`), which are a 400 naming both,
+and known fields that would change the output without being implemented (REFUSED), a 400 naming them.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
+from logitfuse.engine.output_format import GUIDED, structured_spec
 from logitfuse.engine.request import SamplingParams, logit_bias_pairs
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.params import FusionParams
 from logitfuse.ops.field_names import ignored_fields
 
-# Fields of the OpenAI and vLLM APIs that this server does not read: tolerated, never taken for misspellings
-# (`min_tokens` is 0.8 from `max_tokens`, `top_logprobs` from `logprobs`).
+# Every field of the OpenAI and vLLM request schemas is implemented (a field of the request classes below),
+# refused when it would change the output (REFUSED: a 400 naming it unless its value is one of the neutral
+# ones listed), or output-neutral (TOLERATED: read by nobody, listed in X-Ignored-Fields). Fields of the other
+# endpoint count as refused (a completion's `messages`, a chat's `suffix`). tests/service/test_field_lists.py
+# pins the three lists.
 TOLERATED = frozenset("""
-    audio function_call functions metadata modalities parallel_tool_calls prediction prompt_cache_key
-    reasoning_effort safety_identifier service_tier store verbosity web_search_options
-    add_generation_prompt add_special_tokens allowed_token_ids bad_words chat_template chat_template_kwargs
-    continue_final_message documents guided_choice guided_decoding_backend guided_grammar guided_json
-    guided_regex include_stop_str_in_output length_penalty logits_processors min_tokens priority
-    prompt_logprobs repetition_penalty request_id skip_special_tokens spaces_between_special_tokens
-    structured_outputs truncate_prompt_tokens use_beam_search
-    best_of echo logprobs max_completion_tokens messages prompt response_format suffix tool_choice tools
-    top_logprobs
+    metadata store safety_identifier prompt_cache_key service_tier parallel_tool_calls
+    request_id priority cache_salt kv_transfer_params guided_decoding_backend
 """.split())
+_OFF: tuple = (None,)
+REFUSED: dict[str, tuple] = {
+    # OpenAI
+    "audio": _OFF, "function_call": (None, "none"), "functions": (None, []), "modalities": (None, ["text"]),
+    "prediction": _OFF, "reasoning_effort": _OFF, "verbosity": _OFF, "web_search_options": _OFF,
+    # vLLM
+    "use_beam_search": (None, False), "length_penalty": (None, 1, 1.0), "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": _OFF, "prompt_logprobs": _OFF, "logits_processors": (None, []),
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False), "add_special_tokens": _OFF,
+    "chat_template": _OFF, "chat_template_kwargs": (None, {}), "documents": (None, []),
+    "mm_processor_kwargs": (None, {}), "structural_tag": _OFF, "guided_whitespace_pattern": _OFF,
+    "vllm_xargs": (None, {}), "return_token_ids": (None, False),
+}
+# fields of one endpoint refused on the other (any value but null, or the neutral ones)
+CHAT_ONLY: dict[str, tuple] = {"messages": _OFF, "tools": (None, []), "tool_choice": (None, "none"),
+                               "max_completion_tokens": _OFF, "top_logprobs": _OFF}
+COMPLETIONS_ONLY: dict[str, tuple] = {"prompt": _OFF, "suffix": (None, ""), "best_of": (None, 1),
+                                      "echo": (None, False)}
+
+
+def refused_field(data: Any, refused: dict[str, tuple]) -> tuple[str, Any] | None:
+    """The first field of the body that is refused with a value other than its neutral ones."""
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        if key in refused and not any((value == ok and type(value) is type(ok)) or value is ok
+                                      for ok in refused[key]):
+            return key, value
+    return None
 
 
 def lone_surrogate(value: Any, path: str = "body") -> tuple[str, str] | None:
@@ -66,6 +93,9 @@ class _Body(BaseModel):
         return data
 
 
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", *GUIDED)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -92,17 +122,33 @@ class _Sampling(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (exact where strings collide)
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    response_format: dict[str, Any] | None = None  # OpenAI's on chat; vLLM takes it on completions too
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # -- extensions (logitfuse) --
     fusion: FusionParams | None = None
     _ignored: list[str] = PrivateAttr(default_factory=list)
+    _refused: tuple[str, Any] | None = PrivateAttr(default=None)
+    _other_endpoint: ClassVar[dict[str, tuple]] = {}
 
     @model_validator(mode="wrap")
     @classmethod
     def _unknown_fields(cls, data: Any, handler: Any) -> _Sampling:
         """A near-miss of one of our fields is a 400 naming it; other unknown fields are kept to be reported."""
-        ignored = ignored_fields(data, list(cls.model_fields), TOLERATED)
+        refused = REFUSED | cls._other_endpoint
+        ignored = ignored_fields(data, list(cls.model_fields), TOLERATED | set(refused))
         out = handler(data)
         out._ignored = ignored
+        out._refused = refused_field(data, refused)
         return out
 
     def ignored_fields(self) -> list[str]:
@@ -117,9 +163,13 @@ class _Sampling(_Body):
         return {"X-Ignored-Fields": names[:1000]}
 
     def _sampling(self, logprobs: int | None, prompt_logprobs: bool, max_logprobs: int) -> SamplingParams:
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise InvalidRequest(f"{name} is not supported (only 0 or null)", name)
+        if self._refused is not None:
+            name, value = self._refused
+            if name in self._other_endpoint:
+                raise InvalidRequest(f"{name} is not a field of this endpoint (it belongs to the other of "
+                                     "/v1/completions and /v1/chat/completions)", name)
+            raise InvalidRequest(f"{name} is not supported (got {json.dumps(value)[:100]}): it would change the "
+                                 "output and this server does not implement it", name)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=self.max_tokens,  # None: the rest of the context window, as vLLM
@@ -129,10 +179,17 @@ class _Sampling(_Body):
             min_p=0.0 if self.min_p is None else self.min_p,
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias_pairs(self.logit_bias),
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_tokens=self.min_tokens, bad_words=tuple(self.bad_words or ()),
+            allowed_token_ids=None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
+            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
+            structured=structured_spec({k: getattr(self, k) for k in STRUCTURED_FIELDS}),
         ).check(max_logprobs)
 
 
 class CompletionRequest(_Sampling):
+    _other_endpoint: ClassVar[dict[str, tuple]] = CHAT_ONLY
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = None
     echo: bool = False
@@ -184,18 +241,15 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 class ChatCompletionRequest(_Sampling):
+    _other_endpoint: ClassVar[dict[str, tuple]] = COMPLETIONS_ONLY
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
     def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequest(f"response_format {self.response_format.get('type')!r} is not supported (no "
-                                 "constrained decoding); only {\"type\": \"text\"}", "response_format")
         if self.tools and self.tool_choice != "none":
             raise InvalidRequest("tools are not supported (no function calling); omit them or set tool_choice "
                                  "to \"none\"", "tools")

@@ -63,10 +63,10 @@ def test_a_field_the_body_sets_is_not_suggested_again(client):
 def test_other_unknown_fields_are_ignored_and_listed(client, path):
     plain = client.post(path, json=PATHS[path])
     assert plain.status_code == 200 and "x-ignored-fields" not in plain.headers
-    body = {**PATHS[path], "store": True, "metadata": {"k": "v"}, "min_tokens": 1, "my_tag": "a\nb", "ünï": 1}
+    body = {**PATHS[path], "store": True, "metadata": {"k": "v"}, "priority": 1, "my_tag": "a\nb", "ünï": 1}
     r = client.post(path, json=body)
     assert r.status_code == 200, r.text
-    assert r.headers["x-ignored-fields"] == 'store, metadata, min_tokens, my_tag, \\u00fcn\\u00ef'
+    assert r.headers["x-ignored-fields"] == 'store, metadata, priority, my_tag, \\u00fcn\\u00ef'
     field = "text" if path == "/v1/completions" else "message"
     assert r.json()["choices"][0][field] == plain.json()["choices"][0][field]
     with client.stream("POST", path, json={**body, "stream": True}) as s:
