@@ -10,14 +10,17 @@ import math
 from pydantic import ValidationError
 
 from logitfuse.batch.records import BadLine, Record
+from logitfuse.engine.output_format import GUIDED, structured_spec
 from logitfuse.engine.request import SamplingParams, logit_bias_pairs
 from logitfuse.errors import InvalidRequest, UnknownName
 from logitfuse.methods.params import FusionParams
 from logitfuse.ops.field_names import error_path
 
 SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "logprobs")  # also command options
-INTS = ("max_tokens", "top_k", "seed", "logprobs", "n")
-FLOATS = ("temperature", "top_p", "min_p")
+INTS = ("max_tokens", "top_k", "seed", "logprobs", "n", "min_tokens")
+FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+BOOLS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+STRUCTURED = ("response_format", "structured_outputs", *GUIDED)  # -> one StructuredSpec (engine/output_format.py)
 MAX_N = 64  # as the server's `n`
 NO_LIMIT = 2**31  # remote jobs leave the logprobs limit to the server
 
@@ -32,16 +35,20 @@ def _typed(params: dict) -> dict:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise InvalidRequest(f"{k} must be a number, got {v!r}", k)
             out[k] = float(v)
-        if k == "ignore_eos" and not isinstance(v, bool):
-            raise InvalidRequest(f"ignore_eos must be true or false, got {v!r}", k)
+        if k in BOOLS and not isinstance(v, bool):
+            raise InvalidRequest(f"{k} must be true or false, got {v!r}", k)
         if k == "stop":
             stops = [v] if isinstance(v, str) else v
             if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
                 raise InvalidRequest(f"stop must be a string or a list of strings, got {v!r}", k)
             out[k] = tuple(stops)
-        if k == "stop_token_ids":
+        if k in ("stop_token_ids", "allowed_token_ids"):
             if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-                raise InvalidRequest(f"stop_token_ids must be a list of token ids, got {v!r}", k)
+                raise InvalidRequest(f"{k} must be a list of token ids, got {v!r}", k)
+            out[k] = tuple(v)
+        if k == "bad_words":
+            if not isinstance(v, list) or not all(isinstance(w, str) for w in v):
+                raise InvalidRequest(f"bad_words must be a list of strings, got {v!r}", k)
             out[k] = tuple(v)
         if k == "logit_bias":
             if not isinstance(v, dict):
@@ -53,6 +60,9 @@ def _typed(params: dict) -> dict:
 def sampling(params: dict, max_logprobs: int = NO_LIMIT) -> tuple[SamplingParams, int]:
     """The line's SamplingParams (checked) and its number of samples n."""
     typed = _typed(params)
+    structured = structured_spec({k: typed.pop(k) for k in STRUCTURED if k in typed})
+    if structured is not None:
+        typed["structured"] = structured
     n = typed.pop("n", 1)
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"n must be in [1, {MAX_N}], got {n}", "n")

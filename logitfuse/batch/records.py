@@ -19,7 +19,10 @@ from pathlib import Path
 from logitfuse.engine.output import CompletionOutput
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed",
-                   "logprobs", "ignore_eos", "n", "logit_bias")
+                   "logprobs", "ignore_eos", "n", "logit_bias", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_tokens", "bad_words", "allowed_token_ids", "include_stop_str_in_output",
+                   "skip_special_tokens", "response_format", "structured_outputs", "guided_json", "guided_regex",
+                   "guided_choice", "guided_grammar")
 
 
 @dataclass
