@@ -30,6 +30,10 @@ table_rc=$?
 timeout 100 "$PY" bench/throughput.py --shapes gpu --skip table --spec-k 2 4 --spec-min-prob 0 0.6 \
   --out "$OUT_DIR/speculative-gpu.json"
 spec_rc=$?
+# logitfuse inside vLLM (docs/vllm.md), where the device's venv has a CUDA vllm: vLLM base vs vLLM + processor
+if "$PY" -c "import vllm" 2>/dev/null; then
+  VLLM_USE_V2_MODEL_RUNNER=0 timeout 200 "$PY" bench/vllm.py --out "$OUT_DIR/vllm-gpu.json" || true
+fi
 bench_rc=$(( table_rc != 0 ? table_rc : spec_rc ))
 seconds=$(( $(date +%s) - start ))
 

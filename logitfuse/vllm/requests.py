@@ -1,0 +1,104 @@
+"""What a vLLM request asks of the fusion processor, and which plans can run inside vLLM. No vLLM import.
+
+A request opts in with `extra_args={"ensemble": NAME}` (offline) or `vllm_xargs` (vLLM's OpenAI server), and
+may override the method's parameters with flat keys of the same names as a registry ensemble's (`alpha`,
+`beta`, `weights`, `grid`, `mode`, `support`, `experts`, `method`). Inside vLLM the base is vLLM's own model
+and every expert reads the token ids vLLM feeds it, so some plans cannot run there; `unsupported` says why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+from pydantic import ValidationError
+
+from logitfuse import methods
+from logitfuse.config.registry import Registry
+from logitfuse.config.startup import errors_of
+from logitfuse.errors import InvalidRequest, UnknownName
+from logitfuse.methods.params import FusionParams
+from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops.field_names import near_miss
+
+ENV = "LOGITFUSE_CONFIG"  # the registry file
+ENV_ENSEMBLES = "LOGITFUSE_ENSEMBLES"  # optional comma-separated ensembles to serve (each must be servable)
+KEY = "ensemble"  # the extra_args key that selects an ensemble
+# flat per-request overrides: every fusion parameter but the nested speculative block
+OVERRIDES = tuple(f for f in FusionParams.model_fields if f != "speculative")
+
+
+@lru_cache(maxsize=4)
+def load_registry(path: str | None = None) -> Registry:
+    """The registry named by $LOGITFUSE_CONFIG (or path), read once per process."""
+    path = path or os.environ.get(ENV)
+    if not path:
+        raise ValueError(f"logitfuse: set {ENV} to the registry file (e.g. configs/default.yaml)")
+    return Registry.load(path)
+
+
+def wanted(extra_args: Mapping[str, Any] | None) -> bool:
+    """Whether a request asks for fusion at all (requests without the key are left untouched)."""
+    return bool(extra_args) and KEY in extra_args
+
+
+def request_plan(registry: Registry, extra_args: Mapping[str, Any]) -> FusionPlan:
+    """The plan of a request's ensemble and overrides; InvalidRequest naming the key for bad input."""
+    name = extra_args.get(KEY)
+    if not isinstance(name, str) or name not in registry.ensembles:
+        known = ", ".join(registry.ensembles) or "(none)"
+        raise InvalidRequest(f"extra_args.ensemble: unknown ensemble {name!r}; available: {known}", KEY)
+    others = {k: v for k, v in extra_args.items() if k != KEY and not _foreign(k)}
+    for key in others:
+        if key not in OVERRIDES:
+            guess = near_miss(key, OVERRIDES)
+            hint = f"; did you mean {guess!r}?" if guess else ""
+            raise InvalidRequest(f"extra_args.{key}: not a fusion parameter{hint} (known: {', '.join(OVERRIDES)})",
+                                 key)
+    try:
+        params = FusionParams.model_validate(others) if others else None
+        plan = registry.plan(name, params)
+    except ValidationError as err:
+        raise InvalidRequest("; ".join(errors_of(err, "extra_args")), KEY) from None
+    except UnknownName as err:
+        raise InvalidRequest(f"extra_args: {err}", err.param) from None
+    reason = unsupported(registry, plan)
+    if reason:
+        raise InvalidRequest(f"ensemble {name!r}: {reason}", KEY)
+    return plan
+
+
+def _foreign(key: str) -> bool:
+    """Keys vLLM itself puts into extra_args (KV and encoder-cache transfer parameters)."""
+    return key.endswith("_transfer_params")
+
+
+def unsupported(registry: Registry, plan: FusionPlan) -> str | None:
+    """Why a plan cannot run as a vLLM logits processor, or None when it can."""
+    method = methods.get(plan.method)
+    if plan.tqstar is not None or method.work(plan):
+        return (f"method {plan.method!r} looks ahead with rollouts of the base, which a logits processor cannot "
+                "run; serve it with `logitfuse serve`")
+    if not method.needs_experts:
+        return f"method {plan.method!r} fuses no experts; send the request without extra_args.ensemble"
+    if plan.speculative is not None:
+        return ("speculative fusion drafts with the tuned expert and verifies in the base, which vLLM runs; "
+                "vLLM refuses custom logits processors under its own speculative decoding, so drop "
+                "`speculative` from the ensemble")
+    if plan.cross_models():
+        return (f"experts {', '.join(plan.cross_models())} use another tokenizer and follow the text re-tokenized; "
+                "inside vLLM every expert reads vLLM's token ids, so it must share the base's tokenizer")
+    formats = {n: registry.model_spec(n).chat_template for n in plan.models()}
+    if len(set(formats.values())) > 1:
+        listed = ", ".join(f"{n}: {v}" for n, v in formats.items())
+        return ("its roles format chat prompts differently (chat_template " + listed + "); inside vLLM every "
+                "role reads the token ids vLLM feeds the base, so every role must use one prompt format")
+    return None
+
+
+def served_names() -> list[str] | None:
+    """The ensembles $LOGITFUSE_ENSEMBLES names (None: every ensemble of the registry)."""
+    raw = os.environ.get(ENV_ENSEMBLES, "").strip()
+    return [n.strip() for n in raw.split(",") if n.strip()] or None if raw else None

@@ -1,0 +1,229 @@
+"""The experts' side of fusion inside another engine: rows keyed by id, their expert KV caches, fused scores.
+
+The host engine (vLLM) runs the base and owns the batch; this module holds, for every row that asked for
+an ensemble, the prompt, a live view of its generated tokens and how many of them the experts have read.
+`fuse` brings every expert up to date (a new row prefills its prompt and any tokens it already has, as a
+preempted and resumed request does; a running row takes its newest token, every model in one forward, LoRA
+views of one host together) and returns the fused scores of the rows from the host's base logits, through
+the method table exactly as the engine's fuser does. No vLLM import: tests drive it with any base logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from logitfuse import methods
+from logitfuse.backends.base import CausalLM
+from logitfuse.engine.slots import ModelSlots
+from logitfuse.errors import InvalidRequest, VocabMismatchError
+from logitfuse.methods.base import Step
+from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops.vocab import Alignment, VocabInfo, align
+
+
+@dataclass
+class Row:
+    plan: FusionPlan
+    prompt: list[int]
+    outputs: Sequence[int]  # the host's own list of generated tokens (it grows in place)
+    fed: int = 0  # tokens of prompt + outputs the experts' caches hold
+    error: str | None = None  # set when this row's fusion failed; the row is then left to end
+
+    def tokens(self) -> list[int]:
+        return [*self.prompt, *self.outputs]
+
+    def pending(self) -> list[int]:
+        """Tokens the experts have not read yet."""
+        return self.tokens()[self.fed:]
+
+
+@dataclass
+class ExpertRows:
+    """Rows by id, each with its plan; the experts' batched states (one Slot per model, as the engine's)."""
+
+    get_backend: Callable[[str], CausalLM]
+    base: VocabInfo  # the host's base vocabulary; its logits_width is the width of the logits it hands over
+    solver_threads: int | None = None
+    rows: dict[str, Row] = field(default_factory=dict)
+    slots: ModelSlots = field(default_factory=ModelSlots)
+    _maps: dict[tuple[str, ...], Alignment] = field(default_factory=dict)
+    _aside: dict[str, tuple] = field(default_factory=dict)  # model -> rows set aside during one forward
+
+    def alignment(self, plan: FusionPlan) -> Alignment:
+        """The experts' vocabularies mapped onto the host's base vocabulary (checked once per set of models)."""
+        key = plan.models()[1:]
+        if key not in self._maps:
+            try:
+                self._maps[key] = align([self.base] + [self.get_backend(n).vocab_info() for n in key])
+            except VocabMismatchError as err:
+                raise InvalidRequest(str(err), "ensemble") from None
+        return self._maps[key]
+
+    def experts(self, plan: FusionPlan) -> tuple[str, ...]:
+        """The models this process runs for a plan: all but the base (the host runs it)."""
+        return plan.models()[1:]
+
+    # -- the host's batch ----------------------------------------------------------------------------------
+    def add(self, rid: str, plan: FusionPlan, prompt: Sequence[int], outputs: Sequence[int]) -> None:
+        """A row joins (or joins again after a preemption: it prefills everything it has so far)."""
+        self.remove(rid)
+        self.rows[rid] = Row(plan, list(prompt), outputs)
+
+    def remove(self, rid: str) -> None:
+        if self.rows.pop(rid, None) is not None:
+            self.slots.drop({rid})
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def fuse(self, rids: list[str], base_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, str]]:
+        """Fused scores (b, V) for the given rows from the host's base logits (b, V), in the same order, and
+        the rows that failed with the reason (their scores are left as the base's)."""
+        failed: dict[str, str] = {}
+        live = [r for r in rids if self.rows[r].error is None]
+        failed.update(self._catch_up(live))
+        out = base_logits.clone()
+        groups: dict[object, list[int]] = {}
+        for i, rid in enumerate(rids):
+            if rid not in failed and self.rows[rid].error is None:
+                groups.setdefault(self.rows[rid].plan.group_key(), []).append(i)
+        for idx in groups.values():
+            failed.update(self._combine(rids, idx, base_logits, out))
+        for rid, reason in failed.items():
+            self.rows[rid].error = reason
+            self.slots.drop({rid})
+        return out, failed
+
+    def _combine(self, rids: list[str], idx: list[int], base_logits: torch.Tensor, out: torch.Tensor
+                 ) -> dict[str, str]:
+        """One plan group's fused scores into out; a failing group is retried row by row."""
+        try:
+            out[idx] = self.scores([rids[i] for i in idx], base_logits[idx]).to(out.dtype)
+            return {}
+        except Exception as err:
+            if len(idx) == 1:
+                return {rids[idx[0]]: f"{type(err).__name__}: {err}"}
+            failed: dict[str, str] = {}
+            for i in idx:
+                failed.update(self._combine(rids, [i], base_logits, out))
+            return failed
+
+    def scores(self, rids: list[str], base_logits: torch.Tensor) -> torch.Tensor:
+        """The plans' method on rows of one group (their experts up to date): as engine/fused_scores.py."""
+        plans = [self.rows[r].plan for r in rids]
+        plan = plans[0]
+        al = self.alignment(plan)
+        base = al.apply(base_logits).float()  # (b, V)
+
+        def rows_of(name: str) -> torch.Tensor:
+            slot = self.slots[name]
+            where = slot.index()
+            pick = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
+            return al.apply(slot.logits.index_select(0, pick)).to(base.device).float()
+
+        def experts() -> tuple[torch.Tensor, torch.Tensor]:
+            tuned = torch.stack([rows_of(e.tuned) for e in plan.experts], 1)
+            untuned = torch.stack([rows_of(e.untuned) for e in plan.experts], 1)
+            return tuned, untuned  # (b, T, V) each
+
+        fused, _ = methods.get(plan.method).combine(Step(plans, base, experts, self.solver_threads))
+        return fused
+
+    def _catch_up(self, rids: list[str]) -> dict[str, str]:
+        """Every expert of the given rows reads the rows' unread tokens: new rows (and rows more than one token
+        behind) prefill, the others decode their newest token. Returns the rows that failed."""
+        failed: dict[str, str] = {}
+        fresh, step = [], {}
+        for rid in rids:
+            row = self.rows[rid]
+            todo = row.pending()
+            if any(t < 0 for t in todo):  # a host placeholder for a token not sampled yet
+                failed[rid] = f"token ids {todo} include a placeholder (asynchronous scheduling is not supported)"
+            elif row.fed == 0 or len(todo) > 1:
+                fresh.append(rid)
+            elif len(todo) == 1:
+                step[rid] = todo[0]
+        if fresh:
+            self.slots.drop(set(fresh))
+            failed.update(self._prefill(fresh))
+        if step:
+            failed.update(self._advance(step))
+        return failed
+
+    def _prefill(self, rids: list[str]) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        names = dict.fromkeys(n for r in rids for n in self.experts(self.rows[r].plan))
+        for name in names:
+            users = [r for r in rids if name in self.experts(self.rows[r].plan) and r not in failed]
+            if not users:
+                continue
+            failed.update(self._prefill_model(name, users))
+        for r in rids:
+            if r not in failed:
+                self.rows[r].fed = len(self.rows[r].tokens())
+        return failed
+
+    def _prefill_model(self, name: str, rids: list[str]) -> dict[str, str]:
+        """One model's prefill of rows; if the batch fails, each row alone (one bad row fails alone)."""
+        try:
+            backend = self.get_backend(name)
+            state, logits = backend.prefill([self.rows[r].tokens() for r in rids])
+        except Exception as err:
+            if len(rids) == 1:
+                return {rids[0]: f"{name}: {type(err).__name__}: {err}"}
+            return {r: why for rid in rids for r, why in self._prefill_model(name, [rid]).items()}
+        self.slots.join(name, backend, state, rids, logits)
+        return {}
+
+    def _advance(self, new: dict[str, int]) -> dict[str, str]:
+        """Each model takes its rows' new token; rows without one this step are set aside and rejoin after."""
+        failed: dict[str, str] = {}
+        groups: dict[object, list[str]] = {}
+        for name, slot in self.slots.items():
+            if any(r in new for r in slot.rows):
+                groups.setdefault(getattr(slot.backend, "shared_forward", None) or ("alone", name), []).append(name)
+        for names in groups.values():
+            try:
+                self._forward(names, new)
+            except Exception as err:
+                for name in names:  # the state is unusable: its rows fail, rows set aside prefill again
+                    rows = self.slots.pop(name).rows if name in self.slots else []
+                    failed.update({r: f"{name}: {type(err).__name__}: {err}" for r in rows if r in new})
+                    for r in self._aside.pop(name, (None, []))[1]:
+                        self.rows[r].fed = 0
+        for rid in new:
+            if rid not in failed:
+                self.rows[rid].fed += 1
+        return failed
+
+    def _forward(self, names: list[str], new: dict[str, int]) -> None:
+        """One forward for the slots of one weight-sharing group (or one model)."""
+        for name in names:  # rows that wait (no new token) leave the slot's state for this forward
+            slot = self.slots[name]
+            idle = [i for i, r in enumerate(slot.rows) if r not in new]
+            if idle:
+                self._split(name, idle)
+        slots = [self.slots[n] for n in names]
+        tokens = [torch.tensor([new[r] for r in s.rows], dtype=torch.long).view(-1, 1) for s in slots]
+        if len(slots) == 1:
+            slots[0].logits = slots[0].backend.decode(slots[0].state, tokens[0])[:, 0]
+        else:
+            parts = [(s.backend, s.state, t) for s, t in zip(slots, tokens)]
+            for s, logits in zip(slots, slots[0].backend.decode_group(parts)):
+                s.logits = logits[:, 0]
+        for name in names:
+            self._rejoin(name)
+
+    def _split(self, name: str, idle: list[int]) -> None:
+        slot = self.slots[name]
+        busy = [i for i in range(len(slot.rows)) if i not in idle]
+        self._aside[name] = (slot.backend.select(slot.state, idle), [slot.rows[i] for i in idle], slot.logits[idle])
+        slot.state = slot.backend.select(slot.state, busy)
+        slot.rows = [slot.rows[i] for i in busy]
+        slot.logits = slot.logits[busy]
+
+    def _rejoin(self, name: str) -> None:
+        if name in self._aside:
+            state, rows, logits = self._aside.pop(name)
+            self.slots.join(name, self.slots[name].backend, state, rows, logits)

@@ -1,0 +1,129 @@
+"""vLLM + FusionLogitsProcessor against logitfuse's own engine on the same registry: greedy tokens equal and
+fused log-probabilities within 1e-3, for proxy, EFT, DLF and a LoRA-adapter expert; plain rows untouched;
+a mixed batch whose rows finish at different steps; bad requests refused while the engine keeps serving."""
+
+import math
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (.ci/vllm makes a venv with it)")
+
+from logitfuse.engine.request import SamplingParams as LFParams
+
+TOL = 1e-3
+
+
+def vllm_params(ensemble: str | None, max_tokens: int, **extra):
+    from vllm import SamplingParams
+
+    args = {"ensemble": ensemble, **extra} if ensemble else None
+    return SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, extra_args=args)
+
+
+def run_vllm(llm, prompts, params):
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                               o.outputs[0].token_ids)])
+            for o in out]
+
+
+def run_ref(ref, model, prompts, max_tokens, fusion=None):
+    outs = ref.generate(model, prompts, LFParams(max_tokens=max_tokens, temperature=0, logprobs=0), fusion)
+    return [(o.token_ids, o.logprobs) for o in outs]
+
+
+def assert_same(got, want):
+    assert len(got) == len(want)
+    for i, ((gt, gl), (wt, wl)) in enumerate(zip(got, want)):
+        assert gt == wt, f"prompt {i}: vLLM {gt} != logitfuse {wt}"
+        worst = max((abs(a - b) for a, b in zip(gl, wl)), default=0.0)
+        assert worst < TOL, f"prompt {i}: logprobs differ by {worst}"
+        assert all(math.isfinite(x) for x in gl)
+
+
+@pytest.mark.parametrize(("ensemble", "overrides"), [
+    ("proxy", {}), ("eft", {}), ("dlf", {}), ("adapter", {}), ("proxy", {"alpha": 0.5}),
+    ("eft", {"beta": 1.5, "weights": [0.2, 0.8]}),
+])
+def test_fused_greedy_equals_logitfuse(llm, ref, prompts, ensemble, overrides):
+    got = run_vllm(llm, prompts, vllm_params(ensemble, 12, **overrides))
+    want = run_ref(ref, ensemble, prompts, 12, overrides or None)
+    assert_same(got, want)
+    plain = run_ref(ref, "base-large", prompts, 12)
+    assert sum(g[0] != p[0] for g, p in zip(got, plain)) >= 3, "fusion should change some outputs"
+
+
+def test_plain_rows_are_the_base(llm, ref, prompts):
+    """A request without `ensemble` is vLLM's base alone: the same tokens and log-probabilities as the base
+    model decoded by logitfuse."""
+    assert_same(run_vllm(llm, prompts, vllm_params(None, 12)), run_ref(ref, "base-large", prompts, 12))
+
+
+def test_mixed_batch_stays_exact(llm, ref, prompts):
+    """Fused (three ensembles) and plain requests in one batch, each with its own length, so rows finish at
+    different steps and vLLM moves the remaining ones; each equals its own reference."""
+    names = [None, "proxy", "dlf", "eft", "adapter"]
+    cases = [(names[i % len(names)], 3 + (5 * i) % 14) for i in range(len(prompts))]
+    params = [vllm_params(n, k) for n, k in cases]
+    got = run_vllm(llm, prompts, params)
+    for i, ((name, k), g) in enumerate(zip(cases, got)):
+        want = run_ref(ref, name or "base-large", [prompts[i]], k)
+        assert_same([g], want)
+
+
+def test_unknown_ensemble_is_refused_and_the_engine_serves_on(llm, ref, prompts):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="unknown ensemble 'nope'; available: proxy"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], vllm_params("nope", 4))
+    assert_same(run_vllm(llm, prompts[:4], vllm_params("proxy", 8)), run_ref(ref, "proxy", prompts[:4], 8))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"alph": 0.5}, "extra_args.alph: not a fusion parameter; did you mean 'alpha'"),
+    ({"alpha": 1000.0}, "alpha must be in"),
+    ({"beta": "high"}, "extra_args.beta"),
+    ({"experts": ["missing"]}, "expert 'missing' not found"),
+])
+def test_bad_overrides_are_refused(llm, prompts, extra, message):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=message):
+        llm.generate([{"prompt_token_ids": prompts[0]}], vllm_params("proxy", 4, **extra))
+
+
+@pytest.mark.parametrize(("ensemble", "message"), [
+    ("spec", "speculative"), ("tq", "rollouts"), ("formats", "format chat prompts differently"),
+    ("unloadable", r"model 'broken-small': .*model.safetensors is unreadable"),
+])
+def test_ensembles_that_cannot_run_in_vllm_are_refused(llm, prompts, ensemble, message):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=message):
+        llm.generate([{"prompt_token_ids": prompts[0]}], vllm_params(ensemble, 4))
+
+
+def test_n_and_seeded_sampling_follow_vllm(llm, prompts):
+    """n samples of a fused request with a seed: each a sequence of its own, reproducible by the seed."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, extra_args={"ensemble": "proxy"})
+    first = [list(c.token_ids) for c in llm.generate([{"prompt_token_ids": prompts[1]}], sp, use_tqdm=False)[0].outputs]
+    again = [list(c.token_ids) for c in llm.generate([{"prompt_token_ids": prompts[1]}], sp, use_tqdm=False)[0].outputs]
+    assert len(first) == 3 and first == again
+
+
+def test_an_end_of_turn_id_ends_a_fused_sequence(llm, ref, prompts):
+    """A tuned expert's end-of-turn token that the base does not stop on ends fused sequences through the
+    request's stop_token_ids (docs/vllm.md): here, a token the fused output emits mid-way."""
+    from vllm import SamplingParams
+
+    refs = [(p, o[0]) for p, o in zip(prompts, run_ref(ref, "proxy", prompts, 12))]
+    prompt, want = max(refs, key=lambda r: len(r[1]))
+    assert len(want) >= 3
+    stop = want[-2]  # the last token before the end of sequence
+    end = want.index(stop)
+    sp = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop], extra_args={"ensemble": "proxy"})
+    out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert list(out.token_ids) == want[: end + 1]
