@@ -234,10 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def ray_args(p: argparse.ArgumentParser) -> None:
     """generate's Ray options (defined here: building the parser must import neither ray nor pyarrow)."""
     g = p.add_argument_group("Ray (--ray)")
@@ -247,3 +243,7 @@ def ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=64, help="records per Ray task (one output part each)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per actor (default: 1)")
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray reserves per actor (default: 0)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
