@@ -120,7 +120,9 @@ ray:
 """)
     ray = Registry.load(path).ray
     assert _options(ray, ray.deployments["big"], None) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1.0},
-                                                           "autoscaling_config": ray.autoscaling}
+                                                           "autoscaling_config": {
+                                                               "min_replicas": 1, "max_replicas": 4,
+                                                               "target_ongoing_requests": 8.0}}
     rest = _options(ray, ray.deployments["rest"], None)
     assert rest["ray_actor_options"]["num_gpus"] == 0.5 and rest["autoscaling_config"]["max_replicas"] == 4
     plain = Registry.load(config_file).ray
