@@ -1,6 +1,7 @@
 """`logitfuse generate --server URL`: the same job against a running OpenAI-compatible server.
 
-Bounded concurrency; retries with backoff on 429/5xx and connection errors (honouring Retry-After); a
+Bounded concurrency; retries on 429/5xx and connection errors (backends/remote/retry.py: Retry-After in
+seconds or as an HTTP date, capped at MAX_WAIT, jittered); a
 4xx other than 429 is final and becomes the line's error record; a request that still fails after its
 retries is not written, so the next run retries it. Lines are validated here exactly as a local job
 validates them, and responses are read back into the local job's sequences, so both write the same
@@ -11,18 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 
 import httpx
 from tqdm import tqdm
 
+from logitfuse.backends.remote.retry import RETRY_STATUS, retry_wait
 from logitfuse.batch import line_params as batch_lines
 from logitfuse.batch.records import BadLine, Record, Writer, line_params, result_record
 from logitfuse.engine.output import CompletionOutput
 from logitfuse.engine.request import TopLogprob
 from logitfuse.errors import InvalidRequest
 
-RETRY_STATUS = {429, 500, 502, 503, 504}
+MAX_WAIT = 60.0  # seconds: the longest wait before a retry, whatever Retry-After asks
 ID_PREFIX = "token_id:"
 
 
@@ -101,22 +102,24 @@ def error_record(rec: Record, r: httpx.Response) -> dict:
     return BadLine(rec.id, message, param, r.status_code).record()
 
 
-async def _send(client: httpx.AsyncClient, path: str, body: dict, retries: int) -> httpx.Response | None:
+async def _send(client: httpx.AsyncClient, path: str, body: dict, retries: int,
+                max_wait: float) -> httpx.Response | None:
     for attempt in range(retries + 1):
         try:
             r = await client.post(path, json=body)
             if r.status_code not in RETRY_STATUS:
                 return r
-            wait = float(r.headers.get("retry-after", 0) or 0)
+            asked = r.headers.get("retry-after")
         except httpx.TransportError:
-            wait = 0.0
+            asked = None
         if attempt < retries:
-            await asyncio.sleep(max(wait, min(8.0, 0.25 * 2**attempt)) + random.random() * 0.1)
+            await asyncio.sleep(retry_wait(attempt, asked, max_wait))
     return None
 
 
 async def _run(args, todo: list[Record], writer: Writer, stats, transport: httpx.AsyncBaseTransport | None):
     sem = asyncio.Semaphore(args.concurrency)
+    max_wait = getattr(args, "retry_max_wait", None) or MAX_WAIT
     bar = tqdm(total=len(todo), desc="generate", unit="rec")
     async with httpx.AsyncClient(base_url=api_root(args.server), timeout=args.timeout, headers=_headers(args),
                                  transport=transport) as client:
@@ -130,7 +133,7 @@ async def _run(args, todo: list[Record], writer: Writer, stats, transport: httpx
                 return stats.write(writer, batch_lines.bad_line(rec.id, err).record(), bar, error=True)
             path, body = request_body(args, rec, params)
             async with sem:
-                r = await _send(client, path, body, args.retries)
+                r = await _send(client, path, body, args.retries, max_wait)
             if r is None:
                 stats.failed += 1
                 bar.update(1)

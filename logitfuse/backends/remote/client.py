@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from logitfuse.backends.base import token_texts, tokenizer_vocab_info
+from logitfuse.backends.remote.retry import RETRY_STATUS, retry_wait
 from logitfuse.backends.remote.wire import Capabilities, Top, first_difference, positions
 from logitfuse.errors import RemoteError
 from logitfuse.ops.vocab import VocabInfo
@@ -53,6 +54,7 @@ class RemoteCausalLM:
 
         self.name, self.tokenizer, self.chat_template = name, tokenizer, chat_template
         self.model, self.top_n, self.retries = spec.model, spec.top_logprobs, spec.retries
+        self.max_wait = spec.retry_max_wait  # seconds: the cap on any wait before a retry
         self.max_context = spec.max_context
         self.logits_width = len(tokenizer)
         self.device = torch.device("cpu")
@@ -228,8 +230,9 @@ class RemoteCausalLM:
     def post(self, body: dict, retry: bool = True) -> dict:
         import httpx
 
-        delay, last, status = 0.5, "", None
+        last, status = "", None
         for attempt in range(self.retries + 1 if retry else 1):
+            asked = None
             try:
                 r = self.client.post("/completions", json=body)
             except httpx.TransportError as err:
@@ -238,12 +241,12 @@ class RemoteCausalLM:
                 if r.status_code == 200:
                     return r.json()
                 last, status = f"{r.status_code}: {r.text[:300]}", r.status_code
-                if (r.status_code != 429 and r.status_code < 500) or _REFUSAL.search(r.text[:2000]):
+                if r.status_code not in RETRY_STATUS or _REFUSAL.search(r.text[:2000]):
                     break  # the request itself is wrong or refused: retrying cannot help
-                delay = float(r.headers.get("retry-after", delay))
+                asked = r.headers.get("retry-after")
             if retry and attempt < self.retries:
+                delay = retry_wait(attempt, asked, self.max_wait, base=0.5)
                 log.warning("model %s: %s/completions failed (%s), retrying in %.1f s", self.name, self.url, last,
                             delay)
-                time.sleep(delay)
-                delay *= 2
+                time.sleep(delay)  # on this row's request thread (self.pool), never the engine's own
         raise RemoteError(f"model {self.name!r}: {self.url}/completions answered {last}", status)
