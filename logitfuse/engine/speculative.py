@@ -63,11 +63,11 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torc
     positions, q (n, V) draft probs, drafts (n,). Returns (accepted drafts, the token resampled from
     norm(max(0, p - q)) at the first rejection, or None when every draft was accepted). gen None means greedy
     (accept while the draft is p's argmax)."""
+    if gen is None:  # one argmax over the row's positions, then the first mismatch
+        best = p[: len(drafts)].argmax(dim=-1).tolist()
+        n = next((i for i, (b, d) in enumerate(zip(best, drafts)) if b != d), len(drafts))
+        return n, best[n] if n < len(drafts) else None
     for i, d in enumerate(drafts):
-        if gen is None:
-            if int(p[i].argmax()) != d:
-                return i, int(p[i].argmax())
-            continue
         ratio = (p[i, d] / q[i, d]).item() if q[i, d] > 0 else 1.0
         if torch.rand((), generator=gen).item() >= ratio:
             residual = (p[i] - q[i]).clamp(min=0)
@@ -81,12 +81,19 @@ def bonus_token(p: torch.Tensor, gen: torch.Generator | None) -> int:
     return int(p.argmax()) if gen is None else int(torch.multinomial(p, 1, generator=gen))
 
 
-def accept_block(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch.Generator | None
-                 ) -> tuple[int, int]:
-    """Speculative sampling for one row. p (k+1, V) fused probs, q (k, V) draft probs, drafts (k,).
-    Returns (accepted drafts, next token)."""
+def accept_row(p: torch.Tensor | None, q: torch.Tensor | None, drafts: list[int], gen: torch.Generator | None
+               ) -> tuple[int, int | None]:
+    """The acceptance rule as the engine runs it, for one row of a round, greedy or sampled. drafts (n,);
+    p (n or n+1, V): with gen None, scores whose argmax is the greedy choice (logit_bias applied), else the
+    fused sampling probabilities; q (n, V) the draft's probabilities (unused when greedy). Returns (accepted
+    drafts, next token), the next token None when every draft was accepted and p stops at the last draft
+    (its bonus needs the position after it, which the round scores only when some row gets there)."""
+    if not drafts:
+        return 0, None if p is None or len(p) == 0 else bonus_token(p[0], gen)
     n, nxt = accept_drafts(p, q, drafts, gen)
-    return n, nxt if nxt is not None else bonus_token(p[n], gen)
+    if nxt is None and n < len(p):
+        nxt = bonus_token(p[n], gen)
+    return n, nxt
 
 
 def check_plan(plan: FusionPlan) -> None:
@@ -223,19 +230,13 @@ class SpecGroup:
 
         scores, decide, p = fused(0, m) if m else (None, None, None)
         accepted, nexts = [], []  # nexts: the token after the accepted drafts, None = the bonus after d_m
-        if m:
-            best = decide.argmax(dim=-1)  # (B, m)
-            n_greedy = (best == drafts).long().cumprod(dim=1).sum(dim=1).tolist()
-            best = best.tolist()
         for i, gen in enumerate(gens):
             n = lengths[i]
-            if gen is None:
-                n_acc = min(n_greedy[i], n) if m else 0
-                nxt = best[i][n_acc] if n_acc < m else None
-            else:  # generators are CPU ones (seeded per request), so the draws happen on the CPU
-                n_acc, nxt = accept_drafts(p[i].cpu() if m else None, q[i, :n].cpu(), drafts[i, :n].tolist(), gen)
-                if nxt is None and n < m:
-                    nxt = bonus_token(p[i, n].cpu(), gen)
+            # positions 0..n of the row (n + 1 of them: the bonus after a short row's last draft is among them);
+            # generators are CPU ones (seeded per request), so the draws happen on the CPU
+            row_p = ((decide if gen is None else p)[i, : n + 1].cpu()) if m else None
+            row_q = None if gen is None else q[i, :n].cpu()
+            n_acc, nxt = accept_row(row_p, row_q, drafts[i, :n].tolist(), gen)
             accepted.append(n_acc)
             nexts.append(nxt)
             stats.drafted += n
@@ -251,7 +252,7 @@ class SpecGroup:
             scores = last if scores is None else torch.cat([scores, last], dim=1)
             for i, gen in enumerate(gens):
                 if nexts[i] is None:
-                    nexts[i] = int(last_decide[i, 0].argmax()) if gen is None else bonus_token(p_last[i, 0].cpu(), gen)
+                    nexts[i] = bonus_token((last_decide if gen is None else p_last)[i, 0].cpu(), gen)
         emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)[:, : scores.shape[1]]
         emitted[torch.arange(b, device=dev), torch.tensor(accepted, device=dev)] = torch.tensor(nexts, device=dev)
         finished = self._emit(emitted, accepted, torch.log_softmax(scores, dim=-1), events)

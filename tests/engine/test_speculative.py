@@ -8,7 +8,8 @@ import torch
 
 from logitfuse import SamplingParams
 from logitfuse.api import SpeculativeEFT
-from logitfuse.engine.speculative import accept_block
+from logitfuse.engine import speculative
+from logitfuse.engine.speculative import accept_row
 from logitfuse.errors import InvalidRequest
 from logitfuse.ops.sampling import SamplingTensors, make_generator, warp
 
@@ -34,7 +35,8 @@ def test_a_draft_that_is_the_fused_model_is_always_accepted():
     gen = make_generator(1)
     for _ in range(50):
         drafts = [int(torch.multinomial(p[i], 1, generator=gen)) for i in range(3)]
-        n, _ = accept_block(p, p[:3], drafts, gen)
+        n, nxt = accept_row(p, p[:3], drafts, gen)
+        assert nxt is not None  # the bonus, from p[3]
         assert n == 3
 
 
@@ -50,12 +52,42 @@ def test_emitted_tokens_follow_the_fused_distribution():
     for _ in range(n):
         d0 = int(torch.multinomial(q[0], 1, generator=gen))
         d1 = int(torch.multinomial(q[1], 1, generator=gen))
-        acc, nxt = accept_block(p, q, [d0, d1], gen)
+        acc, nxt = accept_row(p, q, [d0, d1], gen)
         first[d0 if acc >= 1 else nxt] += 1
         if acc >= 1:
             second[d1 if acc == 2 else nxt] += 1
     assert torch.allclose(first / n, p[0], atol=0.012), (first / n, p[0])
     assert torch.allclose(second / second.sum(), p[1], atol=0.015), (second / second.sum(), p[1])
+
+
+def test_greedy_acceptance_takes_the_leading_argmax_matches_of_raw_scores():
+    scores = torch.tensor([[-5.0, -1.0, -9.0], [2.0, -3.0, 0.0], [-1.0, -2.0, 4.0]])  # argmax 1, 0, 2
+    assert accept_row(scores, None, [1, 0], None) == (2, 2)  # both accepted, the bonus is position 2's argmax
+    assert accept_row(scores, None, [1, 2], None) == (1, 0)  # the second rejected: its argmax instead
+    assert accept_row(scores, None, [0, 0], None) == (0, 1)
+    assert accept_row(scores[:2], None, [1, 0], None) == (2, None)  # the bonus position is not scored yet
+    assert accept_row(scores[:1], None, [], None) == (0, 1) and accept_row(None, None, [], None) == (0, None)
+
+
+def test_the_engine_decides_every_row_with_the_tested_rule(lf, monkeypatch):
+    """The rule above is the one the engine runs: every row of every round, greedy and sampled, goes through
+    accept_row, and the engine emits exactly what it returned."""
+    calls = []
+
+    def spy(p, q, drafts, gen):
+        out = accept_row(p, q, drafts, gen)
+        calls.append((gen is None, len(drafts), out))
+        return out
+
+    monkeypatch.setattr(speculative, "accept_row", spy)
+    sps = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+           SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)]
+    spec = SpeculativeEFT(lf, k=3)
+    out = spec.generate([lf.requests("proxy-a", PROMPTS[0], sp)[0] for sp in sps])
+    assert {greedy for greedy, _, _ in calls} == {True, False}
+    assert len(calls) == spec.stats.row_rounds and sum(c[1] for c in calls) == spec.stats.drafted
+    assert sum(c[2][0] for c in calls) == spec.stats.accepted > 0
+    assert [len(o.token_ids) for o in out] == [12, 12]
 
 
 def test_adaptive_draft_length_keeps_greedy_output(lf):
