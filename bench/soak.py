@@ -2,9 +2,13 @@
 cancelled requests from `--concurrency` clients for `--seconds`, then it stops by itself.
 
     .venv/bin/python bench/soak.py [--config configs/default.yaml] [--seconds 180] [--concurrency 16]
+    .venv/bin/python bench/soak.py --config configs/real.yaml --swap --budget-mb 1200 --seconds 600 --concurrency 8
 
-Prints requests by kind and status, p50/p99 latency of the valid ones, the process's RSS at start and end,
-and the sequences left in the engine after the clients stop (must be 0); writes JSON (--out).
+Prints requests by kind and status, p50/p99 latency of the valid ones, the process's RSS at start, after
+warm-up (a fifth of the run) and at the end, the 5xx answers and requests lost (no answer at all), and the
+sequences left in the engine after the clients stop (must be 0); writes JSON (--out). `--swap` makes every
+valid request name a random ensemble of the config (experts swapped per request); `--budget-mb` with it
+sets server.memory_budget_mb (and preload off), so that a budget below the ensembles' sum forces eviction.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections import Counter
 
 import httpx
 
+from logitfuse.api import LogitFuse
+from logitfuse.config.registry import Registry
 from logitfuse.service.app import start_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,10 +56,12 @@ def rss_mb() -> float:
     return float("nan")
 
 
-async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict) -> None:
+async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict, swap: list[str]) -> None:
     roll = rng.random()
     path, body = rng.choice(VALID)
     body = {**body, "prompt": rng.choice(PROMPTS)} if "messages" not in body else dict(body)
+    if swap:
+        path, body = "/v1/completions", {"model": rng.choice(swap), "prompt": rng.choice(PROMPTS), "max_tokens": 12}
     kind = "valid" if roll < 0.6 else "invalid" if roll < 0.85 else "cancelled"
     if kind == "invalid":
         path, body = "/v1/completions", {"model": "large-qa", "prompt": "the", "max_tokens": 4, **rng.choice(INVALID)}
@@ -74,19 +82,25 @@ async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict) -> Non
             stats["latency"].append(time.perf_counter() - t0)
     except httpx.TimeoutException:
         stats["status"][(kind, "client left")] += 1
+    except httpx.HTTPError as err:  # no answer at all: a lost request
+        stats["status"][(kind, f"lost {type(err).__name__}")] += 1
 
 
-async def clients(url: str, seconds: float, concurrency: int, seed: int) -> dict:
-    stats = {"status": Counter(), "latency": []}
+async def clients(url: str, seconds: float, concurrency: int, seed: int, swap: list[str]) -> dict:
+    stats = {"status": Counter(), "latency": [], "rss_warm": None}
     deadline = time.monotonic() + seconds
+
+    async def warm_rss() -> None:
+        await asyncio.sleep(seconds / 5)
+        stats["rss_warm"] = rss_mb()
 
     async def worker(i: int) -> None:
         rng = random.Random(seed + i)
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             while time.monotonic() < deadline:
-                await one(client, rng, stats)
+                await one(client, rng, stats, swap)
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(warm_rss(), *(worker(i) for i in range(concurrency)))
     return stats
 
 
@@ -102,12 +116,19 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
+    ap.add_argument("--swap", action="store_true", help="valid requests name a random ensemble each")
+    ap.add_argument("--budget-mb", type=int, default=None, help="with --swap: server.memory_budget_mb")
     args = ap.parse_args()
-    url, server = start_in_thread(args.config, host="127.0.0.1")
+    reg = Registry.load(args.config)
+    swap = list(reg.ensembles) if args.swap else []
+    if args.swap and args.budget_mb:
+        server_settings = reg.server.model_copy(update={"memory_budget_mb": args.budget_mb, "preload": False})
+        reg = reg.model_copy(update={"server": server_settings})
+    url, server = start_in_thread(LogitFuse(reg), host="127.0.0.1")
     serving = server.config.app.state.serving
     rss0 = rss_mb()
     t0 = time.monotonic()
-    stats = asyncio.run(clients(url, args.seconds, args.concurrency, args.seed))
+    stats = asyncio.run(clients(url, args.seconds, args.concurrency, args.seed, swap))
     wall = time.monotonic() - t0
     drain_t0 = time.monotonic()
     while serving.pending() and time.monotonic() - drain_t0 < 30:
@@ -123,14 +144,20 @@ def main() -> None:
         print(f"{k:<10} {s:<12} {n:>7}")
     lat = stats["latency"]
     print(f"valid 200 latency: p50 {pct(lat, 0.5):.3f} s, p99 {pct(lat, 0.99):.3f} s ({len(lat)} requests)")
-    print(f"RSS: {rss0:.0f} MiB at start, {rss1:.0f} MiB at end; sequences left: {left} (drained in {drained:.2f} s)")
+    five = sum(n for _, s, n in rows if s.startswith("5"))
+    lost = sum(n for _, s, n in rows if s.startswith("lost"))
+    warm = stats["rss_warm"] or float("nan")
+    print(f"RSS: {rss0:.0f} MiB at start, {warm:.0f} MiB after warm-up, {rss1:.0f} MiB at end; 5xx: {five}, "
+          f"lost: {lost}; sequences left: {left} (drained in {drained:.2f} s)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seconds": wall, "concurrency": args.concurrency, "status": rows,
                                "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "valid_ok": len(lat),
-                               "rss_start_mb": rss0, "rss_end_mb": rss1, "sequences_left": left,
+                               "rss_start_mb": rss0, "rss_warm_mb": stats["rss_warm"], "rss_end_mb": rss1,
+                               "sequences_left": left, "http_5xx": five, "lost": lost, "swap": swap,
+                               "budget_mb": args.budget_mb,
                                "drain_s": drained}, indent=2))
-    sys.exit(0 if left == 0 else 1)
+    sys.exit(0 if left == 0 and (not swap or five == lost == 0) else 1)
 
 
 if __name__ == "__main__":

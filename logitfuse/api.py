@@ -152,6 +152,18 @@ class LogitFuse:
     def unpin(self, names: Sequence[str]) -> None:
         self._pool.release(list(names))
 
+    def try_pin(self, names: Sequence[str]) -> bool:
+        """Pin models only if all are loaded now (True); never loads or waits on a load (False: none pinned)."""
+        return self._pool.try_acquire(list(names))
+
+    def is_loaded(self, name: str) -> bool:
+        return self._pool.is_loaded(name)
+
+    def room_for(self, names: Sequence[str]) -> bool:
+        """Whether models fit beside the pinned ones within server.memory_budget_mb (sizes estimated from
+        their files until loaded)."""
+        return self._pool.room_for(list(names))
+
     # --- state, for operators
     def health(self) -> dict:
         """Loaded models, entries left out at start-up and models that failed to load, with reasons."""

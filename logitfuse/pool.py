@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.backends.sources import load_model, load_reward
 from logitfuse.config.registry import Registry
-from logitfuse.errors import ModelUnavailable, Unavailable, UnknownName
+from logitfuse.errors import InvalidRequest, ModelUnavailable, Unavailable, UnknownName
+
+WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")  # what estimate() counts in a checkpoint folder
 
 
 def local_folder(reg: Registry, name: str) -> str | None:
@@ -163,15 +165,64 @@ class ModelPool:
             self.release(names)
 
     def acquire(self, names: list[str]) -> dict[str, CausalLM | RewardModel]:
-        """Pin names (so they are not evicted) and return their backends; pair with release."""
+        """Pin names (so they are not evicted) and return their backends; pair with release. Models that
+        one user needs together and that cannot fit the budget together are refused (InvalidRequest) as
+        soon as that is known, rather than loaded over it (or evicted under it) on every request."""
         with self._lock:
             for n in names:
                 self._pins[n] = self._pins.get(n, 0) + 1
         try:
-            return {n: self.get(n) for n in names}
+            backends = {}
+            for n in names:
+                backends[n] = self.get(n)
+                self._check_fits(backends)
+            return backends
         except BaseException:
             self.release(names)
             raise
+
+    def try_acquire(self, names: list[str]) -> bool:
+        """Pin names only if every one is loaded now (True), without loading or waiting on a load (False:
+        nothing pinned). Lets a caller that must not block take the fast path."""
+        with self._lock:
+            if any(n not in self._loaded for n in names):
+                return False
+            self._check_fits({n: self._loaded[n] for n in names})
+            for n in names:
+                self._pins[n] = self._pins.get(n, 0) + 1
+                self._loaded.move_to_end(n)
+            return True
+
+    def _check_fits(self, backends: dict[str, CausalLM | RewardModel]) -> None:
+        sizes = {n: b.param_bytes() for n, b in backends.items()}
+        if (need := sum(sizes.values())) > self.budget:
+            mib = ", ".join(f"{n} {v / 2**20:.1f} MiB" for n, v in sizes.items() if v)
+            raise InvalidRequest(f"the models this request needs together ({mib}) take {need / 2**20:.1f} MiB, "
+                                 f"over this server's memory budget of {self.budget / 2**20:.1f} MiB "
+                                 "(server.memory_budget_mb)", "model")
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._loaded
+
+    def estimate(self, name: str) -> int:
+        """Bytes a model will take once loaded: its loaded size, else its weight files' size (0 when unknown:
+        a hub id, a remote model, an adapter view)."""
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name].param_bytes()
+        folder = local_folder(self.registry, name)
+        if folder is None:
+            return 0
+        return sum(size for path, size, _ in files_signature(folder) if path.endswith(WEIGHT_FILES))
+
+    def room_for(self, names: list[str]) -> bool:
+        """Whether `names` fit beside the pinned models (what other users hold) without going over the budget:
+        unpinned models are evicted as needed, pinned ones stay."""
+        with self._lock:
+            held = {n: b.param_bytes() for n, b in self._loaded.items() if self._pins.get(n)}
+        need = sum(self.estimate(n) for n in dict.fromkeys(names) if n not in held)
+        return sum(held.values()) + need <= self.budget
 
     def release(self, names: list[str]) -> None:
         with self._lock:
@@ -183,7 +234,8 @@ class ModelPool:
 
     def _evict(self, keep: str | None = None) -> None:
         """Drop least recently used unpinned models until the loaded ones fit the budget. A model goes with
-        the adapters over it (`requires`), and stays while one of them is pinned or just loaded."""
+        the adapters over it (`requires`), and stays while one of them is pinned or just loaded. Unloading
+        happens under the lock: an adapter view leaving its host must not race the view's next load."""
         total = sum(b.param_bytes() for b in self._loaded.values())
         for name in list(self._loaded):
             if total <= self.budget:

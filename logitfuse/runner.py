@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -26,6 +28,16 @@ from logitfuse.errors import Overloaded
 
 log = logging.getLogger("logitfuse.runner")
 Sink = Callable[[TokenEvent | PromptScores], None]
+
+
+class Timings(Protocol):
+    """Where a runner reports each sequence's timings (service/metrics.py: RequestTimes), in seconds."""
+
+    def first_token(self, lane: str, queued: float, ttft: float) -> None: ...
+
+    def next_token(self, lane: str, gap: float) -> None: ...
+
+    def finished(self, lane: str, seconds: float) -> None: ...
 
 
 class QueueBound:
@@ -42,14 +54,16 @@ class QueueBound:
 
 class EngineRunner:
     def __init__(self, lf: LogitFuse, engine=None, bound: QueueBound | None = None, threads: int | None = None,
-                 name: str = "logitfuse-engine") -> None:
+                 name: str = "logitfuse-engine", lane: str = "main", timings: Timings | None = None) -> None:
         self.lf = lf
         self.engine = engine or lf.engine
         self.bound = bound or QueueBound(lf.settings.max_queue)
         self.bound.runners.append(self)
         self.threads, self.name = threads, name  # torch intra-op threads of the engine thread (None: lf's)
+        self.lane, self.timings = lane, timings
         self._running = 0  # sequences the engine was decoding after its last step (engine thread writes)
-        self._sinks: dict[str, tuple[Sink, list[str]]] = {}
+        # rid -> (sink, pinned models, [submitted, last token delivered] on the monotonic clock)
+        self._sinks: dict[str, tuple[Sink, list[str], list[float]]] = {}
         self._lock = threading.Lock()  # guards _sinks and _inbox, never held during a step
         self._inbox: deque[GenerationRequest | str] = deque()  # requests to add, rids to abort
         self._wake = threading.Event()
@@ -102,9 +116,10 @@ class EngineRunner:
             if waiting + len(requests) > self.bound.limit:
                 raise Overloaded(f"server overloaded: {waiting} sequences are waiting, this request adds "
                                  f"{len(requests)}, at most {self.bound.limit} may wait (server.max_queue)")
+            now = time.monotonic()
             with self._lock:
                 for r, names in zip(requests, pinned):
-                    self._sinks[r.rid] = (sink, names)
+                    self._sinks[r.rid] = (sink, names, [now, 0.0])
                     self._inbox.append(r)
 
     def abort(self, rid: str) -> None:
@@ -139,9 +154,10 @@ class EngineRunner:
         while not self._stopping:
             self._wake.clear()
             events = self._drain()
+            began = time.monotonic()  # the step that admits a waiting sequence begins now
             if not self.engine.has_work():
                 for ev in events:
-                    self._deliver(ev)
+                    self._deliver(ev, began)
                 if not events:
                     self._wake.wait()
                 continue
@@ -151,20 +167,35 @@ class EngineRunner:
                 log.exception("engine step failed")
                 events += self.engine.fail_all(err)
             for ev in events:
-                self._deliver(ev)
+                self._deliver(ev, began)
             with self._lock:
                 self._running = self.engine.stats().running
 
-    def _deliver(self, ev: TokenEvent | PromptScores) -> None:
+    def _deliver(self, ev: TokenEvent | PromptScores, began: float) -> None:
         done = isinstance(ev, TokenEvent) and ev.finish_reason is not None
         with self._lock:
             entry = self._sinks.pop(ev.rid, None) if done else self._sinks.get(ev.rid)
         if entry is None:
             return
-        sink, names = entry
+        sink, names, clock = entry
+        if self.timings is not None:
+            self._time(ev, clock, began, done)
         try:
             sink(ev)
         except Exception:
             log.exception("event sink failed for %s", ev.rid)
         if done:
             self.lf.unpin(names)
+
+    def _time(self, ev: TokenEvent | PromptScores, clock: list[float], began: float, done: bool) -> None:
+        """Report a sequence's timings as its events are delivered (engine thread only: clock is its own)."""
+        now = time.monotonic()
+        if isinstance(ev, TokenEvent) and ev.token_id is not None:
+            submitted, last = clock
+            if last == 0.0:
+                self.timings.first_token(self.lane, began - submitted, now - submitted)
+            else:
+                self.timings.next_token(self.lane, now - last)
+            clock[1] = now
+        if done:
+            self.timings.finished(self.lane, now - clock[0])

@@ -60,3 +60,32 @@ def test_a_slow_load_blocks_only_its_own_callers():
     gate.set()
     slow.join(), waiter.join()
     assert loads.count("b") == 1
+
+
+def test_try_acquire_pins_only_what_is_loaded_and_never_loads():
+    loads = []
+    pool = make_pool(250, loads=loads)
+    assert not pool.try_acquire(["a"]) and loads == []
+    pool.get("a")
+    assert pool.try_acquire(["a"])
+    pool.get("b"), pool.get("c")  # over the budget: b goes, the pinned a stays
+    assert pool.loaded() == ["a", "c"]
+    pool.release(["a"])
+
+
+def test_room_for_counts_what_others_pin_and_a_request_over_the_budget_is_refused():
+    import pytest
+
+    from logitfuse.errors import InvalidRequest
+
+    pool = make_pool(250)
+    pool.acquire(["a", "b"])
+    assert pool.room_for(["a", "b"])  # already held: no more bytes
+    assert pool.estimate("c") == 0  # no files behind the fake models: unknown size
+    pool.get("c")
+    assert not pool.room_for(["c"])  # 200 pinned + 100 > 250
+    pool.release(["a", "b"])
+    assert pool.room_for(["c"])
+    with pytest.raises(InvalidRequest, match=r"over this server's memory budget .*server\.memory_budget_mb"):
+        pool.acquire(["a", "b", "c"])
+    assert pool._pins == {}  # the refused request left no pin behind

@@ -10,6 +10,7 @@ config, the model name, the input, an output made by another job) is checked bef
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -37,11 +38,17 @@ def local_source(args: argparse.Namespace) -> tuple[Registry, dict]:
     return reg, {"registry_entry": spec.model_dump(mode="json")}
 
 
+# Engine request ids are the job's own, never a line's id: a line "a" with n=2 would otherwise run as a-0 and
+# a-1, the id of another line. `line-<k>` and `line-<k>-<i>` (k a counter, i a sample) cannot equal each other.
+_engine_ids = itertools.count()
+
+
 def build(lf, args: argparse.Namespace, rec: Record) -> list:
     params = line_params(batch_lines.sampling_defaults(args), rec, args.seed)
     sp, n = batch_lines.sampling(params, lf.settings.max_logprobs)
     fusion = batch_lines.fusion(args.fusion, rec)
-    reqs = lf.requests(args.model, rec.prompt, sp, fusion, messages=rec.messages, n=n, rid=rec.id)
+    rid = f"line-{next(_engine_ids)}"
+    reqs = lf.requests(args.model, rec.prompt, sp, fusion, messages=rec.messages, n=n, rid=rid)
     for r in reqs:
         lf.check(r)
     return reqs
@@ -60,31 +67,54 @@ def open_local(args: argparse.Namespace, reg: Registry, stats: Stats):
 
 
 def run_local(args: argparse.Namespace, lf, todo: list[Record], writer: Writer, stats: Stats) -> None:
+    """Continuous batching over the facade. Each line's models are pinned while its sequences run (never
+    evicted under them); a line whose models do not fit beside the running lines' (server.memory_budget_mb)
+    waits until those finish, so a budget that holds one ensemble runs one ensemble at a time."""
     stats.started()
     pending = list(reversed(todo))
-    groups: dict[str, tuple[Record, list[CompletionOutput], FusionPlan]] = {}
+    groups: dict[str, tuple[Record, list[CompletionOutput], FusionPlan, list[str]]] = {}
     owner: dict[str, tuple[str, CompletionOutput]] = {}  # engine request id -> (record id, its sequence)
     bar = tqdm(total=len(todo), desc="generate", unit="rec")
-    while pending or lf.has_work():
-        while pending and len(owner) < args.batch_size:
-            rec = pending.pop()
-            try:
-                reqs = build(lf, args, rec)
-            except (InvalidRequest, UnknownName, ValueError) as err:
-                stats.write(writer, batch_lines.bad_line(rec.id, err).record(), bar, error=True)
-                continue
-            parts = [CompletionOutput(r.rid) for r in reqs]
-            groups[rec.id] = (rec, parts, reqs[0].plan)
-            for r, part in zip(reqs, parts):
-                owner[r.rid] = (rec.id, part)
-                lf.submit(r)
-        for ev in lf.step():
-            if ev.rid in owner:
-                _account(ev, groups, owner, writer, stats, args, bar)
+    try:
+        while pending or lf.has_work():
+            while pending and len(owner) < args.batch_size:
+                rec = pending[-1]
+                try:
+                    names = models_of(lf, args, rec)
+                    if owner and not lf.room_for(names):
+                        break  # the running lines hold what this one would evict
+                    lf.pin(names)  # loads what is missing, pinned as it loads
+                except (InvalidRequest, UnknownName, ValueError) as err:
+                    stats.write(writer, batch_lines.bad_line(pending.pop().id, err).record(), bar, error=True)
+                    continue
+                pending.pop()
+                try:
+                    reqs = build(lf, args, rec)
+                except (InvalidRequest, UnknownName, ValueError) as err:
+                    lf.unpin(names)
+                    stats.write(writer, batch_lines.bad_line(rec.id, err).record(), bar, error=True)
+                    continue
+                parts = [CompletionOutput(r.rid) for r in reqs]
+                groups[rec.id] = (rec, parts, reqs[0].plan, names)
+                for r, part in zip(reqs, parts):
+                    owner[r.rid] = (rec.id, part)
+                    lf.submit(r)
+            for ev in lf.step():
+                if ev.rid in owner:
+                    _account(lf, ev, groups, owner, writer, stats, args, bar)
+    finally:
+        for _, _, _, names in groups.values():  # a job stopped midway leaves no pin behind (Ray reuses lf)
+            lf.unpin(names)
     bar.close()
 
 
-def _account(ev, groups: dict, owner: dict, writer: Writer, stats: Stats, args, bar) -> None:
+def models_of(lf, args: argparse.Namespace, rec: Record) -> list[str]:
+    """Every model a line's plan uses (its errors are the line's, as build() would raise them)."""
+    plan = lf.plan(args.model, batch_lines.fusion(args.fusion, rec))
+    return list(dict.fromkeys(plan.models() + plan.rewards()))
+
+
+def _account(lf, ev, groups: dict, owner: dict, writer: Writer, stats: Stats, args, bar) -> None:
     rec_id, part = owner[ev.rid]
     before = part.completion_tokens
     part.add(ev)
@@ -93,10 +123,11 @@ def _account(ev, groups: dict, owner: dict, writer: Writer, stats: Stats, args, 
     if not part.done:
         return
     del owner[ev.rid]
-    rec, parts, plan = groups[rec_id]
+    rec, parts, plan, names = groups[rec_id]
     if not all(p.done for p in parts):
         return
     del groups[rec_id]
+    lf.unpin(names)
     failed = next((p.error for p in parts if p.error), None)
     if failed is not None:  # not written: a re-run retries it, as a server failure would be retried
         tqdm.write(f"record {rec_id!r} failed: {failed}", file=sys.stderr)

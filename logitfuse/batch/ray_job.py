@@ -59,7 +59,7 @@ class Worker:
         run_local(self.args, self.lf, todo, sink, stats)
         self.commit(sink.records)
         return {"written": np.array([stats.written]), "errors": np.array([stats.errors]),
-                "tokens": np.array([stats.tokens])}
+                "failed": np.array([stats.failed]), "tokens": np.array([stats.tokens])}
 
     def commit(self, records: list[dict]) -> None:
         self.files.commit(records)
@@ -99,8 +99,9 @@ def dispatch(args, todo: list[Record], stats: Stats, worker_cls: type = Worker) 
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             stats.written += int(batch["written"].sum())
             stats.errors += int(batch["errors"].sum())
+            stats.failed += int(batch["failed"].sum())  # not written: a re-run retries them, as in local mode
             stats.tokens += int(batch["tokens"].sum())
-            bar.update(int(batch["written"].sum()))
+            bar.update(int(batch["written"].sum() + batch["failed"].sum()))
 
 
 def run_ray(args, worker_cls: type = Worker) -> int:

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from logitfuse.api import LogitFuse
 from logitfuse.config.registry import Registry
-from logitfuse.runner import EngineRunner, QueueBound
+from logitfuse.runner import EngineRunner, QueueBound, Timings
 from logitfuse.service import error_handlers as errors
 from logitfuse.service.metrics import Metrics
 from logitfuse.service.metrics import install as install_metrics
@@ -39,16 +39,17 @@ def settle(lf: LogitFuse, failed: dict[str, str]) -> None:
     lf.skip(failed)
 
 
-def runners(lf: LogitFuse) -> tuple[EngineRunner, EngineRunner | None]:
+def runners(lf: LogitFuse, timings: Timings | None = None) -> tuple[EngineRunner, EngineRunner | None]:
     """The main engine thread and, with server.rollout_lane, a second one for rows of a method with rollouts
     (Transfer Q*: its own engine over the same pool, on half the CPU threads), sharing one max_queue bound."""
     server = lf.settings
     bound = QueueBound(server.max_queue)
-    main = EngineRunner(lf, bound=bound).start()
+    main = EngineRunner(lf, bound=bound, timings=timings).start()
     if not server.rollout_lane:
         return main, None
     threads = max(1, (server.cpu_threads or torch.get_num_threads()) // 2)
-    return main, EngineRunner(lf, lf.make_engine(), bound, threads, "logitfuse-rollouts").start()
+    return main, EngineRunner(lf, lf.make_engine(), bound, threads, "logitfuse-rollouts", "rollouts",
+                              timings).start()
 
 
 def api_keys(flags: list[str] | None, environ: dict | None = None) -> list[str]:
@@ -66,7 +67,7 @@ def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] 
     async def lifespan(app: FastAPI):
         if lf.settings.preload and not getattr(app.state, "preloaded", False):
             settle(lf, lf.preload())
-        lanes = runners(lf)
+        lanes = runners(lf, app.state.metrics.times)
         app.state.serving = Serving(lf, *lanes)
         log.info("serving %s", ", ".join(lf.names()))
         if skipped := lf.health()["skipped"]:
@@ -79,7 +80,7 @@ def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] 
                     r.stop()
 
     app = FastAPI(title="logitfuse", lifespan=lifespan)
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(lambda: getattr(app.state, "serving", None))
     errors.install(app)
     install_metrics(app, app.state.metrics)
     app.include_router(router)

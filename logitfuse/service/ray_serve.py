@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -26,6 +26,8 @@ from ray.serve.handle import DeploymentHandle
 from logitfuse.api import LogitFuse
 from logitfuse.config.ray import DeploymentSpec, RaySpec
 from logitfuse.config.registry import Registry
+from logitfuse.service.metrics import Metrics
+from logitfuse.service.middleware import Guard, Limits
 
 
 def load_group(config: str, names: list[str] | None) -> LogitFuse:
@@ -106,23 +108,42 @@ class GroupReplica(ServedApp):
 class Gateway:
     """The HTTP entry when names are grouped: routes each request by its `model` to that group's replicas."""
 
-    def __init__(self, groups: dict[str, DeploymentHandle], routes: dict[str, str]) -> None:
-        self.groups, self.routes = groups, routes
+    def __init__(self, groups: dict[str, DeploymentHandle], routes: dict[str, str], limits: Limits) -> None:
+        self.groups, self.routes, self.limits = groups, routes, limits
         self.default = next(iter(groups))
 
     def __serve_build_asgi_app__(self):
-        app = FastAPI(title="logitfuse gateway")
+        def forward(group: str | None, *args) -> AsyncIterator[dict | bytes]:
+            return self.groups[group or self.default].options(stream=True).forward.remote(*args)
 
-        @app.api_route("/{path:path}", methods=["GET", "POST"])
-        async def route(request: Request):
-            body = await request.body()
-            group = self.routes.get(_model_of(body), self.default)
-            stream = self.groups[group].options(stream=True).forward.remote(
-                request.method, request.url.path, request.url.query.encode(), request.headers.raw, body)
-            head = await stream.__anext__()
-            return StreamingResponse(stream, status_code=head["status"], headers=dict(head["headers"]))
+        return gateway_app(self.routes, forward, self.limits)
 
-        return app
+
+Forward = Callable[..., AsyncIterator[dict | bytes]]  # (group or None, method, path, query, headers, body)
+
+
+def gateway_app(routes: dict[str, str], forward: Forward, limits: Limits) -> FastAPI:
+    """The gateway's own app, behind the same guard as `logitfuse serve` (middleware.Guard: the key checked
+    and the declared size refused before any byte of the body is read, then the body read within
+    max_body_bytes and body_timeout); the replica's answer goes back with every header it sent, repeated
+    ones included."""
+    app = FastAPI(title="logitfuse gateway")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def route(request: Request):
+        body = await request.body()
+        rid = request.state.request_id.encode()  # the guard's id, so the replica's log line has the same one
+        headers = [(k, v) for k, v in request.headers.raw if k != b"x-request-id"] + [(b"x-request-id", rid)]
+        stream = forward(routes.get(_model_of(body)), request.method, request.url.path,
+                         request.url.query.encode(), headers, body)
+        head = await stream.__anext__()
+        response = StreamingResponse(stream, status_code=head["status"])
+        response.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in head["headers"]
+                                if k.lower() != "x-request-id"]  # the guard adds it again
+        return response
+
+    app.add_middleware(Guard, limits=limits, metrics=Metrics())
+    return app
 
 
 def _model_of(body: bytes) -> str | None:
@@ -140,7 +161,7 @@ def _options(ray: RaySpec, group: DeploymentSpec | None, replicas: int | None) -
     autoscaling = pick("autoscaling")
     opts: dict = {"ray_actor_options": {"num_cpus": pick("num_cpus"), "num_gpus": pick("num_gpus")}}
     if autoscaling:
-        return opts | {"autoscaling_config": autoscaling}
+        return opts | {"autoscaling_config": autoscaling.as_config()}
     return opts | {"num_replicas": replicas or pick("replicas")}
 
 
@@ -159,7 +180,17 @@ def build(config: str, replicas: int | None = None):
     groups = {g: replica.options(name=f"logitfuse-{g}", **_options(reg.ray, spec, replicas)).bind(config, spec.models)
               for g, spec in reg.ray.deployments.items()}
     routes = {n: g for g, spec in reg.ray.deployments.items() for n in spec.models}
-    return serve.deployment(Gateway).options(name="gateway", ray_actor_options={"num_cpus": 0}).bind(groups, routes)
+    return serve.deployment(Gateway).options(name="gateway", ray_actor_options={"num_cpus": 0}).bind(
+        groups, routes, gateway_limits(reg))
+
+
+def gateway_limits(reg: Registry) -> Limits:
+    """The limits `logitfuse serve` applies (keys of the registry and of LOGITFUSE_API_KEY, body size and time)."""
+    from logitfuse.service.app import api_keys
+
+    server = reg.server
+    keys = tuple(dict.fromkeys(list(server.api_keys) + api_keys(None)))
+    return Limits(keys, tuple(server.public_paths), server.max_body_bytes, server.body_timeout)
 
 
 def app(args: dict | None = None):

@@ -47,15 +47,18 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     prompts and stop_token_ids), with the chat template applied as it would be for `messages`."""
     sv = serving(request)
     prompt, messages = body.source()
-    req = (await asyncio.to_thread(sv.lf.requests, body.model, prompt, None, None, messages))[0]
-    ids = req.prompt_ids
-    return {"count": len(ids), "max_model_len": sv.lf.model(req.plan.base).max_context, "tokens": ids}
+    async with sv.models_ready(body.model, None):
+        req = (await asyncio.to_thread(sv.lf.requests, body.model, prompt, None, None, messages))[0]
+        ids = req.prompt_ids
+        return {"count": len(ids), "max_model_len": sv.lf.model(req.plan.base).max_context, "tokens": ids}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     sv = serving(request)
-    backend = sv.lf.model(sv.lf.plan(body.model).base)
+    base = sv.lf.plan(body.model).base
+    async with sv.models_ready(base, None):  # the base alone: the text is its tokenizer's
+        backend = sv.lf.model(base)
     width = len(backend.tokenizer)
     if any(not 0 <= t < width for t in body.tokens):
         bad = next(t for t in body.tokens if not 0 <= t < width)
@@ -86,17 +89,18 @@ async def completions(body: CompletionRequest, request: Request):
     note(request, body)
     sp = body.to_sampling_params(sv.server.max_logprobs)
     prompts = body.prompts()
-    reqs = await asyncio.to_thread(sv.build, body.model, prompts, sp, body.fusion, body.n, False)
-    tok = sv.lf.model(reqs[0].plan.base).tokenizer
-    firsts = _first_of_prompt(reqs, body.n)
+    async with sv.models_ready(body.model, body.fusion):
+        reqs = await asyncio.to_thread(sv.build, body.model, prompts, sp, body.fusion, body.n, False)
+        tok = sv.lf.model(reqs[0].plan.base).tokenizer
+        firsts = _first_of_prompt(reqs, body.n)
 
-    def make(i: int, r: GenerationRequest) -> CompletionChoice:
-        echo = tok.decode(r.prompt_ids) if body.echo else None
-        return CompletionChoice(i, tok, firsts[i], echo, body.logprobs is not None, sp.prompt_logprobs,
-                                body.return_tokens_as_token_ids)
+        def make(i: int, r: GenerationRequest) -> CompletionChoice:
+            echo = tok.decode(r.prompt_ids) if body.echo else None
+            return CompletionChoice(i, tok, firsts[i], echo, body.logprobs is not None, sp.prompt_logprobs,
+                                    body.return_tokens_as_token_ids)
 
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    return await respond(sv, request, body, reqs, make, head, "text_completion", "text_completion")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        return await respond(sv, request, body, reqs, make, head, "text_completion", "text_completion")
 
 
 @router.post("/v1/chat/completions")
@@ -104,15 +108,17 @@ async def chat(body: ChatCompletionRequest, request: Request):
     sv = serving(request)
     note(request, body)
     sp = body.to_sampling_params(sv.server.max_logprobs)
-    reqs = await asyncio.to_thread(sv.build, body.model, [None], sp, body.fusion, body.n, True, body.message_dicts())
-    tok = sv.lf.model(reqs[0].plan.base).tokenizer
-    firsts = _first_of_prompt(reqs, body.n)
+    async with sv.models_ready(body.model, body.fusion):
+        reqs = await asyncio.to_thread(sv.build, body.model, [None], sp, body.fusion, body.n, True,
+                                       body.message_dicts())
+        tok = sv.lf.model(reqs[0].plan.base).tokenizer
+        firsts = _first_of_prompt(reqs, body.n)
 
-    def make(i: int, r: GenerationRequest) -> ChatChoice:
-        return ChatChoice(i, tok, firsts[i], body.logprobs, body.return_tokens_as_token_ids)
+        def make(i: int, r: GenerationRequest) -> ChatChoice:
+            return ChatChoice(i, tok, firsts[i], body.logprobs, body.return_tokens_as_token_ids)
 
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    return await respond(sv, request, body, reqs, make, head, "chat.completion.chunk", "chat.completion")
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        return await respond(sv, request, body, reqs, make, head, "chat.completion.chunk", "chat.completion")
 
 
 async def respond(sv: Serving, request: Request, body, reqs: list[GenerationRequest], make, head: dict,

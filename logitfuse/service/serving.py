@@ -1,10 +1,13 @@
 """Translate API requests into engine requests, and engine events into OpenAI responses and SSE chunks.
 
-Requests are built and submitted in a worker thread (building may load a model); events arrive from the
-engine thread on an asyncio queue. A client that goes away aborts its sequences: a JSON client is watched
-for `http.disconnect` while it waits, a stream when it stops reading. Requests of a method with rollouts
-(Transfer Q*) go to their own lane (a second engine thread) when server.rollout_lane is set, so their
-rollouts never lengthen the steps of other requests.
+A request's models are loaded and pinned first, on the loader threads, while the event loop and the
+engine threads go on serving everyone else; the request waits at most server.load_timeout for them, then gets
+a 503 naming the model (the load goes on, and the next request for the model finds it loaded; concurrent
+requests for one model share one load: ModelPool). Requests are then built and submitted in a worker thread;
+events arrive from the engine thread on an asyncio queue. A client that goes away aborts its sequences: a
+JSON client is watched for `http.disconnect` while it waits, a stream when it stops reading. Requests of a
+method with rollouts (Transfer Q*) go to their own lane (a second engine thread) when server.rollout_lane is
+set, so their rollouts never lengthen the steps of other requests.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -29,6 +34,7 @@ from logitfuse.service.error_handlers import APIError, as_api_error, envelope, r
 from logitfuse.service.formats import Choice
 
 DONE = "data: [DONE]\n\n"
+LOADER_THREADS = 8  # requests waiting for loads at once (each waits on its models' load, sharing it)
 
 
 @dataclass
@@ -54,9 +60,15 @@ class Serving:
         self.rollout_lane = rollout_lane
         self.server = lf.settings
         self.created = int(time.time())
+        # loads wait here, never in the event loop's default executor (which builds and submits requests)
+        self.loader = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="logitfuse-load")
 
     def runners(self) -> list[EngineRunner]:
         return [self.runner] + ([self.rollout_lane] if self.rollout_lane else [])
+
+    def lanes(self) -> dict[str, EngineRunner]:
+        """Every engine thread by its lane name (the label of its metrics)."""
+        return {r.lane: r for r in self.runners()}
 
     def pending(self) -> int:
         """Sequences waiting or running, in every lane."""
@@ -71,6 +83,34 @@ class Serving:
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model(n) for n in self.lf.names()]}
+
+    @asynccontextmanager
+    async def models_ready(self, model: str, fusion) -> AsyncIterator[None]:
+        """Hold the request's models loaded and pinned (the engine then never loads them) until the block
+        ends; loading, when needed, happens on the loader threads and is awaited for server.load_timeout."""
+        plan = self.lf.plan(model, fusion)
+        names = list(dict.fromkeys(plan.models() + plan.rewards()))
+        if not self.lf.try_pin(names):  # all loaded: pinned at once, no thread (never behind a load)
+            await self._load(names)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.lf.unpin, names)  # may evict (and unload) what no one pins now
+
+    async def _load(self, names: list[str]) -> None:
+        """Load and pin names on the loader threads, waiting at most server.load_timeout."""
+        pinning = asyncio.get_running_loop().run_in_executor(self.loader, self.lf.pin, names)
+        try:
+            await asyncio.wait_for(asyncio.shield(pinning), self.server.load_timeout)
+        except BaseException as err:
+            # the load goes on; its pins are dropped when it ends
+            pinning.add_done_callback(lambda f: f.cancelled() or f.exception() or self.lf.unpin(names))
+            if not isinstance(err, asyncio.TimeoutError):
+                raise
+            waiting = [n for n in names if not self.lf.is_loaded(n)] or names
+            raise APIError(503, f"model {waiting[0]!r} is still loading after {self.server.load_timeout:g} s "
+                                "(server.load_timeout); retry shortly", "model",
+                           {"Retry-After": str(max(1, round(self.server.load_timeout)))}) from None
 
     def build(self, model: str, prompts: list, sampling: SamplingParams, fusion, n: int, chat: bool,
               messages: list | None = None) -> list[GenerationRequest]:
