@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -24,12 +25,14 @@ WORDS = ("the old city of the north had two rivers and a blue king who ruled the
          "the west , and every capital of that land was founded by a red founder in the first year").split()
 
 
-def prompts(kind: str, n: int, words: int) -> list[str]:
+def prompts(kind: str, n: int, words: int, round_: int, salt: str = "") -> list[str]:
+    """n prompts of `words` words and a question. shared: one system prompt, the same in every round, and
+    questions new in each round; unique: every prompt starts differently, in every round (nothing to reuse)."""
     system = " ".join(WORDS[i % len(WORDS)] for i in range(words))
     if kind == "shared":
-        return [f"{system} <|user|> question {i} : who founded it ? <|assistant|>" for i in range(n)]
-    return [f"{' '.join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(words))} <|user|> question {i} : who "
-            f"founded it ? <|assistant|>" for i in range(n)]
+        return [f"{system} <|user|> question {round_}-{i} : who founded it ? <|assistant|>" for i in range(n)]
+    draw = random.Random(f"{salt}-{round_}-{n}")  # words the tokenizer knows, in an order no other prompt has
+    return [f"{' '.join(draw.choices(WORDS, k=words))} <|user|> who founded it ? <|assistant|>" for _ in range(n)]
 
 
 def timed(lf: LogitFuse, model: str, texts: list[str], tokens: int) -> float:
@@ -59,10 +62,11 @@ def main() -> None:
     for model in args.models:
         for kind in ("shared", "unique"):
             for n in args.concurrency:
-                texts = prompts(kind, n, args.words)
-                timed(on, model, texts[:1], 1), timed(off, model, texts[:1], 1)  # warm-up (and the cache)
-                pairs = [(timed(off, model, texts, args.tokens), timed(on, model, texts, args.tokens))
-                         for _ in range(args.rounds)]
+                warm = prompts(kind, 1, args.words, -n, model)
+                timed(on, model, warm, 1), timed(off, model, warm, 1)  # warm-up (for shared: the system prompt)
+                pairs = [(timed(off, model, prompts(kind, n, args.words, r, model), args.tokens),
+                          timed(on, model, prompts(kind, n, args.words, r, model), args.tokens))
+                         for r in range(args.rounds)]
                 ratios = [b / a for a, b in pairs]
                 row = {"model": model, "prompts": kind, "concurrency": n,
                        "off_tok_s": statistics.median(a for a, _ in pairs),
