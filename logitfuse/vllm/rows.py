@@ -117,6 +117,8 @@ class ExpertRows:
         base = al.apply(base_logits).float()  # (b, V)
 
         def rows_of(name: str) -> torch.Tensor:
+            if name == plan.base:  # a role the base itself fills (e.g. the untuned model of an adapter over it)
+                return base
             slot = self.slots[name]
             where = slot.index()
             pick = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)

@@ -39,6 +39,8 @@ ensembles:
   tq: {{base: base-large, method: tqstar, baseline: tuned-small-qa, reward: rm, top_k: 3, rollout_tokens: 2}}
   formats: {{base: base-large, method: proxy, experts: [other-format]}}
   unloadable: {{base: base-large, method: proxy, experts: [broken]}}
+  over-self: {{base: base-small, method: proxy, experts: [qa], alpha: 1.0}}
+  lora-self: {{base: base-small, method: proxy, experts: [lora], alpha: 1.0}}
 server: {{memory_budget_mb: 1024, max_batch: 64}}
 """
 

@@ -118,3 +118,18 @@ def test_plans_that_cannot_run_in_a_logits_processor(ref):
     assert "rollouts" in unsupported(reg, reg.plan("tq"))
     assert "chat_template" in unsupported(reg, reg.plan("formats"))
     assert unsupported(reg, reg.plan("dlf")) is None
+
+
+@pytest.mark.parametrize("ensemble", ["over-self", "lora-self"])
+def test_a_role_the_base_fills_reads_the_hosts_logits(ref, prompts, ensemble):
+    """The base is also the untuned model (an expert pair, or a LoRA adapter, over the base itself): that role
+    is the host's own base logits, and the fused scores equal logitfuse's engine."""
+    core = ExpertRows(ref.model, ref.model("base-small").vocab_info())
+    core.add("r", request_plan(ref.registry, {"ensemble": ensemble}), prompts[0], [])
+    _, logits = ref.model("base-small").prefill([prompts[0]])
+    fused, failed = core.fuse(["r"], logits.clone())
+    assert not failed, failed
+    want = ref.generate(ensemble, [prompts[0]], SamplingParams(max_tokens=1, temperature=0, logprobs=0))[0]
+    assert int(fused[0].argmax()) == want.token_ids[0]
+    assert float(torch.log_softmax(fused[0], -1)[want.token_ids[0]]) == pytest.approx(want.logprobs[0], abs=1e-4)
+    core.remove("r")
