@@ -76,6 +76,10 @@ class EngineCollector(Collector):
                                        labels=["lane"])
         sequences = GaugeMetricFamily("logitfuse_sequences", "Sequences waiting or running, every lane")
         loaded = GaugeMetricFamily("logitfuse_loaded_models", "Checkpoints loaded in memory")
+        # one prefix cache serves every lane: counted once (vLLM's prefix_cache_queries / _hits, in tokens)
+        queries = CounterMetricFamily("logitfuse_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        hits = CounterMetricFamily("logitfuse_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache")
+        held = GaugeMetricFamily("logitfuse_prefix_cache_bytes", "Bytes of KV the prefix cache holds")
         if serving is not None:
             for lane, runner in serving.lanes().items():
                 st = runner.engine.stats()  # read without the engine's lock: a snapshot suffices
@@ -86,9 +90,13 @@ class EngineCollector(Collector):
                     usage.add_metric([lane], st.kv_reserved / st.kv_budget)
                 drafted.add_metric([lane], st.speculative.drafted)
                 accepted.add_metric([lane], st.speculative.accepted)
+            cache = serving.lf.stats()
+            queries.add_metric([], cache.prefix_queried)
+            hits.add_metric([], cache.prefix_hit)
+            held.add_metric([], cache.prefix_bytes)
             sequences.add_metric([], serving.pending())
             loaded.add_metric([], len(serving.lf.health()["loaded"]))
-        yield from (running, waiting, kv, usage, drafted, accepted, sequences, loaded)
+        yield from (running, waiting, kv, usage, drafted, accepted, sequences, loaded, queries, hits, held)
 
 
 class Metrics:

@@ -63,3 +63,15 @@ def test_sequences_are_timed_in_their_own_lane(client):
     generated = sample(after, "logitfuse_generated_tokens", "_total", model="proxy-a") - \
         sample(before, "logitfuse_generated_tokens", "_total", model="proxy-a")
     assert generated == 2 * n_tokens
+
+
+def test_the_prefix_cache_hit_rate_is_exported(client):
+    """Two requests sharing a long prompt: the second's prefix comes from the cache, and /metrics counts it."""
+    prompt = " ".join(["the red city of the north and the blue river of the south"] * 4)
+    for _ in range(2):
+        body = {"model": "proxy-a", "prompt": prompt, "max_tokens": 2}
+        assert client.post("/v1/completions", json=body).status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    queries = families["logitfuse_prefix_cache_queries"].samples[0].value
+    hits = families["logitfuse_prefix_cache_hits"].samples[0].value
+    assert families["logitfuse_prefix_cache_hits"].type == "counter" and 0 < hits < queries
