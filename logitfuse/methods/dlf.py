@@ -13,6 +13,10 @@ from logitfuse.ops.weights import expert_targets, make_grid, solve_dlf
 
 GRID = (0.0, 2.0, 0.1)  # start, stop, step of the weight search
 MODE = "one_expert"
+# Above this vocabulary the exact search (G x V per row and expert) costs about a base forward or more (at 262k
+# tokens and 8 rows it matched Gemma-3-270M's), so an unset `support` searches the top-AUTO_SUPPORT tokens
+# plus one rest token instead (ops/weights.reduce_support; its error bound: tests/ops/test_dlf_support.py).
+AUTO_SUPPORT_VOCAB, AUTO_SUPPORT = 65536, 1024
 MAX_POINTS = 200
 
 
@@ -41,7 +45,7 @@ class DynamicLogitFusion(FusionMethod):
             targets = expert_targets(own_untuned[:, 0], own_tuned)
         with intra_op_threads(step.solver_threads):
             result = solve_dlf(step.base, untuned[:, 0], tuned, make_grid(*plan.grid), plan.mode,
-                               plan.support, targets)
+                               search_support(plan.support, step.base.shape[-1]), targets)
         w = result.weights.float()  # (b, T)
         names = [e.name for e in plan.experts]
         diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]
@@ -54,6 +58,14 @@ class DynamicLogitFusion(FusionMethod):
             return None
         return {"method": self.name, "steps": len(weights),
                 "mean_weights": {n: sum(w[n] for w in weights) / len(weights) for n in weights[0]}}
+
+
+def search_support(asked: int | None, vocab: int) -> int | None:
+    """The support of the weight search: as asked (0: exact), else exact up to AUTO_SUPPORT_VOCAB tokens and
+    the reduced search above it. None means the whole vocabulary."""
+    if asked is None:
+        return AUTO_SUPPORT if vocab > AUTO_SUPPORT_VOCAB else None
+    return asked or None
 
 
 METHOD = DynamicLogitFusion()

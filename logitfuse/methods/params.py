@@ -37,7 +37,8 @@ class FusionParams(ClosedModel):
     weights: list[Coef] | None = None
     grid: tuple[Finite, Finite, Finite] | None = None
     mode: Literal["one_expert", "joint"] | None = None
-    support: int | None = Field(default=None, ge=1)  # dlf: search on the models' top-`support` tokens + the rest
+    support: int | None = Field(default=None, ge=0)  # dlf: search on the models' top-`support` tokens + the rest
+    # (0: the exact search over the whole vocabulary; unset: methods/dlf.py decides by the vocabulary's size)
     baseline: str | None = None
     reward: str | None = None
     baseline_reward: str | None = None

@@ -62,3 +62,4 @@ def test_dlf_across_tokenizers_decodes(lf):
                       {"method": "dlf", "experts": ["xa"]})
     assert all(len(o.token_ids) == 6 and len(o.diagnostics) == 6 for o in out)
     assert all(0 <= d["dlf_weights"]["xa"] <= 2 for o in out for d in o.diagnostics)
+
