@@ -12,9 +12,7 @@ pytest.importorskip("peft")
 from logitfuse import LogitFuse, SamplingParams
 from logitfuse.backends.adapter import BASE, AdapterHost
 from logitfuse.training.tiny import build_model, build_tokenizer, save
-from tests.backends.test_adapter import random_lora
-
-PROMPTS = ["the red city of the north", "one", "king queen river blue green"]
+from tests.backends.test_adapter import PROMPTS, random_lora, run
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +40,6 @@ def configs(tmp_path_factory):
         out[name] = root / f"{name}.yaml"
         out[name].write_text((text + ensembles).format(**{k: str(v) for k, v in paths.items()}))
     return out
-
-
-def run(lf, model, sp):
-    reqs = [r for p in PROMPTS for r in lf.requests(model, p, sp)]
-    events = {r.rid: [] for r in reqs}
-    for ev in lf.stream(reqs):
-        if ev.token_id is not None:
-            events[ev.rid].append(ev)
-    return [events[r.rid] for r in reqs]
 
 
 @pytest.mark.parametrize("model", ["proxy-x", "eft-x"])

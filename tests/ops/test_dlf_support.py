@@ -86,5 +86,6 @@ def test_ensembles_take_support_per_request(lf):
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     out = lf.generate("dlf-ab", ["the red city"], sp, {"support": 8})[0]
     assert len(out.token_ids) == 3 and all("dlf_weights" in d for d in out.diagnostics)
+    assert lf.registry.plan("dlf-ab", {"support": 0}).support == 0  # 0 asks for the exact search
     with pytest.raises(ValueError, match="support"):
-        lf.registry.plan("dlf-ab", {"support": 0})
+        lf.registry.plan("dlf-ab", {"support": -1})
