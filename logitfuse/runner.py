@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from logitfuse.api import LogitFuse
+from logitfuse.engine.core import EngineStats
 from logitfuse.engine.request import GenerationRequest, PromptScores, TokenEvent
 from logitfuse.errors import Overloaded
 
@@ -85,6 +86,10 @@ class EngineRunner:
         """Sequences waiting or running."""
         with self._lock:
             return len(self._sinks)
+
+    def stats(self) -> EngineStats:
+        """This lane's engine counts (read without the engine's lock: a snapshot suffices for metrics)."""
+        return self.engine.stats()
 
     def waiting(self) -> int:
         """Sequences submitted and not yet decoding (queued here or in the engine)."""

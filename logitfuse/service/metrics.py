@@ -82,7 +82,7 @@ class EngineCollector(Collector):
         held = GaugeMetricFamily("logitfuse_prefix_cache_bytes", "Bytes of KV the prefix cache holds")
         if serving is not None:
             for lane, runner in serving.lanes().items():
-                st = runner.engine.stats()  # read without the engine's lock: a snapshot suffices
+                st = runner.stats()
                 running.add_metric([lane], st.running)
                 waiting.add_metric([lane], runner.waiting())
                 kv.add_metric([lane], st.kv_reserved)
