@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 ENGINE = ROOT / "logitfuse" / "engine"
-FRONT_ENDS = [ROOT / "logitfuse" / "service", ROOT / "logitfuse" / "batch", ROOT / "bench"]
+FRONT_ENDS = [ROOT / "logitfuse" / d for d in ("service", "batch", "vllm")] + [ROOT / "bench"]
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
