@@ -138,6 +138,8 @@ class ModelPool:
                 raise err
         try:
             backend = self._loader(self.registry, name)
+            if hasattr(backend, "warm"):  # the first forward's one-off costs here, not in a decoding step
+                backend.warm()
         except UnknownName:
             raise
         except Exception as exc:

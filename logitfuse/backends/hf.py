@@ -108,6 +108,12 @@ class HFCausalLM:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.model.forward = torch.compile(self.model.forward, dynamic=True)
 
+    def warm(self) -> None:
+        """One forward of one token, on the loading thread: the first call's one-off work (allocations,
+        kernel choices) then never lands in a decoding step that other sequences wait on."""
+        self._forward(torch.tensor([[self.pad_id]], device=self.device), None,
+                      torch.ones((1, 1), dtype=torch.long, device=self.device), 1)
+
     def vocab_info(self, with_texts: bool = False) -> VocabInfo:
         return tokenizer_vocab_info(self.name, self.tokenizer, self.logits_width, with_texts)
 
