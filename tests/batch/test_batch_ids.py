@@ -42,17 +42,22 @@ def test_a_line_named_like_another_lines_sample_gets_its_own_record(config_file,
     assert all("error" not in r for r in got.values())
 
 
-def test_a_ray_worker_batch_with_colliding_names_gives_every_record(config_file, tmp_path):
-    np = pytest.importorskip("numpy")
-    pytest.importorskip("ray")
+def ray_worker(config_file, tmp_path):
+    """A `generate --ray` actor over LINES, outside a cluster, and the rows Ray Data would hand it."""
     from logitfuse.batch.ray_job import Worker
 
     write(tmp_path / "in.jsonl", LINES)
     args = build_parser().parse_args(job(config_file, tmp_path / "in.jsonl", tmp_path / "ray.jsonl") + ["--ray"])
     args.output = str(args.output)
-    worker = Worker(args)
     rows = [json.dumps({"id": line["id"], "line": i + 1, "prompt": line["prompt"], "messages": None,
                         "params": {"n": line["n"]} if "n" in line else {}}) for i, line in enumerate(LINES)]
+    return Worker(args), rows
+
+
+def test_a_ray_worker_batch_with_colliding_names_gives_every_record(config_file, tmp_path):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("ray")
+    worker, rows = ray_worker(config_file, tmp_path)
     worker.files.prepare_job({"job": "ids"}, overwrite=True)
     out = worker({"record": np.array(rows)})
     assert (int(out["written"][0]), int(out["errors"][0])) == (3, 0)
@@ -65,12 +70,7 @@ def test_a_ray_worker_reports_the_records_that_failed(config_file, tmp_path):
     pytest.importorskip("ray")
     from dataclasses import replace
 
-    from logitfuse.batch.ray_job import Worker
-
-    write(tmp_path / "in.jsonl", LINES)
-    args = build_parser().parse_args(job(config_file, tmp_path / "in.jsonl", tmp_path / "ray.jsonl") + ["--ray"])
-    args.output = str(args.output)
-    worker = Worker(args)
+    worker, rows = ray_worker(config_file, tmp_path)
     real, failed = worker.lf.step, []
 
     def step():  # the first sequence to finish ends in an engine error instead (as a failed remote row would)
@@ -83,8 +83,6 @@ def test_a_ray_worker_reports_the_records_that_failed(config_file, tmp_path):
         return out
 
     worker.lf.step = step
-    rows = [json.dumps({"id": line["id"], "line": i + 1, "prompt": line["prompt"], "messages": None,
-                        "params": {"n": line["n"]} if "n" in line else {}}) for i, line in enumerate(LINES)]
     worker.files.prepare_job({"job": "failed"}, overwrite=True)
     out = worker({"record": np.array(rows)})
     assert (int(out["written"][0]), int(out["failed"][0]), int(out["errors"][0])) == (2, 1, 0)
