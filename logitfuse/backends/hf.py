@@ -171,13 +171,15 @@ class HFCausalLM:
                 parts.append(([i], state, logits[:, -1]))
         for idx, state, _ in parts:
             for row, i in enumerate(idx):
-                visible = state.mask[row].nonzero()[:, 0]
-                cache.store(self.name, list(unique[i]), [(k[row:row + 1, :, visible], v[row:row + 1, :, visible])
+                # a fresh prefill's row holds its prompt in its last positions (left padding): views, and the
+                # cache copies only the blocks it does not hold yet
+                start = state.mask.shape[1] - len(unique[i])
+                cache.store(self.name, list(unique[i]), [(k[row:row + 1, :, start:], v[row:row + 1, :, start:])
                                                           for k, v in state.layers])
         state = parts[0][1] if len(parts) == 1 else self.concat([s for _, s, _ in parts])
         logits = torch.cat([lg for _, _, lg in parts])
-        where = {i: r for r, i in enumerate(i for idx, _, _ in parts for i in idx)}
-        rows = [where[unique.index(tuple(p))] for p in prompts]
+        where = {unique[i]: r for r, i in enumerate(i for idx, _, _ in parts for i in idx)}
+        rows = [where[tuple(p)] for p in prompts]
         if rows != list(range(len(where))):
             state, logits = self.select(state, rows), logits[rows]
         return state, logits
