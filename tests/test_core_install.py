@@ -48,7 +48,8 @@ CLI = "import sys; from logitfuse.cli import main; sys.exit(main(sys.argv[1:]))"
 def core_env(tmp_path_factory) -> dict:
     site = tmp_path_factory.mktemp("core-site")
     (site / "sitecustomize.py").write_text(BLOCKER)
-    return {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOGITFUSE_")}  # a new user's: no settings
+    return {**env, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def python(env: dict, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ own engine on the same registry is the reference.
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def build_adapter(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def registry_file(tmp_path_factory) -> Path:
+def registry_file(tmp_path_factory) -> Iterator[Path]:
     pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("vllm-registry")
     adapter = build_adapter(root / "lora")
@@ -68,8 +69,13 @@ def registry_file(tmp_path_factory) -> Path:
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     path = root / "registry.yaml"
     path.write_text(REGISTRY.format(m=MODELS, adapter=adapter, broken=broken))
+    before = os.environ.get("LOGITFUSE_CONFIG")
     os.environ["LOGITFUSE_CONFIG"] = str(path)  # the engine subprocess inherits it
-    return path
+    yield path
+    if before is None:  # the rest of the session reads its own registries
+        os.environ.pop("LOGITFUSE_CONFIG", None)
+    else:
+        os.environ["LOGITFUSE_CONFIG"] = before
 
 
 @pytest.fixture(scope="session")
