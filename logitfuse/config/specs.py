@@ -28,6 +28,8 @@ class RemoteSpec(ClosedModel):
     retry_max_wait: float = Field(default=30.0, gt=0, le=3600)  # seconds: the longest wait before a retry,
     # whatever the server's Retry-After asks
     max_concurrency: int = Field(default=32, ge=1, le=4096)  # rows of a step requested at once
+    candidates: int = Field(default=4, ge=0, le=4096)  # fusion: each expert's top-k tokens (and the k its push
+    # lifts most) join the base's top N, scored by the server where it can (0: fusion stays within the top N)
 
 
 class ModelSpec(ClosedModel):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from logitfuse import methods
 from logitfuse.backends.base import CausalLM, RewardModel, end_ids
 from logitfuse.backends.prefix_cache import PrefixCache
 from logitfuse.engine.admission import Admission
@@ -284,13 +285,16 @@ class Engine:
                 events.append(_failed(seqs[0].req, err, seqs[0].stopper.generated))
                 return [seqs[0].req.rid]
             return [rid for s in seqs for rid in self._fuse_group([s], events)]
-        return self.sample_rows(seqs, scores, diags, events)
+        plan = seqs[0].req.plan  # a remote base alone reports the server's own log-probabilities
+        return self.sample_rows(seqs, scores, diags, events,
+                                raw=methods.get(plan.method).base_as_is and self._get_backend(plan.base).remote)
 
-    def sample_rows(self, seqs: list[Sequence], scores: torch.Tensor, diags: list | None, events: list
-                    ) -> list[str]:
+    def sample_rows(self, seqs: list[Sequence], scores: torch.Tensor, diags: list | None, events: list,
+                    raw: bool = False) -> list[str]:
         """Sample one token per row from fused scores (b, V) and append the rows' events (a row that fails
         ends alone: rows.py); returns the rids that finished. Also the speculative path's hook."""
-        return sample_and_emit(seqs, scores, diags, self._get_backend(seqs[0].req.plan.base).tokenizer, events)
+        return sample_and_emit(seqs, scores, diags, self._get_backend(seqs[0].req.plan.base).tokenizer, events,
+                               raw)
 
     def _drop(self, rids: list[str]) -> None:
         if not rids:

@@ -19,7 +19,12 @@ from logitfuse.engine.stopping import token_piece
 from logitfuse.errors import InvalidRequest, VocabMismatchError
 from logitfuse.methods.base import Step
 from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops import candidates
 from logitfuse.ops.vocab import Alignment, align
+
+# a base's log-probabilities completed on the union of supports: (base (b, V), the experts' (tuned, untuned)
+# thunk, their coefficients (b, T)) -> base with the candidates outside its top N filled in
+Complete = Callable[[torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]], torch.Tensor], torch.Tensor]
 
 
 class Fuser:
@@ -54,20 +59,65 @@ class Fuser:
             idx = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
             return slot.logits.index_select(0, idx)
 
-        return self.combine([s.req.plan for s in seqs], rows_of, RowRollouts(seqs, slots))
+        plan = seqs[0].req.plan
+        backend = self.get_backend(plan.base)
+        complete = None
+        if backend.remote and plan.experts and getattr(backend, "candidates", 0) > 0:
+            slot = slots[plan.base]
+            where = slot.index()
+            rows = [where[r] for r in rids]
+            stops = [sorted(s.stopper.stop_ids) for s in seqs]
+            # a greedy row needs only the tokens that could win; a sampled one those within MARGIN of the best
+            margins = [0.0 if s.req.sampling.temperature == 0 else candidates.MARGIN for s in seqs]
+            complete = lambda base, experts, coef: self.complete_base(  # noqa: E731
+                backend, slot.state, rows, stops, base, experts, coef, margins)
+        return self.combine([s.req.plan for s in seqs], rows_of, RowRollouts(seqs, slots), complete)
+
+    @staticmethod
+    def complete_base(backend, state, rows: list[int], stops: list[list[int]], base: torch.Tensor,
+                      experts: Callable[[], tuple[torch.Tensor, torch.Tensor]], coef: torch.Tensor,
+                      margins: list[float]) -> torch.Tensor:
+        """A remote base's top-N log-probabilities widened to the union of supports (ops/candidates.py): the
+        candidates outside its top N get the server's own log-probability (one more round of calls) or, where
+        the server cannot give one, the stated estimate."""
+        tuned, untuned = experts()
+        e = candidates.push(tuned, untuned, coef)
+        miss = candidates.missing(base, e, candidates.predicted(untuned, e), backend.candidates, stops,
+                                  torch.tensor(margins, dtype=base.dtype, device=base.device))
+        if not any(miss):
+            return base
+        values = backend.score_tokens(state, rows, miss)
+        out = base.clone()
+        for i, ids in enumerate(miss):
+            if ids:
+                row = values[i] if values is not None else [candidates.bound(base[i], len(ids))] * len(ids)
+                out[i, ids] = torch.tensor(row, dtype=out.dtype, device=out.device)
+        return out
 
     def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor],
-                rollouts: RowRollouts | None = None) -> tuple[torch.Tensor, list | None]:
-        """The plans' method (one group) on their rows; rows_of(model) -> (b, V). rollouts: on a decode step."""
+                rollouts: RowRollouts | None = None, complete: Complete | None = None
+                ) -> tuple[torch.Tensor, list | None]:
+        """The plans' method (one group) on their rows; rows_of(model) -> (b, V). rollouts: on a decode step.
+        complete: a remote base's top N widened to the union of supports before the method runs."""
         plan = plans[0]
         al = self.alignment(plan)
         base = al.apply(rows_of(plan.base)).float()  # (b, V)
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def experts() -> tuple[torch.Tensor, torch.Tensor]:
-            dev = base.device
-            tuned = torch.stack([al.apply(rows_of(e.tuned), e.tuned).to(dev).float() for e in plan.experts], 1)
-            untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float() for e in plan.experts], 1)
-            return tuned, untuned  # (b, T, V) each
+            if not cache:
+                dev = base.device
+                tuned = torch.stack([al.apply(rows_of(e.tuned), e.tuned).to(dev).float() for e in plan.experts], 1)
+                untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float()
+                                       for e in plan.experts], 1)
+                cache.append((tuned, untuned))
+            return cache[0]  # (b, T, V) each
+
+        if complete is not None:
+            n = len(plan.experts)
+            coef = torch.tensor([p.coef if len(p.coef) == n else (1.0,) * n for p in plans], dtype=torch.float32,
+                                device=base.device)
+            base = complete(base, experts, coef)
 
         def native() -> tuple[torch.Tensor, torch.Tensor]:
             dev = base.device

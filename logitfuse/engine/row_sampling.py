@@ -28,12 +28,14 @@ NOTHING_ALLOWED = ("no token is allowed: the request's token controls (structure
                    "that keeps only its top candidates, as tqstar does, can exclude every allowed token)")
 
 
-def draw(seqs: list, scores: torch.Tensor, tokenizer=None
+def draw(seqs: list, scores: torch.Tensor, tokenizer=None, raw: bool = False
          ) -> tuple[list[str | None], list[int], list[float], list | None, list | None]:
     """Each row's fault (None: none), token, its logprob, and the top-N ids and logprobs the rows ask for.
     scores (b, V). A row that is not a distribution is drawn from zeros instead (its token is thrown away), so
     the check travels to the host in the same copy as the tokens: one device sync per group and step. The
-    logprobs are the fused distribution's, before the rows' controls and warps."""
+    logprobs are the fused distribution's, before the rows' controls and warps; raw: the scores are already
+    the log-probabilities to report (a remote base alone: the server's own numbers, not renormalised over its
+    top N)."""
     bad = invalid_rows(scores)  # (b,)
     scores = torch.where(bad[:, None], torch.zeros_like(scores), scores)
     sp = [s.req.sampling for s in seqs]
@@ -46,26 +48,27 @@ def draw(seqs: list, scores: torch.Tensor, tokenizer=None
     tokens = sample(shaped, params, [s.generator for s in seqs])
     # the flags, tokens and logprobs reach the host in one copy: the stop checks need them, nothing else waits
     host = torch.stack([bad.double() + 2 * empty.double(), tokens.double(),
-                        token_logprobs(scores, tokens).double()]).tolist()
+                        token_logprobs(scores, tokens, not raw).double()]).tolist()
     faults = [None if f == 0 else NOT_A_DISTRIBUTION if f == 1 else NOTHING_ALLOWED for f in host[0]]
     n_top = max((p.logprobs or 0) for p in sp)
     if not n_top:
         return faults, [int(t) for t in host[1]], host[2], None, None
-    top_ids, top_lp = top_logprobs(scores, n_top)
+    top_ids, top_lp = top_logprobs(scores, n_top, not raw)
     return faults, [int(t) for t in host[1]], host[2], top_ids.tolist(), top_lp.tolist()
 
 
-def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer, events: list) -> list[str]:
+def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer, events: list, raw: bool = False
+                ) -> list[str]:
     """Sample and emit every row of a group; returns the ids of the sequences that finished (or failed)."""
     try:
-        bad, token_ids, chosen, ids, lps = draw(seqs, scores, tokenizer)
+        bad, token_ids, chosen, ids, lps = draw(seqs, scores, tokenizer, raw)
     except Exception as err:
         if len(seqs) == 1:
             events.append(failed(seqs[0].req, err, seqs[0].stopper.generated))
             return [seqs[0].req.rid]
         finished = []
         for i, s in enumerate(seqs):  # one row's fault must not end the others: each row alone
-            finished += sample_rows([s], scores[i:i + 1], diags and [diags[i]], tokenizer, events)
+            finished += sample_rows([s], scores[i:i + 1], diags and [diags[i]], tokenizer, events, raw)
         return finished
     finished = []
     for i, (s, t) in enumerate(zip(seqs, token_ids)):

@@ -107,6 +107,8 @@ class FusionMethod:
     prompt_scoring: ClassVar[bool] = True  # echo + logprobs: fused scores of every prompt position
     cross_tokenizer: ClassVar[bool] = False  # experts whose tokenizer differs from the base's
     remote_base: ClassVar[bool] = True  # the base may be a remote model (top-N logprobs, no local KV)
+    base_as_is: ClassVar[bool] = False  # the fused scores are the base's own: a remote base's log-probabilities
+    # are reported as the server gives them, not renormalised over its top N
 
     def plan(self, given: PlanInput) -> FusionPlan:
         """The frozen plan for one request; raise InvalidRequest naming the field for bad parameters."""

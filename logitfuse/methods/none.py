@@ -12,6 +12,7 @@ class BaseOnly(FusionMethod):
     summary = "the base model alone (a bare model name, or an ensemble switched off)"
     params = ()
     needs_experts = False
+    base_as_is = True
 
     def plan(self, given: PlanInput) -> FusionPlan:
         return FusionPlan(self.name, given.base, ensemble=given.ensemble)

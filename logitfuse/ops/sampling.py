@@ -122,14 +122,16 @@ def invalid_rows(scores: torch.Tensor) -> torch.Tensor:
     return torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1) | ~torch.isfinite(scores).any(-1)
 
 
-def token_logprobs(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each chosen token under the fused distribution (before sampling warps). (B,)."""
-    return torch.log_softmax(scores.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(scores: torch.Tensor, tokens: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """Log-probability of each chosen token under the fused distribution (before sampling warps). (B,).
+    normalise=False: the scores already are the log-probabilities to report (a remote base's own top N)."""
+    logp = torch.log_softmax(scores.float(), dim=-1) if normalise else scores.float()
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def top_logprobs(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_logprobs(scores: torch.Tensor, n: int, normalise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The n most likely tokens of the fused distribution and their log-probabilities, each (B, n)."""
-    logp = torch.log_softmax(scores.float(), dim=-1)
+    logp = torch.log_softmax(scores.float(), dim=-1) if normalise else scores.float()
     top = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
     return top.indices, top.values
 

@@ -1,13 +1,15 @@
 """A remote base over the OpenAI API: a logitfuse server on the tiny family plays the remote vLLM, and a
 second registry fuses its `base-large` with local experts."""
 
+import math
+
 import pytest
 import torch
 
 from logitfuse import LogitFuse, SamplingParams
 from logitfuse.backends.remote.client import RemoteError
 from logitfuse.errors import InvalidRequest
-from logitfuse.ops import fusion
+from logitfuse.ops import candidates, fusion
 from logitfuse.service.app import start_in_thread
 from logitfuse.training.tiny import TINY_CONFIG
 
@@ -34,6 +36,8 @@ models:
           chat_template: true}}
   big5:  {{remote: {{url: {url}/v1, model: {remote_model}, top_logprobs: 5}}, tokenizer: {family['base-large']},
           chat_template: true}}
+  big5-strict: {{remote: {{url: {url}/v1, model: {remote_model}, top_logprobs: 5, candidates: 0}},
+                tokenizer: {family['base-large']}, chat_template: true}}
   base-large: {local.format(family['base-large'])}
   base-small: {local.format(family['base-small'])}
   tuned-a: {local.format(family['tuned-a'])}
@@ -42,7 +46,11 @@ experts:
 ensembles:
   remote-proxy: {{base: big, method: proxy, experts: [a], alpha: 0.8}}
   remote-top5:  {{base: big5, method: proxy, experts: [a], alpha: 0.8}}
+  remote-top5-strict: {{base: big5-strict, method: proxy, experts: [a], alpha: 0.8}}
+  remote-top5-eft: {{base: big5, method: eft, experts: [a], beta: 0.8}}
+  remote-bare5: {{base: big5, method: none}}
   local-proxy:  {{base: base-large, method: proxy, experts: [a], alpha: 0.8}}
+  local-bare:   {{base: base-large, method: none}}
 server: {{preload: false}}
 """
     path = tmp_path / "client.yaml"
@@ -68,25 +76,85 @@ def test_a_remote_base_with_every_logprob_fuses_like_the_local_one(client_lf):
     assert [o.token_ids for o in spec] == [o.token_ids for o in client_lf.generate("local-proxy", PROMPTS, sp)]
 
 
+def local_logits(models: dict, ids: list[int]) -> dict[str, torch.Tensor]:
+    return {n: m.prefill([ids])[1].double() for n, m in models.items()}
+
+
 @torch.inference_mode()
-def test_top_n_logprobs_restrict_each_step_to_the_base_top_n(client_lf):
+def test_candidates_0_restricts_each_step_to_the_base_top_n(client_lf):
     """Reference: the local models step by step, the base's logits masked outside its top 5."""
     models = {n: client_lf.pool.get(n) for n in ("base-large", "tuned-a", "base-small")}
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    for prompt, out in zip(PROMPTS, client_lf.generate("remote-top5", PROMPTS, sp)):
+    for prompt, out in zip(PROMPTS, client_lf.generate("remote-top5-strict", PROMPTS, sp)):
         ids = models["base-large"].tokenizer(prompt).input_ids
         want = []
         for _ in range(6):
-            z = {n: m.prefill([ids + want])[1] for n, m in models.items()}
+            z = local_logits(models, ids + want)
             base = z["base-large"]
             masked = torch.full_like(base, float("-inf"))
             top = base.topk(5, dim=-1).indices
             masked.scatter_(-1, top, base.gather(-1, top))
             fused = fusion.proxy_tune(masked, z["tuned-a"].unsqueeze(1), z["base-small"].unsqueeze(1),
-                                      torch.tensor([[0.8]]))
+                                      torch.tensor([[0.8]], dtype=torch.float64))
             want.append(int(fused.argmax(-1)))
             assert want[-1] in top[0].tolist()
         assert out.token_ids == want
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("ensemble,temperature", [("remote-top5", 0.0), ("remote-top5-eft", 0.0),
+                                                  ("remote-top5", 0.9)])
+def test_fusion_runs_over_the_union_of_supports_with_the_servers_own_numbers(client_lf, ensemble, temperature):
+    """The server scores the candidates outside its top 5 (this server: allowed_token_ids), so each step's
+    fused distribution is the white-box one (float64 from the local base) restricted to the base's top 5 plus
+    the candidates of ops/candidates.py, and normalised over them; greedy text and logprobs follow it (a
+    sampled row's candidates reach MARGIN below the best, a greedy row's only the tokens that could win)."""
+    assert client_lf.pool.get("big5").caps.scoring == "allowed"
+    models = {n: client_lf.pool.get(n) for n in ("base-large", "tuned-a", "base-small")}
+    sp = SamplingParams(max_tokens=6, temperature=temperature, seed=3, ignore_eos=True, logprobs=3)
+    margin = 0.0 if temperature == 0 else candidates.MARGIN
+    outside = certified = agree = 0
+    for prompt, out in zip(PROMPTS, client_lf.generate(ensemble, PROMPTS, sp)):
+        ids = models["base-large"].tokenizer(prompt).input_ids
+        want, lps = [], []
+        for _ in range(6):
+            z = local_logits(models, ids + want)
+            full = torch.log_softmax(z["base-large"], -1)
+            top = full.topk(5, dim=-1).indices
+            known = torch.full_like(full, float("-inf")).scatter(-1, top, full.gather(-1, top))
+            tuned, untuned = z["tuned-a"].unsqueeze(1), z["base-small"].unsqueeze(1)
+            coef = torch.tensor([[0.8]], dtype=torch.float64)
+            e = candidates.push(tuned, untuned, coef).double()
+            miss = candidates.missing(known, e, candidates.predicted(untuned, e), 4, [[]], margin)[0]
+            keep = known.clone()
+            keep[0, miss] = full[0, miss]  # the server's exact values
+            outside += len(miss)
+            fused, white = keep + e, full + e  # EFT's scores, the base's log-probabilities not renormalised
+            ok = bool(candidates.certified(known, e, fused)[0])
+            certified += ok
+            if ok:  # a certified step's argmax is the white-box argmax
+                assert int(fused.argmax()) == int(white.argmax())
+            agree += int(fused.argmax()) == int(white.argmax())
+            want.append(int(fused.argmax(-1)) if temperature == 0 else out.token_ids[len(want)])
+            assert math.isfinite(fused[0, want[-1]])  # a sampled token is a candidate
+            lps.append(float(torch.log_softmax(fused, -1)[0, want[-1]]))
+        assert out.token_ids == want
+        assert out.logprobs == pytest.approx(lps, abs=1e-4)
+    assert outside > 0 and certified > 0  # candidates outside the top 5 were scored, and steps certified
+    assert agree >= certified
+
+
+def test_a_bare_remote_base_reports_the_servers_own_logprobs(client_lf):
+    """Not renormalised over its top 5: the local base's own log-probabilities."""
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=5)
+    local = client_lf.generate("local-bare", PROMPTS, sp)
+    remote = client_lf.generate("remote-bare5", PROMPTS, sp)
+    for a, b in zip(remote, local):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert [t.logprob for step in a.top_logprobs for t in step] == pytest.approx(
+            [t.logprob for step in b.top_logprobs for t in step], abs=1e-4)
+        assert sum(math.exp(t.logprob) for t in a.top_logprobs[0]) < 0.999  # the top 5 leave mass elsewhere
 
 
 def test_remote_errors_are_clear(family, remote_url, tmp_path, client_lf):

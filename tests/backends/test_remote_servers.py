@@ -256,3 +256,42 @@ def test_a_5xx_that_refuses_the_request_is_not_retried(tok, monkeypatch):
     with pytest.raises(RemoteError, match=r"500.*Only no echo is supported") as err:
         lm.prefill([[5, 6]])
     assert len(calls) == 1 and err.value.status == 500
+
+
+@torch.inference_mode()
+def test_a_server_that_cannot_score_candidates_gets_the_stated_estimate(family, tmp_path, tok, llama_server):
+    """llama-server neither restricts an answer by allowed_token_ids nor echoes: a candidate outside its top 5
+    gets min(lp_5, log(R / m)) (ops/candidates.py), above which no unseen token's true value lies."""
+    from logitfuse.ops import candidates
+
+    url, _ = llama_server
+    path = config(family, tmp_path, url, 5)
+    lf = LogitFuse(path)
+    assert lf.pool.get("big").caps.scoring == ""
+    models = {n: lf.pool.get(n) for n in ("base-large", "tuned-a", "base-small")}
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
+    estimated = 0
+    for prompt, out in zip(PROMPTS, lf.generate("remote-proxy", PROMPTS, sp)):
+        ids = tok(prompt).input_ids
+        want, lps = [], []
+        for _ in range(6):
+            z = {n: m.prefill([ids + want])[1].double() for n, m in models.items()}
+            full = torch.log_softmax(z["base-large"], -1)
+            top = full.topk(5, dim=-1).indices
+            known = torch.full_like(full, float("-inf")).scatter(-1, top, full.gather(-1, top))
+            tuned, untuned = z["tuned-a"].unsqueeze(1), z["base-small"].unsqueeze(1)
+            e = candidates.push(tuned, untuned, torch.tensor([[0.8]], dtype=torch.float64)).double()
+            miss = candidates.missing(known, e, candidates.predicted(untuned, e), 4, [[]], margin=0.0)[0]  # greedy rows
+            keep = known.clone()
+            if miss:
+                guess = candidates.bound(known[0], len(miss))
+                assert guess <= float(candidates.ceiling(known)[0])
+                assert (full[0, miss] <= candidates.ceiling(known)[0] + 1e-9).all()  # the bound holds
+                keep[0, miss] = guess
+                estimated += len(miss)
+            fused = keep + e
+            want.append(int(fused.argmax(-1)))
+            lps.append(float(torch.log_softmax(fused, -1)[0, want[-1]]))
+        assert out.token_ids == want
+        assert out.logprobs == pytest.approx(lps, abs=1e-4)
+    assert estimated > 0

@@ -3,15 +3,19 @@ logitfuse server, or by llama.cpp's llama-server or llama-cpp-python (docs/remot
 local experts.
 
 The endpoint returns only the top-N log-probabilities of each next token, so this backend's logits hold
-those N values and -inf everywhere else: fused decoding over a remote base is restricted, at every step,
-to the base's top-N tokens (the usual setting of proxy-tuning through an API). Prompts go out as token ids
+those N values (the server's own numbers) and -inf everywhere else. Prompts go out as token ids
 from a local copy of the model's tokenizer (which also checks that the experts share its vocabulary). What
 the server can do is probed at load (backends/remote_probe.py): a server without token-id prompts gets the
 text, checked to re-tokenize to the same ids; one whose logprobs name no ids has its token texts mapped back
 through the tokenizer; one without exact echo verifies k-token blocks one position per call.
 
 A row's state is its token ids: the remote server owns the KV cache (vLLM's prefix caching makes each
-step's resend of the sequence cheap). Rows of a step are requested concurrently.
+step's resend of the sequence cheap). Rows of a step go in one call where the server takes a list of prompts,
+else concurrently.
+
+Fusion widens the top-N restriction to the union of supports (ops/candidates.py): the fuser asks
+`score_tokens` for the base's log-probability of the candidates outside the top N, in one more round of
+calls per step and only when there are such candidates.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import torch
 
 from logitfuse.backends.base import token_texts, tokenizer_vocab_info
 from logitfuse.backends.remote.retry import RETRY_STATUS, retry_wait
-from logitfuse.backends.remote.wire import Capabilities, Top, first_difference, positions
+from logitfuse.backends.remote.wire import Capabilities, Top, first_difference, generated, positions, prompt_logprob
 from logitfuse.errors import RemoteError
 from logitfuse.ops.vocab import VocabInfo
 
 log = logging.getLogger(__name__)
 # a 5xx that says the request itself cannot be served (llama-cpp-python answers a token-id prompt with a 500
 # carrying a validation error, llama-server an echo with "Only no echo is supported"): retrying cannot help
+_PROMPTS_PER_CALL = 64  # prompts in one call of several (a step's rows, or its candidates to score)
 _REFUSAL = re.compile(r"supported|validation error|input should be|must be", re.IGNORECASE)
 
 
@@ -56,6 +61,7 @@ class RemoteCausalLM:
         self.model, self.top_n, self.retries = spec.model, spec.top_logprobs, spec.retries
         self.max_wait = spec.retry_max_wait  # seconds: the cap on any wait before a retry
         self.max_context = spec.max_context
+        self.candidates = spec.candidates  # the union of supports (engine/fused_scores.py)
         self.logits_width = len(tokenizer)
         self.device = torch.device("cpu")
         headers = {}
@@ -153,22 +159,78 @@ class RemoteCausalLM:
     # -- steps ---------------------------------------------------------------------------------------------
     def _next(self, rows: list[list[int]], k: int) -> torch.Tensor:
         """(B, k, V): the top-N log-probabilities after each of every row's last k tokens, -inf elsewhere."""
+        if k == 1 and len(rows) > 1 and self.caps.multi_prompt:
+            return torch.stack([self._row(tops[-1:]) for tops in self._batched(rows)])
         return torch.stack(list(self.pool.map(lambda ids: self._one(ids, k), rows)))
 
-    def _one(self, ids: list[int], k: int) -> torch.Tensor:
-        if k > 1 and not self.caps.exact_echo:  # one position per call, oldest first
-            return torch.cat([self._one(ids[:len(ids) - k + 1 + j], 1) for j in range(k)])
-        # the distributions after the earlier new tokens are prompt positions of an echo
-        tops = self._tops(ids, k, echo=k > 1)
-        out = torch.full((k, self.logits_width), float("-inf"))
+    def _batched(self, rows: list[list[int]]) -> list[list[Top]]:
+        """Each row's top entries after its last token, the rows in calls of several prompts each."""
+        out: list[list[Top]] = []
+        for start in range(0, len(rows), _PROMPTS_PER_CALL):
+            chunk = rows[start:start + _PROMPTS_PER_CALL]
+            for ids, choice in zip(chunk, self.ask_many(chunk)):
+                tops = positions(choice.get("logprobs"))
+                if not tops or tops[-1] is None:  # e.g. an empty answer at a greedy EOS: read it alone
+                    tops = self._tops(ids, 1, echo=False)
+                out.append(tops)
+        return out
+
+    def score_tokens(self, state: RemoteState, rows: list[int], tokens: list[list[int]]) -> list[list[float]] | None:
+        """The base's own log-probability of each tokens[j][i] after row rows[j]'s sequence (one more round of
+        calls), or None where the server cannot give it (the probe found no way: the caller estimates)."""
+        if not self.caps.scoring:
+            return None
+        jobs = [(state.rows[r], t) for r, ts in zip(rows, tokens) for t in ts]
+        if not jobs:
+            return [[] for _ in rows]
+        if self.caps.scoring == "allowed":
+            values = list(self.pool.map(lambda job: self._allowed(*job), jobs))
+        elif self.caps.multi_prompt:
+            values = []
+            for start in range(0, len(jobs), _PROMPTS_PER_CALL):
+                chunk = jobs[start:start + _PROMPTS_PER_CALL]
+                answers = self.ask_many([ids + [t] for ids, t in chunk], echo=True)
+                values += [self._echoed(choice, len(ids)) for (ids, _), choice in zip(chunk, answers)]
+        else:
+            values = list(self.pool.map(
+                lambda job: self._echoed(self.ask(job[0] + [job[1]], echo=True)["choices"][0], len(job[0])), jobs))
+        out, at = [], 0
+        for ts in tokens:
+            out.append(values[at:at + len(ts)])
+            at += len(ts)
+        return out
+
+    def _allowed(self, ids: list[int], token: int) -> float:
+        choice = self.ask(ids, allowed_token_ids=[token], logprobs=1)["choices"][0]
+        got, _ = generated(choice)
+        value = prompt_logprob(choice, 0)
+        if not got or self.token_id(got[0]) != token or value is None:
+            raise RemoteError(f"model {self.name!r}: {self.url} did not score token {token} as asked "
+                              f"(allowed_token_ids answered {got[:1]})")
+        return value
+
+    def _echoed(self, choice: dict, position: int) -> float:
+        value = prompt_logprob(choice, position)
+        if value is None:
+            raise RemoteError(f"model {self.name!r}: {self.url} gave no prompt logprob at position {position}")
+        return value
+
+    def _row(self, tops: list[Top]) -> torch.Tensor:
+        out = torch.full((len(tops), self.logits_width), float("-inf"))
         for i, top in enumerate(tops):
-            # the entry may also hold the position's actual token; keep the top N so a block verified in one
-            # call sees exactly what one-token steps would
             for key, lp in top[: self.top_n]:
                 tid = self.token_id(key)
                 if tid is not None and tid < self.logits_width:
                     out[i, tid] = lp
         return out
+
+    def _one(self, ids: list[int], k: int) -> torch.Tensor:
+        if k > 1 and not self.caps.exact_echo:  # one position per call, oldest first
+            return torch.cat([self._one(ids[:len(ids) - k + 1 + j], 1) for j in range(k)])
+        # the distributions after the earlier new tokens are prompt positions of an echo; an entry may also
+        # hold the position's actual token: _row keeps the top N, so a block verified in one call sees exactly
+        # what one-token steps would
+        return self._row(self._tops(ids, k, echo=k > 1))
 
     def _tops(self, ids: list[int], k: int, echo: bool) -> list[Top]:
         choice = self.ask(ids, echo=echo)["choices"][0]
@@ -205,6 +267,19 @@ class RemoteCausalLM:
         if echo:
             body["echo"] = True
         return self.post(body, retry)
+
+    def ask_many(self, prompts: list[list[int]], echo: bool = False, retry: bool = True, **extra) -> list[dict]:
+        """One call with several token-id prompts (servers that take a list): their choices in prompt order."""
+        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "logprobs": self.top_n,
+                "return_tokens_as_token_ids": True, "n": 1, **self.caps.neutral, **extra}
+        if echo:
+            body["echo"] = True
+            body["logprobs"] = min(self.top_n, 1)  # only the prompt tokens' own logprobs are read
+        choices = self.post(body, retry).get("choices") or []
+        if len(choices) != len(prompts):
+            raise RemoteError(f"model {self.name!r}: {self.url} answered {len(prompts)} prompts with "
+                              f"{len(choices)} choices")
+        return sorted(choices, key=lambda c: c.get("index", 0))
 
     def _as_text(self, ids: list[int]) -> str:
         """The text whose tokenization is exactly `ids` (for servers that take no token-id prompts)."""

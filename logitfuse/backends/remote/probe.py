@@ -9,7 +9,12 @@
 - exact echo: echo's distributions at the last two prompt positions equal two one-position answers
   (llama-server refuses echo; speculative blocks need it);
 - EOS: an answer pushed to EOS by logit_bias that carries no logprobs (llama-cpp-python's), read again by
-  echo where echo is exact.
+  echo where echo is exact;
+- scoring a chosen token (fusion over the union of supports): an answer restricted by `allowed_token_ids` to a
+  token ranked below the first, whose logprob must be the one the top-N list gives it (raw, not renormalised
+  over the allowed tokens: vLLM's default, logitfuse's); else the echo of the sequence extended by the token,
+  whose last prompt logprob must be that value; else none (an estimate is used);
+- several prompts per call: a list of two token-id prompts answered with one choice each, as one-prompt calls.
 A refusal seen here is never retried: retrying cannot turn it into an answer.
 """
 
@@ -22,6 +27,7 @@ from logitfuse.backends.remote.wire import (
     first_difference,
     generated,
     positions,
+    prompt_logprob,
     tokenize_ids,
     tokenize_requests,
 )
@@ -59,6 +65,7 @@ def probe(lm) -> Capabilities:
                           f"serve as a base (logprobs: {lm.top_n} is needed)")
     lm.caps = replace(lm.caps, ids_exact=all(isinstance(k, int) for k, _ in tops[-1]))
     lm.caps = replace(lm.caps, exact_echo=_echo_is_exact(lm, ids, tops[-1]), eos_empty=_eos_is_empty(lm, ids))
+    lm.caps = replace(lm.caps, scoring=_scoring(lm, ids, tops[-1]), multi_prompt=_multi_prompt(lm, ids, tops[-1]))
     return lm.caps
 
 
@@ -105,6 +112,50 @@ def _echo_is_exact(lm, ids: list[int], last: list) -> bool:
     if len(echo) < 2 or not before or any(t is None for t in (echo[-2], echo[-1], before[-1])):
         return False
     return _same(echo[-2], before[-1], lm.top_n) and _same(echo[-1], last, lm.top_n)
+
+
+def _scoring(lm, ids: list[int], top: list) -> str:
+    """How the server scores a token of our choosing after `ids`: "allowed", "echo" or ""."""
+    known = [(lm.token_id(k), v) for k, v in top[: lm.top_n]]
+    known = [(t, v) for t, v in known if t is not None and v > -1e30]
+    if len(known) < 2:
+        return ""  # nothing below the first to check an answer against
+    token, want = known[-1]
+    try:
+        choice = lm.ask(ids, retry=False, allowed_token_ids=[token], logprobs=1)["choices"][0]
+        got, _ = generated(choice)
+        value = prompt_logprob(choice, 0)
+        if got and lm.token_id(got[0]) == token and value is not None and abs(value - want) <= ECHO_TOLERANCE:
+            return "allowed"
+    except RemoteError as err:
+        if err.status is None:
+            raise
+    if not lm.caps.exact_echo:
+        return ""
+    try:
+        choice = lm.ask(ids + [token], echo=True, retry=False)["choices"][0]
+    except RemoteError as err:
+        if err.status is None:
+            raise
+        return ""
+    value = prompt_logprob(choice, len(ids))
+    return "echo" if value is not None and abs(value - want) <= ECHO_TOLERANCE else ""
+
+
+def _multi_prompt(lm, ids: list[int], top: list) -> bool:
+    """Whether a list of token-id prompts gets one choice per prompt, each as its one-prompt call answers."""
+    if not lm.caps.token_prompts:
+        return False
+    try:
+        choices = lm.ask_many([ids, ids], retry=False)
+    except RemoteError as err:
+        if err.status is None:
+            raise
+        return False
+    if len(choices) != 2:
+        return False
+    tops = [positions(c.get("logprobs")) for c in choices]
+    return all(t and t[-1] is not None and _same(t[-1], top, lm.top_n) for t in tops)
 
 
 def _same(a: list, b: list, n: int) -> bool:

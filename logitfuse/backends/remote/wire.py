@@ -27,13 +27,20 @@ class Capabilities:
     ids_exact: bool = True  # its logprobs name token ids (chat form or token_id:N), not only texts
     exact_echo: bool = True  # echo's prompt-position distributions equal one-position answers
     eos_empty: bool = False  # answers whose greedy token is EOS carry no logprobs
+    scoring: str = ""  # how the base's log-probability of a chosen token is read: "allowed" (allowed_token_ids,
+    # the answer's own raw logprob: vLLM, logitfuse), "echo" (the prompt logprob of the sequence extended by the
+    # token), "" (it cannot be: an estimate is used, docs/algorithms.md)
+    multi_prompt: bool = False  # a list of prompts in one call gets one choice each (a step's rows in one call)
     neutral: dict = field(default_factory=dict)  # sampling fields sent with every request
 
     def summary(self) -> str:
         no = [n for n, v in (("token-id prompts", self.token_prompts), ("token ids in logprobs", self.ids_exact),
                              ("exact echo", self.exact_echo)) if not v]
         eos = "; no logprobs when its greedy token is EOS" if self.eos_empty else ""
-        return f"{self.dialect}: " + (f"without {', '.join(no)}" if no else "every capability") + eos
+        how = {"allowed": "allowed_token_ids", "echo": "echo"}.get(self.scoring)
+        score = f"; scores chosen tokens by {how}" if how else "; cannot score chosen tokens"
+        many = "; several prompts per call" if self.multi_prompt else ""
+        return f"{self.dialect}: " + (f"without {', '.join(no)}" if no else "every capability") + eos + score + many
 
 
 def positions(logprobs: dict | None) -> list[Top | None]:
@@ -49,12 +56,26 @@ def positions(logprobs: dict | None) -> list[Top | None]:
     return out
 
 
+def prompt_logprob(choice: dict, position: int) -> float | None:
+    """The log-probability an echo answer gives the prompt token at `position` (None where it gives none)."""
+    lp = choice.get("logprobs") or {}
+    if isinstance(lp.get("content"), list):
+        entries = lp["content"]
+        value = entries[position].get("logprob") if position < len(entries) else None
+    else:
+        values = lp.get("token_logprobs") or []
+        value = values[position] if position < len(values) else None
+    if value is None:
+        return None
+    return -math.inf if value < -1e30 else float(value)
+
+
 def generated(choice: dict) -> tuple[list[int | str], str | None]:
     """The tokens an answer generated (ids in the chat form, texts otherwise) and its finish_reason."""
     lp = choice.get("logprobs") or {}
     if isinstance(lp.get("content"), list):
         return [c["id"] for c in lp["content"]], choice.get("finish_reason")
-    return list(lp.get("tokens") or []), choice.get("finish_reason")
+    return [_key(t) if isinstance(t, str) else t for t in lp.get("tokens") or []], choice.get("finish_reason")
 
 
 def _key(key: str) -> int | str:

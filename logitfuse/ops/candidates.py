@@ -1,0 +1,104 @@
+"""Pure math of fusion over a base that shows only its top N (a remote base behind an OpenAI-style API).
+
+The base's scores are known on its top N tokens and unknown elsewhere (-inf in the tensor). The experts are
+local and known everywhere, and so is their push `e(v) = sum_i c_i (tuned_i(v) - untuned_i(v))`. No token
+outside the top N has more than `ceiling = min(lp_N, log R)` (lp_N the N-th log-probability, R the mass the
+top N leave), so its fused score is at most `ceiling + e(v)`. The candidate set is the base's top N plus,
+among the tokens whose bound comes within a margin of the best known token's fused score, the stop tokens
+and the k the small untuned model predicts best (it approximates the base's family). A candidate outside
+the top N gets the base's exact log-probability where the server can score it, and otherwise the estimate
+`min(lp_N, log(R / m))`, m the number of such candidates (docs/algorithms.md, "A base that shows only its
+top N").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MARGIN = math.log(1e4)  # nats: a token whose fused score cannot come this close to the best is left out (its
+# probability is at most 1e-4 of the best token's)
+
+
+def push(tuned: torch.Tensor, untuned: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """e(v) = sum_i coef_i (log_softmax(tuned_i) - log_softmax(untuned_i)), (b, V) from (b, T, V) and (b, T).
+    Tokens either model masks count as -inf (never pushed)."""
+    lt, lu = torch.log_softmax(tuned.float(), -1), torch.log_softmax(untuned.float(), -1)
+    finite = torch.isfinite(lt) & torch.isfinite(lu)
+    diff = torch.where(finite, lt - lu, torch.zeros_like(lt))
+    out = (coef.float().unsqueeze(-1) * diff).sum(1)
+    return torch.where(finite.all(1), out, torch.full_like(out, float("-inf")))
+
+
+def ceiling(base: torch.Tensor) -> torch.Tensor:
+    """(b,) per row: min(lp_N, log R), the most any token outside the known top N can have, from base (b, V)
+    holding the known log-probabilities and -inf elsewhere (R = 1 - the known mass)."""
+    known = torch.isfinite(base)
+    lp_n = torch.where(known, base, torch.full_like(base, float("inf"))).min(-1).values
+    mass = torch.where(known, base.double().exp(), torch.zeros((), dtype=torch.float64, device=base.device)).sum(-1)
+    rest = (1.0 - mass).clamp(min=1e-12).log().to(base.dtype)  # rounding can take a server's top N past 1
+    return torch.minimum(lp_n, rest)
+
+
+def predicted(untuned: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """(b, V): the fused score each token would get if the base agreed with the untuned small model(s), which
+    approximate it (same family, same data): mean_i log_softmax(untuned_i) + e. With one expert and
+    coefficient 1 this is the tuned model's own log-probability."""
+    return torch.log_softmax(untuned.float(), -1).mean(1) + e
+
+
+def missing(base: torch.Tensor, e: torch.Tensor, guess: torch.Tensor, k: int, stops: list[list[int]],
+            margin: float | torch.Tensor = MARGIN) -> list[list[int]]:
+    """Each row's candidates outside the base's known top N, ascending ids, at most k plus the stop tokens.
+
+    Only tokens whose fused score could come within `margin` of the best known token's are eligible
+    (`ceiling + e(v) >= max over the known of base + e - margin`); of those, every stop token, then the k with
+    the highest `guess` (predicted(): what the fused score would be if the base agreed with the small model).
+    margin: one for all rows or (b,) per row (0 for a greedy row: only a token that could win matters)."""
+    b, width = base.shape
+    if k <= 0:
+        return [[] for _ in range(b)]
+    known = torch.isfinite(base)
+    best = torch.where(known, base + e, torch.full_like(base, float("-inf"))).max(-1).values  # (b,)
+    upper = ceiling(base).unsqueeze(-1) + e  # (b, V)
+    margin = torch.as_tensor(margin, dtype=base.dtype, device=base.device).expand(b)
+    eligible = ~known & torch.isfinite(e) & torch.isfinite(guess) & (upper >= (best - margin).unsqueeze(-1))
+    top = torch.where(eligible, guess, torch.full_like(guess, float("-inf"))).topk(min(k, width), -1)
+    out = []
+    for i in range(b):
+        ids = {j for j, v in zip(top.indices[i].tolist(), top.values[i].tolist()) if v > float("-inf")}
+        ok = [j for j in stops[i] if 0 <= j < width] if i < len(stops) else []
+        if ok:
+            ids |= {j for j, flag in zip(ok, eligible[i, ok].tolist()) if flag}
+        out.append(sorted(ids))
+    return out
+
+
+def omitted(base: torch.Tensor, e: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+    """(b,) an upper bound on the fused probability mass of every token left out of `fused` (b, V: the fused
+    scores on the candidates, -inf elsewhere, on the scale of base + e), relative to the candidates' mass:
+    sum over the left-out v of exp(ceiling + e(v) - logsumexp(fused)). Exact for proxy-tuning and EFT."""
+    out = ~torch.isfinite(fused) & torch.isfinite(e)
+    upper = torch.where(out, ceiling(base).unsqueeze(-1) + e, torch.full_like(e, float("-inf")))
+    return (torch.logsumexp(upper.double(), -1) - torch.logsumexp(fused.double(), -1)).exp()
+
+
+def bound(top: torch.Tensor, m: int) -> float:
+    """The estimate for each of m candidates outside a row's top N, from the row's known log-probabilities
+    `top` (any order): min(lp_N, log(R / m)), R = 1 - sum(exp(top)). The true value of every such token is
+    at most min(lp_N, log R) (it ranks below the N-th and shares the mass R)."""
+    vals = top[torch.isfinite(top)].double()
+    if vals.numel() == 0:
+        return float("-inf")
+    rest = max(1.0 - float(vals.exp().sum()), 1e-12)  # rounding can leave a server's top N summing past 1
+    return min(float(vals.min()), math.log(rest / max(m, 1)))
+
+
+def certified(base: torch.Tensor, e: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+    """(b,) True where the fused argmax over the candidates is the argmax over the whole vocabulary, for fusion
+    of the form `base + e` (proxy-tuning and EFT with the plan's coefficients): every left-out token v scores at
+    most ceiling + e(v). base: the known top N only (-inf elsewhere); fused: the candidates' scores."""
+    out = ~torch.isfinite(fused) & torch.isfinite(e)
+    upper = torch.where(out, ceiling(base).unsqueeze(-1) + e, torch.full_like(e, float("-inf"))).max(-1).values
+    return fused.max(-1).values >= upper
