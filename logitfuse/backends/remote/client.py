@@ -31,14 +31,13 @@ import torch
 
 from logitfuse.backends.base import token_texts, tokenizer_vocab_info
 from logitfuse.backends.remote.retry import RETRY_STATUS, retry_wait
-from logitfuse.backends.remote.wire import Capabilities, Top, first_difference, generated, positions, prompt_logprob
+from logitfuse.backends.remote.wire import PROMPTS_PER_CALL, Capabilities, Top, first_difference, positions
 from logitfuse.errors import RemoteError
 from logitfuse.ops.vocab import VocabInfo
 
 log = logging.getLogger(__name__)
 # a 5xx that says the request itself cannot be served (llama-cpp-python answers a token-id prompt with a 500
 # carrying a validation error, llama-server an echo with "Only no echo is supported"): retrying cannot help
-_PROMPTS_PER_CALL = 64  # prompts in one call of several (a step's rows, or its candidates to score)
 _REFUSAL = re.compile(r"supported|validation error|input should be|must be", re.IGNORECASE)
 
 
@@ -166,8 +165,8 @@ class RemoteCausalLM:
     def _batched(self, rows: list[list[int]]) -> list[list[Top]]:
         """Each row's top entries after its last token, the rows in calls of several prompts each."""
         out: list[list[Top]] = []
-        for start in range(0, len(rows), _PROMPTS_PER_CALL):
-            chunk = rows[start:start + _PROMPTS_PER_CALL]
+        for start in range(0, len(rows), PROMPTS_PER_CALL):
+            chunk = rows[start:start + PROMPTS_PER_CALL]
             for ids, choice in zip(chunk, self.ask_many(chunk)):
                 tops = positions(choice.get("logprobs"))
                 if not tops or tops[-1] is None:  # e.g. an empty answer at a greedy EOS: read it alone
@@ -178,42 +177,9 @@ class RemoteCausalLM:
     def score_tokens(self, state: RemoteState, rows: list[int], tokens: list[list[int]]) -> list[list[float]] | None:
         """The base's own log-probability of each tokens[j][i] after row rows[j]'s sequence (one more round of
         calls), or None where the server cannot give it (the probe found no way: the caller estimates)."""
-        if not self.caps.scoring:
-            return None
-        jobs = [(state.rows[r], t) for r, ts in zip(rows, tokens) for t in ts]
-        if not jobs:
-            return [[] for _ in rows]
-        if self.caps.scoring == "allowed":
-            values = list(self.pool.map(lambda job: self._allowed(*job), jobs))
-        elif self.caps.multi_prompt:
-            values = []
-            for start in range(0, len(jobs), _PROMPTS_PER_CALL):
-                chunk = jobs[start:start + _PROMPTS_PER_CALL]
-                answers = self.ask_many([ids + [t] for ids, t in chunk], echo=True)
-                values += [self._echoed(choice, len(ids)) for (ids, _), choice in zip(chunk, answers)]
-        else:
-            values = list(self.pool.map(
-                lambda job: self._echoed(self.ask(job[0] + [job[1]], echo=True)["choices"][0], len(job[0])), jobs))
-        out, at = [], 0
-        for ts in tokens:
-            out.append(values[at:at + len(ts)])
-            at += len(ts)
-        return out
+        from logitfuse.backends.remote.scoring import score
 
-    def _allowed(self, ids: list[int], token: int) -> float:
-        choice = self.ask(ids, allowed_token_ids=[token], logprobs=1)["choices"][0]
-        got, _ = generated(choice)
-        value = prompt_logprob(choice, 0)
-        if not got or self.token_id(got[0]) != token or value is None:
-            raise RemoteError(f"model {self.name!r}: {self.url} did not score token {token} as asked "
-                              f"(allowed_token_ids answered {got[:1]})")
-        return value
-
-    def _echoed(self, choice: dict, position: int) -> float:
-        value = prompt_logprob(choice, position)
-        if value is None:
-            raise RemoteError(f"model {self.name!r}: {self.url} gave no prompt logprob at position {position}")
-        return value
+        return score(self, [state.rows[r] for r in rows], tokens) if self.caps.scoring else None
 
     def _row(self, tops: list[Top]) -> torch.Tensor:
         out = torch.full((len(tops), self.logits_width), float("-inf"))

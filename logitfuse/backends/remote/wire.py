@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+PROMPTS_PER_CALL = 64  # prompts in one call of several (a step's rows, or its candidates to score)
 Top = list[tuple[int | str, float]]  # one position: (token id or token text, log-probability), best first
 
 
