@@ -81,17 +81,19 @@ class Fuser:
         candidates outside its top N get the server's own log-probability (one more round of calls) or, where
         the server cannot give one, the stated estimate."""
         tuned, untuned = experts()
-        e = candidates.push(tuned, untuned, coef)
-        miss = candidates.missing(base, e, candidates.predicted(untuned, e), backend.candidates, stops,
+        e, guess = candidates.push_and_guess(tuned, untuned, coef)
+        miss = candidates.missing(base, e, guess, backend.candidates, stops,
                                   torch.tensor(margins, dtype=base.dtype, device=base.device))
         if not any(miss):
             return base
         values = backend.score_tokens(state, rows, miss)
+        if values is None:  # the server cannot score them: the stated estimate, one value per row
+            est = candidates.estimate(base, torch.tensor([len(ids) for ids in miss], device=base.device)).tolist()
+            values = [[v] * len(ids) for v, ids in zip(est, miss)]
         out = base.clone()
         for i, ids in enumerate(miss):
             if ids:
-                row = values[i] if values is not None else [candidates.bound(base[i], len(ids))] * len(ids)
-                out[i, ids] = torch.tensor(row, dtype=out.dtype, device=out.device)
+                out[i, ids] = torch.tensor(values[i], dtype=out.dtype, device=out.device)
         return out
 
     def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor],

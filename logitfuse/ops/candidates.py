@@ -21,31 +21,43 @@ MARGIN = math.log(1e4)  # nats: a token whose fused score cannot come this close
 # probability is at most 1e-4 of the best token's)
 
 
-def push(tuned: torch.Tensor, untuned: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """e(v) = sum_i coef_i (log_softmax(tuned_i) - log_softmax(untuned_i)), (b, V) from (b, T, V) and (b, T).
-    Tokens either model masks count as -inf (never pushed)."""
+def push_and_guess(tuned: torch.Tensor, untuned: torch.Tensor, coef: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, guess), each (b, V) from (b, T, V) and (b, T), on one pass of log-softmax:
+
+    e(v) = sum_i coef_i (log_softmax(tuned_i) - log_softmax(untuned_i)), the experts' push (tokens either model
+    masks: -inf, never pushed); guess(v) = mean_i log_softmax(untuned_i) + e(v), the fused score the token would
+    get if the base agreed with the untuned small model(s), which approximate it (same family, same data). With
+    one expert and coefficient 1, guess is the tuned model's own log-probability."""
     lt, lu = torch.log_softmax(tuned.float(), -1), torch.log_softmax(untuned.float(), -1)
     finite = torch.isfinite(lt) & torch.isfinite(lu)
     diff = torch.where(finite, lt - lu, torch.zeros_like(lt))
-    out = (coef.float().unsqueeze(-1) * diff).sum(1)
-    return torch.where(finite.all(1), out, torch.full_like(out, float("-inf")))
+    e = (coef.float().unsqueeze(-1) * diff).sum(1)
+    e = torch.where(finite.all(1), e, torch.full_like(e, float("-inf")))
+    return e, lu.mean(1) + e
 
 
-def ceiling(base: torch.Tensor) -> torch.Tensor:
-    """(b,) per row: min(lp_N, log R), the most any token outside the known top N can have, from base (b, V)
-    holding the known log-probabilities and -inf elsewhere (R = 1 - the known mass)."""
+def _known(base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lp_N, log R) per row (b,) of base (b, V) holding the known log-probabilities and -inf elsewhere: the
+    lowest known value and the log of the mass the known tokens leave."""
     known = torch.isfinite(base)
     lp_n = torch.where(known, base, torch.full_like(base, float("inf"))).min(-1).values
     mass = torch.where(known, base.double().exp(), torch.zeros((), dtype=torch.float64, device=base.device)).sum(-1)
-    rest = (1.0 - mass).clamp(min=1e-12).log().to(base.dtype)  # rounding can take a server's top N past 1
-    return torch.minimum(lp_n, rest)
+    log_rest = (1.0 - mass).clamp(min=1e-12).log().to(base.dtype)  # rounding can take a server's top N past 1
+    return lp_n, log_rest
 
 
-def predicted(untuned: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """(b, V): the fused score each token would get if the base agreed with the untuned small model(s), which
-    approximate it (same family, same data): mean_i log_softmax(untuned_i) + e. With one expert and
-    coefficient 1 this is the tuned model's own log-probability."""
-    return torch.log_softmax(untuned.float(), -1).mean(1) + e
+def ceiling(base: torch.Tensor) -> torch.Tensor:
+    """(b,) per row: min(lp_N, log R), the most any token outside the known top N can have."""
+    return torch.minimum(*_known(base))
+
+
+def estimate(base: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(b,) the value given each of a row's m (b,) candidates outside its top N where the server cannot score
+    them: min(lp_N, log(R / m)), never above the ceiling. A row with nothing known gets -inf."""
+    lp_n, log_rest = _known(base)
+    out = torch.minimum(lp_n, log_rest - m.to(log_rest.dtype).clamp(min=1).log())
+    return torch.where(torch.isfinite(base).any(-1), out, torch.full_like(out, float("-inf")))
 
 
 def missing(base: torch.Tensor, e: torch.Tensor, guess: torch.Tensor, k: int, stops: list[list[int]],
@@ -54,7 +66,7 @@ def missing(base: torch.Tensor, e: torch.Tensor, guess: torch.Tensor, k: int, st
 
     Only tokens whose fused score could come within `margin` of the best known token's are eligible
     (`ceiling + e(v) >= max over the known of base + e - margin`); of those, every stop token, then the k with
-    the highest `guess` (predicted(): what the fused score would be if the base agreed with the small model).
+    the highest `guess` (push_and_guess(): what the fused score would be if the base agreed with the small model).
     margin: one for all rows or (b,) per row (0 for a greedy row: only a token that could win matters)."""
     b, width = base.shape
     if k <= 0:
@@ -75,30 +87,23 @@ def missing(base: torch.Tensor, e: torch.Tensor, guess: torch.Tensor, k: int, st
     return out
 
 
+def _left_out_upper(base: torch.Tensor, e: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+    """(b, V): ceiling + e(v) for every token left out of `fused` (the candidates' scores, -inf elsewhere), -inf
+    for the candidates."""
+    out = ~torch.isfinite(fused) & torch.isfinite(e)
+    return torch.where(out, ceiling(base).unsqueeze(-1) + e, torch.full_like(e, float("-inf")))
+
+
 def omitted(base: torch.Tensor, e: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
     """(b,) an upper bound on the fused probability mass of every token left out of `fused` (b, V: the fused
     scores on the candidates, -inf elsewhere, on the scale of base + e), relative to the candidates' mass:
     sum over the left-out v of exp(ceiling + e(v) - logsumexp(fused)). Exact for proxy-tuning and EFT."""
-    out = ~torch.isfinite(fused) & torch.isfinite(e)
-    upper = torch.where(out, ceiling(base).unsqueeze(-1) + e, torch.full_like(e, float("-inf")))
+    upper = _left_out_upper(base, e, fused)
     return (torch.logsumexp(upper.double(), -1) - torch.logsumexp(fused.double(), -1)).exp()
-
-
-def bound(top: torch.Tensor, m: int) -> float:
-    """The estimate for each of m candidates outside a row's top N, from the row's known log-probabilities
-    `top` (any order): min(lp_N, log(R / m)), R = 1 - sum(exp(top)). The true value of every such token is
-    at most min(lp_N, log R) (it ranks below the N-th and shares the mass R)."""
-    vals = top[torch.isfinite(top)].double()
-    if vals.numel() == 0:
-        return float("-inf")
-    rest = max(1.0 - float(vals.exp().sum()), 1e-12)  # rounding can leave a server's top N summing past 1
-    return min(float(vals.min()), math.log(rest / max(m, 1)))
 
 
 def certified(base: torch.Tensor, e: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
     """(b,) True where the fused argmax over the candidates is the argmax over the whole vocabulary, for fusion
     of the form `base + e` (proxy-tuning and EFT with the plan's coefficients): every left-out token v scores at
     most ceiling + e(v). base: the known top N only (-inf elsewhere); fused: the candidates' scores."""
-    out = ~torch.isfinite(fused) & torch.isfinite(e)
-    upper = torch.where(out, ceiling(base).unsqueeze(-1) + e, torch.full_like(e, float("-inf"))).max(-1).values
-    return fused.max(-1).values >= upper
+    return fused.max(-1).values >= _left_out_upper(base, e, fused).max(-1).values

@@ -124,8 +124,8 @@ def test_fusion_runs_over_the_union_of_supports_with_the_servers_own_numbers(cli
             known = torch.full_like(full, float("-inf")).scatter(-1, top, full.gather(-1, top))
             tuned, untuned = z["tuned-a"].unsqueeze(1), z["base-small"].unsqueeze(1)
             coef = torch.tensor([[0.8]], dtype=torch.float64)
-            e = candidates.push(tuned, untuned, coef).double()
-            miss = candidates.missing(known, e, candidates.predicted(untuned, e), 4, [[]], margin)[0]
+            e, guess = (t.double() for t in candidates.push_and_guess(tuned, untuned, coef))
+            miss = candidates.missing(known, e, guess, 4, [[]], margin)[0]
             keep = known.clone()
             keep[0, miss] = full[0, miss]  # the server's exact values
             outside += len(miss)

@@ -280,14 +280,15 @@ def test_a_server_that_cannot_score_candidates_gets_the_stated_estimate(family, 
             top = full.topk(5, dim=-1).indices
             known = torch.full_like(full, float("-inf")).scatter(-1, top, full.gather(-1, top))
             tuned, untuned = z["tuned-a"].unsqueeze(1), z["base-small"].unsqueeze(1)
-            e = candidates.push(tuned, untuned, torch.tensor([[0.8]], dtype=torch.float64)).double()
-            miss = candidates.missing(known, e, candidates.predicted(untuned, e), 4, [[]], margin=0.0)[0]  # greedy rows
+            e, guess = (t.double() for t in candidates.push_and_guess(tuned, untuned,
+                                                                       torch.tensor([[0.8]], dtype=torch.float64)))
+            miss = candidates.missing(known, e, guess, 4, [[]], margin=0.0)[0]  # greedy rows
             keep = known.clone()
             if miss:
-                guess = candidates.bound(known[0], len(miss))
-                assert guess <= float(candidates.ceiling(known)[0])
+                value = float(candidates.estimate(known, torch.tensor([len(miss)]))[0])
+                assert value <= float(candidates.ceiling(known)[0])
                 assert (full[0, miss] <= candidates.ceiling(known)[0] + 1e-9).all()  # the bound holds
-                keep[0, miss] = guess
+                keep[0, miss] = value
                 estimated += len(miss)
             fused = keep + e
             want.append(int(fused.argmax(-1)))

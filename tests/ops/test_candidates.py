@@ -22,22 +22,23 @@ def case(seed: int, b: int = 3, t: int = 2, v: int = 50, n: int = 5):
 
 def test_push_ceiling_and_bound_are_the_written_formulas():
     full, known, tuned, untuned, coef = case(0)
-    e = candidates.push(tuned, untuned, coef)
+    e, guess = candidates.push_and_guess(tuned, untuned, coef)
     want = (coef[..., None] * (tuned.log_softmax(-1) - untuned.log_softmax(-1))).sum(1)
     assert torch.allclose(e.double(), want, atol=1e-5)
+    assert torch.allclose(guess.double(), untuned.log_softmax(-1).mean(1) + want, atol=1e-5)
+    estimate = candidates.estimate(known, torch.full((known.shape[0],), 3))
     for i in range(known.shape[0]):
         vals = known[i][torch.isfinite(known[i])]
         rest = 1 - vals.exp().sum()
         assert float(candidates.ceiling(known)[i]) == pytest.approx(min(float(vals.min()), math.log(rest)), abs=1e-9)
-        assert candidates.bound(known[i], 3) == pytest.approx(min(float(vals.min()), math.log(rest / 3)), abs=1e-9)
+        assert float(estimate[i]) == pytest.approx(min(float(vals.min()), math.log(rest / 3)), abs=1e-9)
         outside = full[i][~torch.isfinite(known[i])]
         assert float(outside.max()) <= float(candidates.ceiling(known)[i]) + 1e-12  # no unseen token above it
 
 
 def test_missing_takes_the_eligible_tokens_stops_first_then_the_best_guesses():
     _, known, tuned, untuned, coef = case(1)
-    e = candidates.push(tuned, untuned, coef).double()
-    guess = candidates.predicted(untuned, e).double()
+    e, guess = (t.double() for t in candidates.push_and_guess(tuned, untuned, coef))
     ceiling = candidates.ceiling(known)
     for k in (0, 2, 7, 1000):
         got = candidates.missing(known, e, guess, k, [[0, 1], [], [49]])
@@ -55,8 +56,8 @@ def test_a_certified_step_has_the_white_box_argmax_and_the_omitted_mass_is_bound
     certified = 0
     for seed in range(60):
         full, known, tuned, untuned, coef = case(seed, v=80, n=8)
-        e = candidates.push(tuned, untuned, coef).double()
-        miss = candidates.missing(known, e, candidates.predicted(untuned, e).double(), 4, [[]] * 3)
+        e, guess = (t.double() for t in candidates.push_and_guess(tuned, untuned, coef))
+        miss = candidates.missing(known, e, guess, 4, [[]] * 3)
         keep = known.clone()
         for i, ids in enumerate(miss):
             keep[i, ids] = full[i, ids]  # the server's exact values

@@ -225,23 +225,23 @@ class RemoteCausalLM:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
 
-    def ask(self, ids: list[int], echo: bool = False, retry: bool = True, **extra) -> dict:
-        """One completion call of one token after `ids` with the top-N logprobs and neutral sampling."""
-        body = {"model": self.model, "prompt": ids if self.caps.token_prompts else self._as_text(ids),
-                "max_tokens": 1, "logprobs": self.top_n, "return_tokens_as_token_ids": True, "n": 1,
-                **self.caps.neutral, **extra}
-        if echo:
-            body["echo"] = True
-        return self.post(body, retry)
-
-    def ask_many(self, prompts: list[list[int]], echo: bool = False, retry: bool = True, **extra) -> list[dict]:
-        """One call with several token-id prompts (servers that take a list): their choices in prompt order."""
-        body = {"model": self.model, "prompt": prompts, "max_tokens": 1, "logprobs": self.top_n,
+    def _body(self, prompt: list[int] | str | list[list[int]], echo: bool, extra: dict) -> dict:
+        """A completion request for one token with the top-N logprobs and neutral sampling."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "logprobs": self.top_n,
                 "return_tokens_as_token_ids": True, "n": 1, **self.caps.neutral, **extra}
         if echo:
             body["echo"] = True
-            body["logprobs"] = min(self.top_n, 1)  # only the prompt tokens' own logprobs are read
-        choices = self.post(body, retry).get("choices") or []
+        return body
+
+    def ask(self, ids: list[int], echo: bool = False, retry: bool = True, **extra) -> dict:
+        """One completion call of one token after `ids`."""
+        return self.post(self._body(ids if self.caps.token_prompts else self._as_text(ids), echo, extra), retry)
+
+    def ask_many(self, prompts: list[list[int]], echo: bool = False, retry: bool = True, **extra) -> list[dict]:
+        """One call with several token-id prompts (servers that take a list): their choices in prompt order."""
+        if echo:  # only the prompt tokens' own logprobs are read
+            extra = {"logprobs": min(self.top_n, 1), **extra}
+        choices = self.post(self._body(prompts, echo, extra), retry).get("choices") or []
         if len(choices) != len(prompts):
             raise RemoteError(f"model {self.name!r}: {self.url} answered {len(prompts)} prompts with "
                               f"{len(choices)} choices")
