@@ -99,21 +99,41 @@ class AdapterLM(HFCausalLM):
 
     def decode_group(self, parts: list[tuple[AdapterLM, HFState, torch.Tensor]]) -> list[torch.Tensor]:
         """decode() of several views of this host in one forward: the states are joined along the batch,
-        each row runs with its view's adapter, and each state gets its rows back (views, not copies)."""
+        each row runs with its view's adapter, and each state gets its rows back (views, not copies). The
+        joined state is kept for the next step: while no part's rows change, the parts are not copied
+        together again (their caches grow in place, kv_cache.py); only their masks are joined anew."""
         states = [s for _, s, _ in parts]
         counts = [view.rows(s) for view, s, _ in parts]
         tokens = torch.cat([t.to(self.device).view(n, -1) for (_, _, t), n in zip(parts, counts)])
         names = [view._key() for (view, _, _), n in zip(parts, counts) for _ in range(n)]
-        merged = self.concat(states)
+        merged = _rejoined(states) or self.concat(states)
         new, logits = self._forward(tokens, merged, torch.ones_like(tokens), 0, adapter_names=names)
         out, start = [], 0
-        for state, n in zip(states, counts):
+        for i, (state, n) in enumerate(zip(states, counts)):
             part = slice(start, start + n)
             piece = HFState.of([(k[part], v[part]) for k, v in new.layers], new.mask[part])
-            state.cache, state.mask = piece.cache, piece.mask
+            state.cache, state.mask, state.joined = piece.cache, piece.mask, (new, i, piece.cache)
             out.append(logits[part])
             start += n
         return out
+
+
+def _rejoined(states: list[HFState]) -> HFState | None:
+    """The state these parts were cut from at the last group forward, with their current masks, when every
+    part is still what was cut (same cache, in the same place) and no other part belongs to it; else None."""
+    first = states[0].joined
+    if first is None:
+        return None
+    whole = first[0]
+    for i, s in enumerate(states):
+        if s.joined is None or s.joined[0] is not whole or s.joined[1] != i or s.cache is not s.joined[2]:
+            return None
+    length = whole.cache.get_seq_length()  # a part decoded on its own since then has grown apart from it
+    if (sum(s.mask.shape[0] for s in states) != whole.mask.shape[0]
+            or any(s.cache.get_seq_length() != length or s.mask.shape[1] != whole.mask.shape[1] for s in states)):
+        return None
+    whole.mask = torch.cat([s.mask for s in states])
+    return whole
 
 
 def load_host(name: str, path: str, dtype: str | None = None, device: str | None = None,

@@ -7,13 +7,14 @@ running batch and forgotten speculative positions never shift a row's positions.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from logitfuse.backends.base import tokenizer_vocab_info
+from logitfuse.backends.kv_cache import GrowingCache
 from logitfuse.backends.prefix_cache import PrefixCache
 from logitfuse.errors import require
 from logitfuse.ops.vocab import VocabInfo
@@ -40,10 +41,13 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 @dataclass
 class HFState:
     """KV cache plus the attention mask over its positions, both (B, ...) with T cached positions.
-    The cache grows in place during decoding; batch surgery builds a new one."""
+    The cache grows in place during decoding (kv_cache.py); batch surgery builds a new one."""
 
-    cache: DynamicCache
+    cache: GrowingCache
     mask: torch.Tensor  # (B, T) long, 1 = visible
+    # a part of a state several states were joined into for one forward (adapter.py: decode_group): (that
+    # state, this part's index, this part's cache as it was cut from it); the next group forward reuses it
+    joined: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -52,7 +56,8 @@ class HFState:
 
     @staticmethod
     def of(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> HFState:
-        return HFState(DynamicCache(ddp_cache_data=layers), mask)
+        """A state around these tensors, not copied (the cache copies them when it first grows)."""
+        return HFState(GrowingCache.wrap(layers), mask)
 
 
 def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -136,7 +141,7 @@ class HFCausalLM:
         past = state.mask if state is not None else new_mask[:, :0]
         mask = torch.cat([past, new_mask], dim=-1)  # (B, T + k)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past.shape[1]:]  # (B, k)
-        cache = state.cache if state is not None else DynamicCache()
+        cache = state.cache if state is not None else GrowingCache()
         out = self._call(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=keep, **{self._cache_arg: cache}, **extra)
         return HFState(getattr(out, self._cache_arg), mask), out.logits.float()

@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model
 
 from logitfuse import LogitFuse, SamplingParams
+from logitfuse.backends import adapter
 from logitfuse.backends.adapter import BASE, AdapterHost
 from logitfuse.training.tiny import build_model, build_tokenizer, save
 
@@ -151,6 +152,28 @@ def test_untuned_model_and_adapters_share_one_weight_copy_and_one_forward(config
     # after the prefills, every step is one forward over the untuned rows and both adapters' rows
     steps = [c for c in calls if len(set(c)) > 1]
     assert len(steps) == 4 and all(sorted(set(c)) == [BASE, "a", "b"] and len(c) == 9 for c in steps)
+
+
+def test_a_group_forward_reuses_the_joined_state_while_its_rows_stay(configs, monkeypatch):
+    """The untuned and tuned rows are joined into one state once; later steps grow it in place (no copy of
+    the caches together each step), and a row leaving makes the next step join the parts anew."""
+    lf = LogitFuse(configs["adapter"])
+    found, original = [], adapter._rejoined
+
+    def rejoined(states):
+        whole = original(states)
+        found.append(whole is not None)
+        return whole
+
+    monkeypatch.setattr(adapter, "_rejoined", rejoined)
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    long = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    reqs = lf.requests("eft-ab", PROMPTS[0], short) + lf.requests("eft-ab", PROMPTS[1], long)
+    for _ in lf.stream(reqs):
+        pass
+    # 6 group steps: joined at the first, reused for the next 1, joined again after the short row left
+    # (its third token ends it before the step's forward), then reused for the remaining 3
+    assert found == [False, True, False, True, True, True]
 
 
 def test_eviction_unloads_the_adapter_and_reload_uses_the_same_host(configs):
