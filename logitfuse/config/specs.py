@@ -112,6 +112,8 @@ class ServerSpec(ClosedModel):
     keep_alive_timeout: float = Field(default=5.0, gt=0, le=3600)  # idle seconds before a kept-alive connection closes
     rollout_lane: bool = True  # requests of a method with rollouts (Transfer Q*) decode in their own engine
     # thread, never in other requests' steps
+    remote_lane: bool = True  # requests over a remote model decode in an engine thread of their own per remote
+    # model: a server that is slow or asks to retry later holds up only the requests that use it
     load_retry_seconds: float = Field(default=30.0, ge=0, le=86400)  # a model that failed to load from a hub id or
     # remote is retried after this long; a local folder is retried when its files change
     load_timeout: float = Field(default=300.0, gt=0, le=86400)  # seconds a request waits for its models to

@@ -75,6 +75,7 @@ def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] 
         try:
             yield
         finally:
+            app.state.serving.close()
             for r in lanes:
                 if r is not None:
                     r.stop()

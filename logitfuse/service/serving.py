@@ -7,7 +7,8 @@ requests for one model share one load: ModelPool). Requests are then built and s
 events arrive from the engine thread on an asyncio queue. A client that goes away aborts its sequences: a
 JSON client is watched for `http.disconnect` while it waits, a stream when it stops reading. Requests of a
 method with rollouts (Transfer Q*) go to their own lane (a second engine thread) when server.rollout_lane is
-set, so their rollouts never lengthen the steps of other requests.
+set, so their rollouts never lengthen the steps of other requests; requests over a remote model go to a lane
+of that model's own (server.remote_lane), so its server's latency and retries hold up no one else.
 """
 
 from __future__ import annotations
@@ -58,13 +59,33 @@ class Serving:
         self.lf = lf
         self.runner = runner
         self.rollout_lane = rollout_lane
+        self.remote_lanes: dict[str, EngineRunner] = {}  # remote model -> its lane, started at its first request
         self.server = lf.settings
         self.created = int(time.time())
         # loads wait here, never in the event loop's default executor (which builds and submits requests)
         self.loader = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="logitfuse-load")
 
     def runners(self) -> list[EngineRunner]:
-        return [self.runner] + ([self.rollout_lane] if self.rollout_lane else [])
+        return [self.runner] + ([self.rollout_lane] if self.rollout_lane else []) + list(self.remote_lanes.values())
+
+    def lane_for(self, plan: FusionPlan) -> EngineRunner:
+        """The engine thread a request of this plan decodes in (event loop only: lanes start here)."""
+        if self.rollout_lane is not None and methods.get(plan.method).work(plan) > 0:
+            return self.rollout_lane
+        remote = next((n for n in plan.models() if self.lf.model(n).remote), None) if self.server.remote_lane else None
+        if remote is None:
+            return self.runner
+        if remote not in self.remote_lanes:
+            main = self.runner
+            self.remote_lanes[remote] = EngineRunner(self.lf, self.lf.make_engine(), main.bound, None,
+                                                     f"logitfuse-remote-{remote}", f"remote:{remote}",
+                                                     main.timings).start()
+        return self.remote_lanes[remote]
+
+    def close(self) -> None:
+        """Stop the lanes this object started (the main and rollout lanes belong to the app)."""
+        for lane in self.remote_lanes.values():
+            lane.stop()
 
     def lanes(self) -> dict[str, EngineRunner]:
         """Every engine thread by its lane name (the label of its metrics)."""
@@ -136,8 +157,7 @@ class Serving:
             raise APIError(400, f"this request makes {len(reqs)} sequences (prompts x n); the server queues at "
                                 f"most {self.server.max_queue} (server.max_queue)", "prompt")
         loop = asyncio.get_running_loop()
-        heavy = self.rollout_lane is not None and methods.get(reqs[0].plan.method).work(reqs[0].plan) > 0
-        lane = self.rollout_lane if heavy else self.runner
+        lane = self.lane_for(reqs[0].plan)
         job = Job(reqs, asyncio.Event(), lane, streaming, {r.rid for r in reqs})
 
         def sink(ev: TokenEvent | PromptScores) -> None:

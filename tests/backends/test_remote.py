@@ -2,7 +2,13 @@
 second registry fuses its `base-large` with local experts."""
 
 import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import formatdate
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -204,3 +210,76 @@ def test_retries_on_429_and_5xx_but_not_on_a_bad_request(family, monkeypatch):
     with pytest.raises(RemoteError, match="500"):
         lm.decode(state, torch.tensor([[7]]))
     assert len(calls) == 7  # one try and two retries
+
+
+class RefusingFirst(httpx.BaseTransport):
+    """Forwards to the real server, except that the next `refusals` completion calls get a 429 asking to come
+    back in an hour (an HTTP-date, capped by the client)."""
+
+    def __init__(self, real: httpx.Client) -> None:
+        self.real, self.refusals, self.refused = real, 0, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/completions") and self.refusals > 0:
+            self.refusals -= 1
+            self.refused.append(time.monotonic())
+            return httpx.Response(429, headers={"retry-after": formatdate(time.time() + 3600, usegmt=True)})
+        r = self.real.send(self.real.build_request(request.method, request.url, content=request.read(),
+                                                   headers={"content-type": "application/json"}))
+        return httpx.Response(r.status_code, content=r.content, headers={"content-type": "application/json"})
+
+
+def stream_gaps(url: str, until: threading.Event) -> list[tuple[float, float]]:
+    """Stream local requests one after another until `until` is set: (time, gap to the chunk before) of
+    every chunk after a stream's first."""
+    gaps = []
+    body = {"model": "local-proxy", "prompt": "the red city", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    while not until.is_set():
+        last = None
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    now = time.monotonic()
+                    if last is not None:
+                        gaps.append((now, now - last))
+                    last = now
+    return gaps
+
+
+@pytest.mark.parametrize("lane", [True, False])
+def test_a_remote_server_asking_to_retry_later_holds_up_no_other_request(family, remote_url, tmp_path, lane):
+    """A remote base answering 429 (Retry-After an hour away, capped at 0.6 s, four times in a row): its
+    request completes after the waits, and with remote_lane (the default) the local requests streaming
+    meanwhile never stall; without it they stall for the waits (the measure can fail)."""
+    cfg = Path(client_config(family, tmp_path, remote_url))
+    cfg.write_text(cfg.read_text().replace("server: {preload: false}",
+                                           f"server: {{preload: false, remote_lane: {str(lane).lower()}}}"))
+    lf = LogitFuse(cfg)
+    url, server = start_in_thread(lf)
+    try:
+        one = {"prompt": "one", "max_tokens": 1}
+        assert httpx.post(f"{url}/v1/completions", json={**one, "model": "remote-top5"}, timeout=60).status_code == 200
+        assert httpx.post(f"{url}/v1/completions", json={**one, "model": "local-proxy"}, timeout=60).status_code == 200
+        lm = lf.model("big5")
+        flaky = RefusingFirst(lm.client)
+        lm.client = httpx.Client(base_url=lm.url, transport=flaky, timeout=60)
+        lm.retries, lm.max_wait = 6, 0.6
+        done = threading.Event()
+        with ThreadPoolExecutor(2) as pool:
+            local = pool.submit(stream_gaps, url, done)
+            time.sleep(0.3)  # the local stream is under way
+            flaky.refusals = 4
+            answer = httpx.post(f"{url}/v1/completions", timeout=60,
+                                json={"model": "remote-top5", "prompt": "the red city", "max_tokens": 3})
+            done.set()
+            gaps = local.result()
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+        assert len(flaky.refused) == 4 and flaky.refused[-1] - flaky.refused[0] >= 1.5  # it did wait, capped
+        during = [g for t, g in gaps if flaky.refused[0] <= t <= flaky.refused[-1] + 0.6]
+        if lane:
+            assert len(during) >= 10 and max(g for _, g in gaps) < 0.5  # streaming went on through the waits
+            assert 'lane="remote:big5"' in httpx.get(f"{url}/metrics").text
+        else:
+            assert max(g for _, g in gaps) >= 1.0  # one engine thread: everyone waited with the remote rows
+    finally:
+        server.should_exit = True
