@@ -37,14 +37,14 @@ def draw(seqs: list, scores: torch.Tensor, tokenizer=None, raw: bool = False
     the log-probabilities to report (a remote base alone: the server's own numbers, not renormalised over its
     top N)."""
     bad = invalid_rows(scores)  # (b,)
-    scores = torch.where(bad[:, None], torch.zeros_like(scores), scores)
+    scores = scores.masked_fill(bad[:, None], 0.0)
     sp = [s.req.sampling for s in seqs]
     params = SamplingTensors.build([(p.temperature, p.top_k, p.top_p, p.min_p) for p in sp], scores.device,
                                    [p.logit_bias for p in sp], scores.shape[-1])
     shaped, params = token_controls.shape(seqs, scores, params, tokenizer)
     empty = (~torch.isfinite(shaped).any(-1) & ~bad) if shaped is not scores else torch.zeros_like(bad)
     # (b,) the controls left no token (only rows with controls can: plain rows skip the full-vocabulary pass)
-    shaped = torch.where(empty[:, None], torch.zeros_like(shaped), shaped)
+    shaped = shaped.masked_fill(empty[:, None], 0.0)
     tokens = sample(shaped, params, [s.generator for s in seqs])
     # the flags, tokens and logprobs reach the host in one copy: the stop checks need them, nothing else waits
     host = torch.stack([bad.double() + 2 * empty.double(), tokens.double(),

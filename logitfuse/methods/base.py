@@ -17,6 +17,7 @@ import torch
 
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.plan import ExpertRef, FusionPlan, SpecPlan
+from logitfuse.ops import fusion
 from logitfuse.ops.fusion import COEF_LIMIT
 
 if TYPE_CHECKING:
@@ -82,10 +83,21 @@ class Step:
     rollouts: Rollouts | None = None
     native: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # cross-tokenizer plans: the experts'
     # tuned and untuned logits in their own vocabulary, (b, T, V_e) each (the experts share one tokenizer)
+    push: Callable[[torch.Tensor], torch.Tensor] | None = None  # the experts' push for coefficients (b, T), where
+    # the fuser has a cheaper way to it than `experts()` (a cross-tokenizer expert: in its own vocabulary, then
+    # mapped once)
 
     @property
     def plan(self) -> FusionPlan:
         return self.plans[0]
+
+    def steering(self, coef: torch.Tensor) -> torch.Tensor:
+        """The experts' push on the base's vocabulary, `sum_t coef[:, t] (tuned_t - untuned_t)` on raw logits,
+        (b, V) (fusion.steering: not finite where a model masks the token)."""
+        if self.push is not None:
+            return self.push(coef)
+        tuned, untuned = self.experts()
+        return fusion.steering(tuned, untuned, coef)
 
     def coef(self) -> torch.Tensor:
         """Each row's per-expert coefficients (b, T) (requests of one group may differ in them)."""

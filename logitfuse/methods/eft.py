@@ -4,8 +4,6 @@ behaviour interpolation (several experts, weights w) are the same plan with othe
 
 from __future__ import annotations
 
-import torch
-
 from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step, expert_coefficients
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.ops import fusion
@@ -24,9 +22,10 @@ class EmulatedFineTuning(FusionMethod):
                           ensemble=given.ensemble)
 
     def combine(self, step: Step) -> Scores:
-        tuned, untuned = step.experts()  # (b, T, V) each
-        beta = torch.ones(len(step.plans), device=step.base.device)  # folded into the coefficients
-        return fusion.eft(step.base, tuned, untuned, beta, step.coef()), None
+        # fusion.eft's equation with the experts' push on raw logits: log_softmax(z) - z is one constant per
+        # row and model, so the push differs from the one on log-probs by a constant per row, and the fused
+        # distribution is the same (docs/algorithms.md); beta is folded into the coefficients
+        return fusion.push_onto(fusion.log_probs(step.base), step.steering(step.coef())), None
 
 
 METHOD = EmulatedFineTuning()

@@ -21,8 +21,8 @@ class ProxyTuning(FusionMethod):
                           ensemble=given.ensemble)
 
     def combine(self, step: Step) -> Scores:
-        tuned, untuned = step.experts()  # (b, T, V) each
-        return fusion.proxy_tune(step.base, tuned, untuned, step.coef()), None
+        # fusion.proxy_tune's equation, the push taken the cheapest way the step offers (Step.steering)
+        return fusion.push_onto(step.base, step.steering(step.coef())), None
 
 
 METHOD = ProxyTuning()

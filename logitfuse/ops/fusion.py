@@ -20,26 +20,34 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def _masked(*tensors: torch.Tensor) -> torch.Tensor:
-    """True where every tensor is finite (a token no model masked)."""
-    ok = torch.isfinite(tensors[0])
-    for t in tensors[1:]:
-        ok = ok & torch.isfinite(t)
-    return ok
+def steering(tuned: torch.Tensor, untuned: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """The experts' push `sum_t coef[:, t] * (tuned_t - untuned_t)`, (B, V): not finite wherever a tuned or
+    untuned score is not (whatever its coefficient), so `push_onto` masks those tokens.
+
+    tuned (B, T, V); untuned (B, V) or (B, T, V) (one untuned model per expert); coef (B, T).
+    """
+    if untuned.dim() == 2:
+        untuned = untuned.unsqueeze(1)
+    diff = tuned - untuned  # (B, T, V): inf or NaN where either is not finite
+    coef = coef.to(diff.dtype)
+    if diff.shape[1] == 1:
+        return diff[:, 0] * coef  # (B, V): one expert, one pass
+    return (coef.unsqueeze(-1) * diff).sum(dim=1)
+
+
+def push_onto(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`base + delta`, with -inf wherever the sum is not finite (a token masked in any model, never NaN)."""
+    out = base + delta
+    return out.masked_fill_(~torch.isfinite(out), NEG_INF)
 
 
 def steer(base: torch.Tensor, tuned: torch.Tensor, untuned: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """`base + sum_t coef[:, t] * (tuned_t - untuned_t)`: the shared arithmetic of proxy-tuning, EFT and DLF.
 
     base (B, V); tuned (B, T, V); untuned (B, V) or (B, T, V) (one untuned model per expert); coef (B, T).
+    A token any model masks (-inf, or not finite) is -inf in the result.
     """
-    if untuned.dim() == 2:
-        untuned = untuned.unsqueeze(1).expand_as(tuned)  # (B, T, V)
-    finite = _masked(tuned, untuned)  # (B, T, V)
-    diff = torch.where(finite, tuned - untuned, torch.zeros((), dtype=tuned.dtype, device=tuned.device))
-    delta = (coef.to(diff.dtype).unsqueeze(-1) * diff).sum(dim=1)  # (B, V)
-    keep = torch.isfinite(base) & finite.all(dim=1)
-    return torch.where(keep, base + delta, torch.full_like(base, NEG_INF))
+    return push_onto(base, steering(tuned, untuned, coef))
 
 
 def base_only(base_logits: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,9 @@ def sample(scores: torch.Tensor, params: SamplingTensors, generators: list[torch
 
 def invalid_rows(scores: torch.Tensor) -> torch.Tensor:
     """Rows that are not a distribution to sample from: a NaN or +inf anywhere, or no finite score. (B,)."""
-    return torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1) | ~torch.isfinite(scores).any(-1)
+    # one pass: a row's maximum is NaN where it holds a NaN (amax propagates it), +inf where it holds +inf,
+    # and -inf where nothing is finite; else it is finite
+    return ~torch.isfinite(scores.amax(dim=-1))
 
 
 def token_logprobs(scores: torch.Tensor, tokens: torch.Tensor, normalise: bool = True) -> torch.Tensor:
