@@ -86,29 +86,41 @@ def command(kind: str, port: int, threads: int) -> list[str]:
             ALIAS, "--logits_all", "true", "--n_ctx", "2048", "--n_threads", str(threads)]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def running(kind: str, threads: int = 1, timeout: float = 180.0) -> Iterator[str]:
     """The server on a free loopback port for the duration of the block; yields its API root (.../v1)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    THIRDPARTY.mkdir(parents=True, exist_ok=True)
-    log = open(THIRDPARTY / f"{kind}-{port}.log", "w")  # closed in the finally below
+    port = free_port()
     env = {**os.environ, **VLLM_ENV} if kind == "vllm" else None
-    proc = subprocess.Popen(command(kind, port, threads), stdout=log, stderr=subprocess.STDOUT, env=env)
+    with serving(command(kind, port, threads), port, f"{kind}-{port}", env, timeout) as url:
+        yield url
+
+
+@contextmanager
+def serving(cmd: list[str], port: int, name: str, env: dict | None = None, timeout: float = 180.0) -> Iterator[str]:
+    """Run an OpenAI-compatible server command listening on `port` until it answers /v1/models; yields its API
+    root (.../v1) and stops the process after the block. Its output goes to $LOGITFUSE_THIRDPARTY/<name>.log."""
+    THIRDPARTY.mkdir(parents=True, exist_ok=True)
+    log = open(THIRDPARTY / f"{name}.log", "w")  # closed in the finally below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{kind} exited with {proc.returncode}; see {log.name}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log.name}")
             try:
                 if httpx.get(f"{url}/models", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError(f"{kind} did not answer {url}/models within {timeout} s; see {log.name}")
+                raise RuntimeError(f"{name} did not answer {url}/models within {timeout} s; see {log.name}")
             time.sleep(0.5)
         yield url
     finally:
