@@ -19,9 +19,12 @@ if TYPE_CHECKING:
 
 def generated_text(base_tokenizer: Tokenizer, seq: Sequence) -> str:
     """The text a sequence has generated so far, decoded with a few prompt tokens before it so the first
-    token keeps its leading space: what a cross-tokenizer model re-tokenizes."""
+    token keeps its leading space: what a cross-tokenizer model re-tokenizes. The base's special tokens add
+    no text (an end token generated past with ignore_eos or min_tokens is not spelled out as "<eos>" to a
+    model whose tokenizer has no such token)."""
     tail = seq.req.prompts[seq.req.plan.base][-4:]
-    return base_tokenizer.decode(tail + seq.generated)[len(base_tokenizer.decode(tail)):]
+    text = base_tokenizer.decode(tail + seq.generated, skip_special_tokens=True)
+    return text[len(base_tokenizer.decode(tail, skip_special_tokens=True)):]
 
 
 def retokenized_update(tokenizer: Tokenizer, base_tokenizer: Tokenizer, seq: Sequence, name: str

@@ -1,11 +1,14 @@
 """Experts with another tokenizer (`cross_tokenizer: true`): scores mapped by token text, the expert
 following the generated text re-tokenized. Checked against a step-by-step recomputation from scratch."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from logitfuse import SamplingParams
 from logitfuse.api import SpeculativeEFT
+from logitfuse.engine.retokenize import generated_text
 from logitfuse.engine.slots import ModelSlots
 from logitfuse.errors import InvalidRequest
 from logitfuse.ops import fusion
@@ -43,7 +46,8 @@ def _reference(lf, prompt: str, method: str, sp: SamplingParams) -> list[int]:
     with torch.inference_mode():
         for _ in range(sp.max_tokens):
             tail = base_ids[-4:]
-            text = base.tokenizer.decode(tail + out)[len(base.tokenizer.decode(tail)):]
+            text = base.tokenizer.decode(tail + out, skip_special_tokens=True)[
+                len(base.tokenizer.decode(tail, skip_special_tokens=True)):]  # special tokens add no text
             ids = exp_ids + tuned.tokenizer.encode(text, add_special_tokens=False)
             z_b = base.prefill([base_ids + out])[1]
             z_t, z_u = (torch.where(m >= 0, x.prefill([ids])[1][:, m.clamp(min=0)], 0.0) for x in (tuned, untuned))
@@ -96,3 +100,14 @@ def test_cross_tokenizer_limits_are_clear(lf):
         SpeculativeEFT(lf, k=2).generate(lf.requests("proxy-a", "one", None, {"experts": ["xa"]}))
     with pytest.raises(InvalidRequest, match="cross_tokenizer: true"):  # a mismatch not declared stays an error
         lf.engine.check(lf.requests("proxy-a", "one", None, {"experts": ["alien"]})[0])
+
+
+def test_the_bases_special_tokens_add_no_text_for_the_expert(lf):
+    """An end token generated past (ignore_eos, min_tokens) reaches the expert as no text, not as "</s>"."""
+    tok = lf.pool.get("base-large").tokenizer
+    words = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    seq = SimpleNamespace(req=SimpleNamespace(prompts={"base-large": tok("the red city").input_ids},
+                                              plan=SimpleNamespace(base="base-large")),
+                          generated=words(" one two") + [tok.eos_token_id] + words(" three"))
+    assert tok.decode(seq.generated).count("</s>") == 1
+    assert generated_text(tok, seq) == " one two three"
