@@ -64,7 +64,8 @@ async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict, swap: 
         path, body = "/v1/completions", {"model": rng.choice(swap), "prompt": rng.choice(PROMPTS), "max_tokens": 12}
     kind = "valid" if roll < 0.6 else "invalid" if roll < 0.85 else "cancelled"
     if kind == "invalid":
-        path, body = "/v1/completions", {"model": "large-qa", "prompt": "the", "max_tokens": 4, **rng.choice(INVALID)}
+        path, body = "/v1/completions", {"model": rng.choice(swap) if swap else "large-qa", "prompt": "the",
+                                         "max_tokens": 4, **rng.choice(INVALID)}
     t0 = time.perf_counter()
     try:
         if kind == "cancelled":  # a client that leaves: mid-stream, or a JSON client timing out
@@ -78,6 +79,8 @@ async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict, swap: 
             return
         r = await client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
         stats["status"][(kind, r.status_code)] += 1
+        if r.status_code >= 500 and len(stats["errors"]) < 5:
+            stats["errors"].add(r.text[:400])
         if kind == "valid" and r.status_code == 200:
             stats["latency"].append(time.perf_counter() - t0)
     except httpx.TimeoutException:
@@ -87,7 +90,7 @@ async def one(client: httpx.AsyncClient, rng: random.Random, stats: dict, swap: 
 
 
 async def clients(url: str, seconds: float, concurrency: int, seed: int, swap: list[str]) -> dict:
-    stats = {"status": Counter(), "latency": [], "rss_warm": None}
+    stats = {"status": Counter(), "latency": [], "rss_warm": None, "errors": set()}
     deadline = time.monotonic() + seconds
 
     async def warm_rss() -> None:
@@ -142,6 +145,8 @@ def main() -> None:
     print(f"{'kind':<10} {'status':<12} {'count':>7}")
     for k, s, n in rows:
         print(f"{k:<10} {s:<12} {n:>7}")
+    for text in sorted(stats["errors"]):
+        print(f"a 5xx answer: {text}")
     lat = stats["latency"]
     print(f"valid 200 latency: p50 {pct(lat, 0.5):.3f} s, p99 {pct(lat, 0.99):.3f} s ({len(lat)} requests)")
     five = sum(n for _, s, n in rows if s.startswith("5"))
@@ -156,7 +161,7 @@ def main() -> None:
                                "rss_start_mb": rss0, "rss_warm_mb": stats["rss_warm"], "rss_end_mb": rss1,
                                "sequences_left": left, "http_5xx": five, "lost": lost, "swap": swap,
                                "budget_mb": args.budget_mb,
-                               "drain_s": drained}, indent=2))
+                               "drain_s": drained, "errors": sorted(stats["errors"])}, indent=2))
     sys.exit(0 if left == 0 and (not swap or five == lost == 0) else 1)
 
 

@@ -89,3 +89,30 @@ def test_room_for_counts_what_others_pin_and_a_request_over_the_budget_is_refuse
     with pytest.raises(InvalidRequest, match=r"over this server's memory budget .*server\.memory_budget_mb"):
         pool.acquire(["a", "b", "c"])
     assert pool._pins == {}  # the refused request left no pin behind
+
+
+def test_a_model_evicted_leaves_nothing_of_itself_alive(family, tmp_path):
+    """Eviction frees a model's memory: nothing (a cache keyed by tokenizer, a batch state, a closure)
+    keeps the evicted backend or its tokenizer alive, so swapping models under a budget does not grow the
+    process (a 262k-vocabulary tokenizer alone is hundreds of MB)."""
+    import gc
+    import weakref
+
+    from logitfuse import LogitFuse, SamplingParams
+    from logitfuse.training.tiny import TINY_CONFIG
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG.format(**{k: str(v) for k, v in family.items()}))
+    lf = LogitFuse(cfg)
+    sp = SamplingParams(max_tokens=2, temperature=0)
+    lf.generate("proxy-a", ["the red city"], sp)  # text prompts, a chat template, fusion: every cache is used
+    for _ in lf.stream(lf.requests("proxy-a", messages=[{"role": "user", "content": "the red city"}], sampling=sp)):
+        pass
+    old = lf.model("base-large")
+    refs = [weakref.ref(old), weakref.ref(old.tokenizer), weakref.ref(old.model)]
+    del old
+    lf.pool.budget = lf.model("foreign").param_bytes() + 1  # room for one model: base-large must go
+    lf.generate("foreign", ["the red city"], sp)
+    assert not lf.pool.is_loaded("base-large")
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]

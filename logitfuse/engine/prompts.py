@@ -7,8 +7,8 @@ sees its chat format, the base sees plain text).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from functools import lru_cache
 
 from logitfuse.backends.base import CausalLM, Tokenizer
 from logitfuse.errors import InvalidRequest
@@ -44,10 +44,20 @@ def encode_chat(backend: CausalLM, messages: Sequence[dict]) -> list[int]:
     return list(tok(render_plain(messages)).input_ids)
 
 
-@lru_cache(maxsize=64)
+_longest: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its longest token's length
+
+
 def longest_token(tokenizer: Tokenizer) -> int:
-    """The most characters one token of this tokenizer spells (added tokens included)."""
-    return max((len(t) for t in tokenizer.get_vocab()), default=1)
+    """The most characters one token of this tokenizer spells (added tokens included). Remembered only while
+    the tokenizer lives: a model unloaded and loaded again brings a new one, and the old one (hundreds of MB
+    for a 262k vocabulary) must go with its model."""
+    try:
+        if (n := _longest.get(tokenizer)) is not None:
+            return n
+    except TypeError:  # a tokenizer that takes no weak reference: computed every time
+        return max((len(t) for t in tokenizer.get_vocab()), default=1)
+    n = _longest[tokenizer] = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return n
 
 
 def check_length(backends: dict[str, CausalLM], prompt: Prompt | None, messages: Sequence[dict] | None) -> None:

@@ -72,7 +72,8 @@ class Serving:
         """The engine thread a request of this plan decodes in (event loop only: lanes start here)."""
         if self.rollout_lane is not None and methods.get(plan.method).work(plan) > 0:
             return self.rollout_lane
-        remote = next((n for n in plan.models() if self.lf.model(n).remote), None) if self.server.remote_lane else None
+        remote = (next((n for n in plan.models() if self.lf.registry.model_spec(n).remote is not None), None)
+                  if self.server.remote_lane else None)  # read from the registry: nothing loads on the event loop
         if remote is None:
             return self.runner
         if remote not in self.remote_lanes:
