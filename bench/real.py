@@ -6,9 +6,11 @@ Quality: every held-out question (models/adapters/data/heldout.jsonl, facts neve
 a phrasing tuning never used), greedy, up to --max-tokens tokens. exact = the answer alone, then a stop;
 knows = the answer appears in the output (knowledge whatever the form); gap = (exact - base) / (tuned-large
 - base), the share of the tuning gain that fusion recovers. Speed: generated tokens/s of the fused ensembles
-and their base alone at 1 and 8 concurrent requests (medians over rounds, side by side), and one decoding
-step split into the models' passes, vocabulary alignment, the fusion function and DLF's weight search at
-49,152 and 262,144 tokens. Writes bench/results/real.json.
+and their base alone at 1 and 8 concurrent requests (medians over rounds, side by side; fixed-length answers,
+special tokens banned), and one decoding step split into the models' passes, vocabulary alignment, the fusion
+function and DLF's weight search at 49,152 and 262,144 tokens; floor = the base's pass over all passes of a
+step (the fused/base ratio if nothing but the forwards cost), "of floor" = fused/base over it. Writes
+bench/results/real.json.
 """
 
 from __future__ import annotations
@@ -84,7 +86,11 @@ def quality(lf: LogitFuse, questions: list, max_tokens: int) -> list[dict]:
 
 
 def tokens_per_s(lf: LogitFuse, model: str, questions: list, n: int, tokens: int) -> float:
-    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    """Fixed-length answers: the special tokens (the end tokens among them) are banned by logit_bias, so every
+    request decodes `tokens` tokens of text, which a cross-tokenizer pair then reads (past an end token it
+    would read nothing and cost nothing: a speed that answers no one)."""
+    tok = lf.model(lf.plan(model).base).tokenizer
+    sp = SamplingParams(max_tokens=tokens, temperature=0, logit_bias=tuple((i, -100.0) for i in tok.all_special_ids))
     reqs = [lf.requests(model, messages=messages(q), sampling=sp)[0] for q in questions[:n]]
     t0 = time.perf_counter()
     count = sum(1 for ev in lf.stream(reqs) if ev.token_id is not None)
@@ -107,7 +113,7 @@ def speed(lf: LogitFuse, questions: list, tokens: int, rounds: int) -> list[dict
     return rows
 
 
-def ms(fn, repeats: int = 3) -> float:
+def ms(fn, repeats: int = 7) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -170,9 +176,12 @@ def table(result: dict) -> str:
         lines.append(f"| {r['setting']} | {r['system']} | `{r['model']}` | {r['exact']:.3f} | {r['knows']:.3f} | "
                      f"{r['exact_unseen_phrasing']:.3f} | {gap} |")
     if result.get("speed"):
-        lines += ["", "| setting | fused | requests | base tok/s | fused tok/s | fused / base |", "| --- " * 6 + "|"]
+        lines += ["", "| setting | fused | requests | base tok/s | fused tok/s | fused / base | floor | of floor |",
+                  "| --- " * 8 + "|"]
         lines += [f"| {r['setting']} | `{r['fused']}` | {r['requests']} | {r['base_tok_s']:.1f} | "
-                  f"{r['fused_tok_s']:.1f} | {r['fused_over_base']:.2f} |" for r in result["speed"]]
+                  f"{r['fused_tok_s']:.1f} | {r['fused_over_base']:.2f} | "
+                  + (f"{r['floor']:.2f} | {r['of_floor']:.2f} |" if "floor" in r else "– | – |")
+                  for r in result["speed"]]
     for rows_n, split in result.get("step", {}).items():
         for setting, s in split.items():
             lines += ["", f"One step, {setting} ({s['vocab']:,} tokens, {rows_n} rows): "
@@ -202,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         print("speed:", flush=True)
         result["speed"] = speed(lf, questions, args.speed_tokens, args.rounds)
         result["step"] = {str(n): step_split(lf, questions, n) for n in (1, 8)}
+        for row in result["speed"]:  # the parameter floor: the base's pass over all the passes of a step
+            passes = {k: v for k, v in result["step"][str(row["requests"])][row["setting"]]["ms"].items()
+                      if k.startswith("pass ")}
+            base = passes.get(f"pass {lf.plan(row['fused']).base}")
+            if base is not None and len(passes) > 1:  # (a base sharing its forward with its adapter has none)
+                row["floor"] = base / sum(passes.values())
+                row["of_floor"] = row["fused_over_base"] / row["floor"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
