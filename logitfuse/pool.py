@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
+
 from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.backends.sources import load_model, load_reward
 from logitfuse.config.registry import Registry
@@ -150,8 +152,11 @@ class ModelPool:
                 where = broken_file(folder) or getattr(exc, "filename", None) or folder or name
                 detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
                 err = ModelUnavailable(f"model {name!r} could not be loaded from {where}: {detail}", retry)
+            # a broken checkpoint stays broken until its files change; running out of memory is the moment's
+            # (other models were loaded), so it is retried after load_retry_seconds like a remote's failure
+            lasting = folder and not isinstance(exc, (MemoryError, torch.OutOfMemoryError))
             with self._lock:
-                self._failed[name] = (err, files_signature(folder) if folder else None, time.monotonic())
+                self._failed[name] = (err, files_signature(folder) if lasting else None, time.monotonic())
             raise err from None
         with self._lock:
             self._failed.pop(name, None)

@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from logitfuse.config.registry import Registry
 from logitfuse.pool import ModelPool
 
@@ -116,3 +118,32 @@ def test_a_model_evicted_leaves_nothing_of_itself_alive(family, tmp_path):
     assert not lf.pool.is_loaded("base-large")
     gc.collect()
     assert [r() is None for r in refs] == [True, True, True]
+
+
+def test_running_out_of_memory_while_loading_is_retried_a_broken_file_is_not(tmp_path):
+    """A load that fails for want of memory is the moment's (other models were loaded): it is retried after
+    load_retry_seconds. A load that fails on the checkpoint itself fails again without loading, until the
+    checkpoint's files change."""
+    from logitfuse.errors import ModelUnavailable
+
+    for name in "ab":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    reg = Registry.model_validate({"models": {n: {"path": str(tmp_path / n)} for n in "ab"},
+                                   "server": {"load_retry_seconds": 0}})
+    calls = []
+
+    def loader(_reg, name):
+        calls.append(name)
+        if len(calls) <= 2:
+            raise MemoryError() if name == "a" else ValueError("not a checkpoint")
+        return Fake(name, 100)
+
+    pool = ModelPool(reg, loader=loader, budget_bytes=10**6)
+    for name in "ab":
+        with pytest.raises(ModelUnavailable):
+            pool.get(name)
+    assert pool.get("a").name == "a"  # retried: loads now
+    with pytest.raises(ModelUnavailable, match="not a checkpoint"):  # not loaded again
+        pool.get("b")
+    assert calls == ["a", "b", "a"]
