@@ -156,6 +156,10 @@ class LogitFuse:
         """Pin models only if all are loaded now (True); never loads or waits on a load (False: none pinned)."""
         return self._pool.try_acquire(list(names))
 
+    def is_remote(self, name: str) -> bool:
+        """Whether a registry model is served by a remote endpoint (read from the registry: nothing loads)."""
+        return self._registry.model_spec(name).remote is not None
+
     def is_loaded(self, name: str) -> bool:
         return self._pool.is_loaded(name)
 

@@ -72,8 +72,7 @@ class Serving:
         """The engine thread a request of this plan decodes in (event loop only: lanes start here)."""
         if self.rollout_lane is not None and methods.get(plan.method).work(plan) > 0:
             return self.rollout_lane
-        remote = (next((n for n in plan.models() if self.lf.registry.model_spec(n).remote is not None), None)
-                  if self.server.remote_lane else None)  # read from the registry: nothing loads on the event loop
+        remote = next((n for n in plan.models() if self.lf.is_remote(n)), None) if self.server.remote_lane else None
         if remote is None:
             return self.runner
         if remote not in self.remote_lanes:
