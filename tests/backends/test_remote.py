@@ -230,18 +230,17 @@ class RefusingFirst(httpx.BaseTransport):
 
 
 def stream_gaps(url: str, until: threading.Event) -> list[tuple[float, float]]:
-    """Stream local requests one after another until `until` is set: (time, gap to the chunk before) of
-    every chunk after a stream's first."""
+    """Stream local requests one after another until `until` is set: (time, gap to what came before) of every
+    chunk, a stream's first counted from the request (a stalled engine may hold a stream's start or its middle)."""
     gaps = []
     body = {"model": "local-proxy", "prompt": "the red city", "max_tokens": 40, "ignore_eos": True, "stream": True}
     while not until.is_set():
-        last = None
+        last = time.monotonic()
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     now = time.monotonic()
-                    if last is not None:
-                        gaps.append((now, now - last))
+                    gaps.append((now, now - last))
                     last = now
     return gaps
 
