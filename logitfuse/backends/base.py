@@ -117,7 +117,10 @@ def _generation_config_eos(folder: str | None) -> int | list | None:
 def tokenizer_vocab_info(name: str, tokenizer: Tokenizer, logits_width: int, with_texts: bool = False) -> VocabInfo:
     """What vocabulary alignment needs of a model with a `transformers` tokenizer (texts: decoded ids)."""
     special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
-    return VocabInfo(name, tokenizer.get_vocab(), special, logits_width, token_texts(tokenizer) if with_texts else None)
+    added = {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", 0)}
+    added |= set(getattr(tokenizer, "all_special_ids", ()) or ())
+    return VocabInfo(name, tokenizer.get_vocab(), special, logits_width, token_texts(tokenizer) if with_texts else None,
+                     frozenset(added))
 
 
 def token_texts(tokenizer: Tokenizer) -> list[str]:

@@ -122,19 +122,21 @@ class Fuser:
             base = complete(base, experts, coef)
 
         def native() -> tuple[torch.Tensor, torch.Tensor]:
+            """A cross-tokenizer pair's log-probabilities in its own vocabulary, (b, T, V_e) each."""
             dev = base.device
-            return (torch.stack([rows_of(e.tuned).to(dev).float() for e in plan.experts], 1),
-                    torch.stack([rows_of(e.untuned).to(dev).float() for e in plan.experts], 1))  # (b, T, V_e)
+            own = lambda name: torch.log_softmax(rows_of(name).to(dev).float(), -1)  # noqa: E731
+            return (torch.stack([own(e.tuned) for e in plan.experts], 1),
+                    torch.stack([own(e.untuned) for e in plan.experts], 1))
 
         cross = any(e.cross for e in plan.experts)
         push = None
         if cross and len(plan.experts) == 1:
             def push(coef: torch.Tensor) -> torch.Tensor:
-                """The pair's push in its own vocabulary, mapped once (unmapped tokens get 0: the pair gives
-                them the same score): what the mapped tuned and untuned logits give, at a fraction of the work
+                """The pair's push of log-ratios in its own vocabulary, mapped once (a base token without a
+                counterpart gets 0): what the mapped tuned and untuned scores give, at a fraction of the work
                 when the base's vocabulary is the larger (two (b, V) maps and a (b, V) difference saved)."""
                 own_tuned, own_untuned = native()
-                return al.apply(fusion.steering(own_tuned, own_untuned, coef.to(base.device)), plan.experts[0].tuned)
+                return al.gather(fusion.steering(own_tuned, own_untuned, coef.to(base.device)), plan.experts[0].tuned)
 
         step = Step(plans, base, experts, self.solver_threads, self.get_reward, rollouts, native if cross else None,
                     push)

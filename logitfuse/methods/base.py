@@ -82,7 +82,7 @@ class Step:
     get_reward: Callable[[str], Scorer] | None = None
     rollouts: Rollouts | None = None
     native: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # cross-tokenizer plans: the experts'
-    # tuned and untuned logits in their own vocabulary, (b, T, V_e) each (the experts share one tokenizer)
+    # tuned and untuned log-probabilities in their own vocabulary, (b, T, V_e) each (one tokenizer for all)
     push: Callable[[torch.Tensor], torch.Tensor] | None = None  # the experts' push for coefficients (b, T), where
     # the fuser has a cheaper way to it than `experts()` (a cross-tokenizer expert: in its own vocabulary, then
     # mapped once)

@@ -6,8 +6,10 @@ with an error naming both models and the first differing id.
 
 An expert pair marked `cross_tokenizer` may use another tokenizer (the same one for its tuned and untuned
 model): its scores reach the base's vocabulary through a token map, base id -> the expert id whose decoded
-text is the same (unique texts only; special tokens by role). Base tokens without a counterpart get the
-same score from the tuned and the untuned model, so the pair leaves them where the base puts them.
+text is the same, or else the expert id whose text is the longest prefix of it (the pair's opinion on how
+that text begins); special tokens map by role only. What is mapped is the expert's log-probabilities in its
+own vocabulary, so a base token left without a counterpart (0 in both models) gets a log-ratio of 0 from the
+pair, the same footing as a mapped token the tuning did not move.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class VocabInfo:
     special: Mapping[str, str | None]  # e.g. {"eos_token": "</s>", ...}
     logits_width: int
     texts: Sequence[str] | None = None  # decoded text of every id (cross-tokenizer maps only)
+    special_ids: frozenset[int] = frozenset()  # added/control tokens: their text is a name, not text
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,22 @@ class Alignment:
     notes: tuple[str, ...] = ()  # differences that do not stop fusion (special-token roles), for the logs
 
     def apply(self, logits: torch.Tensor, model: str | None = None) -> torch.Tensor:
-        """(..., V_model) -> (..., width): ids >= shared get -inf; through a map, unmapped ids get 0."""
+        """(..., V_model) -> (..., width): ids >= shared get -inf; a mapped model's log-probabilities (normalised
+        in its own vocabulary) go through its map, unmapped ids getting 0."""
         if model is not None and model in self.maps:
-            m = self.maps[model].to(logits.device)
-            out = logits.index_select(-1, m.clamp(min=0))
-            return torch.where(m >= 0, out, torch.zeros((), dtype=logits.dtype, device=logits.device))
+            return self.gather(torch.log_softmax(logits.float(), -1), model)
         cut = logits[..., : self.shared]
         if self.width == self.shared:
             return cut
         pad = cut.new_full((*cut.shape[:-1], self.width - self.shared), float("-inf"))
         return torch.cat([cut, pad], dim=-1)
+
+    def gather(self, values: torch.Tensor, model: str) -> torch.Tensor:
+        """(..., V_model) -> (..., width) through `model`'s map, as they are (e.g. a push of log-ratios), 0 where
+        a base id has no counterpart."""
+        m = self.maps[model].to(values.device)
+        out = values.index_select(-1, m.clamp(min=0))
+        return torch.where(m >= 0, out, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def _id_to_token(vocab: Mapping[str, int]) -> dict[int, str]:
@@ -67,22 +76,28 @@ def _first_difference(a: VocabInfo, b: VocabInfo, shared: int) -> int | None:
 
 
 def cross_map(base: VocabInfo, expert: VocabInfo) -> torch.Tensor:
-    """(base.logits_width,) long: for each base id, the expert id with the same decoded text (texts that
-    several ids of either side decode to, and empty texts, get -1); special tokens map by role."""
+    """(base.logits_width,) long: for each base id, the expert id with the same decoded text, else the expert id
+    whose text is the longest proper prefix of it (texts that several expert ids decode to, empty texts and
+    texts holding U+FFFD, a partial character, take no part); special tokens map by role, other added tokens
+    of the base get -1 (their text is a name, not text)."""
     if base.texts is None or expert.texts is None:
         raise ValueError("cross_map needs the decoded texts of both vocabularies")
-
-    def unique(texts: Sequence[str]) -> dict[str, int]:
-        seen: dict[str, int] = {}
-        for i, t in enumerate(texts):
-            seen[t] = -1 if t in seen else i
-        return {t: i for t, i in seen.items() if i >= 0 and t}
-
-    ours, theirs = unique(base.texts), unique(expert.texts)
+    seen: dict[str, int] = {}
+    for i, t in enumerate(expert.texts[: expert.logits_width]):
+        seen[t] = -1 if t in seen else i
+    theirs = {t: i for t, i in seen.items() if i >= 0 and t and "\ufffd" not in t}
+    longest = max(map(len, theirs), default=0)
     out = torch.full((base.logits_width,), -1, dtype=torch.long)
-    for text, i in ours.items():
-        if text in theirs and i < base.logits_width and theirs[text] < expert.logits_width:
-            out[i] = theirs[text]
+    for i, text in enumerate(base.texts[: base.logits_width]):
+        if not text or i in base.special_ids:
+            continue
+        hit = theirs.get(text)
+        for end in range(min(len(text) - 1, longest), 0, -1):
+            if hit is not None:
+                break
+            hit = theirs.get(text[:end])
+        if hit is not None:
+            out[i] = hit
     for role, token in base.special.items():
         other = expert.special.get(role)
         if token is not None and other is not None and token in base.vocab and other in expert.vocab:

@@ -30,7 +30,35 @@ def test_cross_map_matches_unique_texts_and_special_tokens_by_role():
     assert cross_map(base, expert).tolist() == [4, 3, 1, 0, -1, -1, -1, -1]  # 'zz' is ambiguous over there
     al = align([base], [(expert, info("exp-untuned", list(expert.texts), {"bos_token": "<bos>"}))])
     z = torch.arange(7, dtype=torch.float32).unsqueeze(0) * 10  # expert logits 0, 10, ..., 60
-    assert al.apply(z, "exp").tolist() == [[40.0, 30.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    lp = torch.log_softmax(z, -1)[0].tolist()  # what is mapped: log-probabilities in the expert's vocabulary
+    assert al.apply(z, "exp")[0].tolist() == pytest.approx([lp[4], lp[3], lp[1], lp[0], 0.0, 0.0, 0.0, 0.0])
+    assert al.gather(z, "exp").tolist() == [[40.0, 30.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0]]  # a push, as it is
+
+
+def test_a_base_token_without_a_counterpart_reads_the_expert_token_its_text_begins_with():
+    base = VocabInfo("base", {}, {}, 7, [" 100", " 1", " London", " Londoner", "<unused0>", "\n\n\n", "qq"],
+                     special_ids=frozenset({4}))
+    expert = VocabInfo("exp", {}, {}, 6, [" 1", "0", " London", "<", "\n", "\n\n"])
+    # ' 100' -> ' 1'; ' Londoner' -> ' London'; an added token is a name, not text; '\n\n\n' -> '\n\n'
+    assert cross_map(base, expert).tolist() == [0, 0, 2, 2, -1, 5, -1]
+
+
+def test_unmapped_tokens_keep_the_base_score_whatever_the_experts_logit_offset():
+    """The pair's push on a mapped token is its log-ratio, so shifting the tuned model's logits by a constant
+    (which changes neither of its distributions) changes nothing, and unmapped tokens are not lifted above the
+    mapped ones the pair favours."""
+    base = VocabInfo("base", {}, {}, 4, ["a", "b", "\n\n", "c"])
+    tuned, untuned = (VocabInfo(n, {}, {}, 3, ["a", "b", "c"]) for n in ("t", "u"))
+    al = align([base], [(tuned, untuned)])
+    z_b = torch.zeros(1, 4)
+    z_u = torch.tensor([[0.0, 0.0, 0.0]])
+    z_t = torch.tensor([[4.0, 0.0, 0.0]])  # tuning moved mass onto 'a'
+    fused = [fusion.proxy_tune(z_b, al.apply(t, "t")[:, None], al.apply(z_u, "u")[:, None], torch.ones(1, 1))
+             for t in (z_t, z_t - 30.0, z_t + 30.0)]
+    assert torch.allclose(fused[0], fused[1]) and torch.allclose(fused[0], fused[2])
+    q_t, q_u = torch.log_softmax(z_t, -1)[0], torch.log_softmax(z_u, -1)[0]
+    want = torch.tensor([q_t[0] - q_u[0], q_t[1] - q_u[1], 0.0, q_t[2] - q_u[2]])
+    assert torch.allclose(fused[0][0], want) and fused[0][0].argmax() == 0
 
 
 def _reference(lf, prompt: str, method: str, sp: SamplingParams) -> list[int]:
@@ -50,7 +78,8 @@ def _reference(lf, prompt: str, method: str, sp: SamplingParams) -> list[int]:
                 len(base.tokenizer.decode(tail, skip_special_tokens=True)):]  # special tokens add no text
             ids = exp_ids + tuned.tokenizer.encode(text, add_special_tokens=False)
             z_b = base.prefill([base_ids + out])[1]
-            z_t, z_u = (torch.where(m >= 0, x.prefill([ids])[1][:, m.clamp(min=0)], 0.0) for x in (tuned, untuned))
+            z_t, z_u = (torch.where(m >= 0, torch.log_softmax(x.prefill([ids])[1], -1)[:, m.clamp(min=0)], 0.0)
+                        for x in (tuned, untuned))  # log-probabilities in the expert's vocabulary, mapped
             if method == "proxy":
                 fused = fusion.proxy_tune(z_b, z_t.unsqueeze(1), z_u.unsqueeze(1), torch.tensor([[0.7]]))
             else:

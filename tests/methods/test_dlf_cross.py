@@ -1,10 +1,10 @@
 """Dynamic logit fusion with a cross-tokenizer expert, against a float64 reference written out here.
 
-Definition (docs/algorithms.md): the expert's tuned and untuned logits are mapped onto the base's
-vocabulary by token text (unmapped base tokens get 0 in both, so they are not steered); the KL targets
+Definition (docs/algorithms.md): the expert's tuned and untuned log-probabilities (in its own vocabulary) are
+mapped onto the base's vocabulary by token text (unmapped base tokens get 0 in both, so they are not steered); the KL targets
 KL(Q_t || Q) and KL(Q || Q_t) are computed in the expert's own vocabulary, where its distributions are
 whole; the weight a minimises (KL(P~(a) || P) - KL(Q_t || Q))^2 + (KL(P || P~(a)) - KL(Q || Q_t))^2 over the
-grid, with P = softmax(z_L) and P~(a) = softmax(z_L + a (z_S+ - z_S)) on the mapped logits."""
+grid, with P = softmax(z_L) and P~(a) = softmax(z_L + a (log Q_t - log Q)) on the mapped log-probabilities."""
 
 import numpy as np
 import pytest
@@ -38,8 +38,9 @@ def test_dlf_across_tokenizers_equals_the_float64_reference(lf, prompt):
     al = lf.alignment(req.plan)
     raw = {m: lf.model(m).prefill([req.prompts[m]])[1][0].double() for m in ("base-large", "foreign", "foreign-small")}
     z_l = al.apply(raw["base-large"]).numpy()
-    z_t, z_s = al.apply(raw["foreign"], "foreign").numpy(), al.apply(raw["foreign-small"], "foreign-small").numpy()
     own_t, own_s = log_softmax(raw["foreign"].numpy()), log_softmax(raw["foreign-small"].numpy())
+    m = al.maps["foreign"].numpy()  # base id -> expert id (-1: none)
+    z_t, z_s = (np.where(m >= 0, own[np.clip(m, 0, None)], 0.0) for own in (own_t, own_s))
     fwd_t, rev_t = kl(own_t, own_s), kl(own_s, own_t)  # in the expert's own vocabulary
     l_large = log_softmax(z_l)
     losses = []
