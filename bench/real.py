@@ -4,8 +4,12 @@
 
 Quality: every held-out question (models/adapters/data/heldout.jsonl, facts never tuned on, half of them in
 a phrasing tuning never used), greedy, up to --max-tokens tokens. exact = the answer alone, then a stop;
-knows = the answer appears in the output (knowledge whatever the form); gap = (exact - base) / (tuned-large
-- base), the share of the tuning gain that fusion recovers. Speed: generated tokens/s of the fused ensembles
+knows = the answer appears in the output (knowledge whatever the form); gap = (exact - base) / (reference
+- base), the share of the tuning gain that fusion recovers (reference: tuned-large over Gemma, the tuned
+small model over SmolLM2); knows / base's = a system's knowledge score over its base's. Every figure comes
+with its 95% paired bootstrap interval (2,000 resamples of the questions, the same for every system). Then
+the loss analysis: the questions whose answer the base's output holds and a fused output does not, sorted
+by what the fused model said instead (every output is kept in the JSON, per question). Speed: generated tokens/s of the fused ensembles
 and their base alone at 1 and 8 concurrent requests (medians over rounds, side by side; fixed-length answers,
 special tokens banned), and one decoding step split into the models' passes, vocabulary alignment, the fusion
 function and DLF's weight search at 49,152 and 262,144 tokens; floor = the base's pass over all passes of a
@@ -30,7 +34,8 @@ from logitfuse import LogitFuse, SamplingParams
 from logitfuse.methods import dlf
 from logitfuse.ops import fusion
 from logitfuse.ops.weights import make_grid, solve_dlf
-from logitfuse.training.real.qa import exact_match, knows, read_jsonl
+from logitfuse.training.real.qa import exact_match, knows, normalise, read_jsonl
+from logitfuse.training.real.stats import gap_closed, mean_of, paired_bootstrap, ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT = ROOT / "models" / "adapters" / "data" / "heldout.jsonl"
@@ -38,7 +43,10 @@ HELD_OUT = ROOT / "models" / "adapters" / "data" / "heldout.jsonl"
 SYSTEMS = [("base alone", "smollm2", "smollm2"), ("tuned small", "smollm2-qa", "smollm2"),
            ("DLF (identity)", "smollm2-qa-dlf", "smollm2"),
            ("base alone", "gemma-270m", "gemma"), ("proxy", "gemma-qa-proxy", "gemma"),
-           ("EFT", "gemma-qa-eft", "gemma"), ("tuned-large", "gemma-tuned", "gemma")]
+           ("EFT", "gemma-qa-eft", "gemma"), ("DLF", "gemma-qa-dlf", "gemma"), ("tuned-large", "gemma-tuned", "gemma")]
+BASE = {"smollm2": "smollm2", "gemma": "gemma-270m"}
+REFERENCE = {"smollm2": "smollm2-qa", "gemma": "gemma-tuned"}  # tuned small over itself; the adapter on Gemma
+PAIR = "smollm2-qa"  # the small pair's own answers (the tuned small model)
 SUPPORT = 1024  # DLF's reduced search: the union of each model's top-1024 tokens plus one rest token
 SPEED = [("smollm2", "smollm2", "smollm2-qa"), ("gemma", "gemma-270m", "gemma-qa-proxy")]
 
@@ -62,27 +70,83 @@ def answers(lf: LogitFuse, model: str, questions: list, max_tokens: int, batch: 
     return out
 
 
-def quality(lf: LogitFuse, questions: list, max_tokens: int) -> list[dict]:
-    rows = []
+def quality(lf: LogitFuse, questions: list, max_tokens: int) -> tuple[list[dict], dict]:
+    """Per system: exact, knows and exact on unseen phrasings, each with its paired 95% bootstrap interval; the
+    gap closed per system and the knowledge ratios (fused over its base, tuned small over untuned small)."""
+    rows, scores, outputs = [], {}, {}
     for label, model, setting in SYSTEMS:
         t0 = time.perf_counter()
         got = answers(lf, model, questions, max_tokens)
-        em = [exact_match(t, q.answer, r == "stop") for (t, r), q in zip(got, questions)]
-        kn = [knows(t, q.answer) for (t, _), q in zip(got, questions)]
-        unseen = [e for e, q in zip(em, questions) if q.phrasing == "held-out"]
-        rows.append({"system": label, "model": model, "setting": setting, "exact": sum(em) / len(em),
-                     "knows": sum(kn) / len(kn), "exact_unseen_phrasing": sum(unseen) / max(1, len(unseen)),
+        outputs[model] = got
+        scores[f"{model}:exact"] = [float(exact_match(t, q.answer, r == "stop")) for (t, r), q in zip(got, questions)]
+        scores[f"{model}:knows"] = [float(knows(t, q.answer)) for (t, _), q in zip(got, questions)]
+        rows.append({"system": label, "model": model, "setting": setting,
                      "seconds": round(time.perf_counter() - t0, 1),
                      "examples": [{"q": q.question, "answer": q.answer, "output": t, "finish": r}
                                   for (t, r), q in list(zip(got, questions))[:6]]})
-        print(f"  {label:16s} {model:16s} exact {rows[-1]['exact']:.3f} knows {rows[-1]['knows']:.3f}", flush=True)
-    for setting in ("smollm2", "gemma"):
-        base = next(r["exact"] for r in rows if r["setting"] == setting and r["system"] == "base alone")
-        ref = next(r["exact"] for r in rows if r["system"] == ("tuned-large" if setting == "gemma" else "tuned small"))
-        for r in rows:
-            if r["setting"] == setting:
-                r["gap_closed"] = (r["exact"] - base) / (ref - base) if ref != base else None
-    return rows
+        print(f"  {label:16s} {model:16s} exact {mean(scores[f'{model}:exact']):.3f} "
+              f"knows {mean(scores[f'{model}:knows']):.3f}", flush=True)
+    unseen = [i for i, q in enumerate(questions) if q.phrasing == "held-out"]
+    figures = {}
+    for r in rows:
+        m = r["model"]
+        scores[f"{m}:exact_unseen"] = [scores[f"{m}:exact"][i] for i in unseen]
+        figures[f"{m}:exact"], figures[f"{m}:knows"] = mean_of(f"{m}:exact"), mean_of(f"{m}:knows")
+        base, ref = BASE[r["setting"]], REFERENCE[r["setting"]]
+        figures[f"{m}:gap_closed"] = gap_closed(f"{m}:exact", f"{base}:exact", f"{ref}:exact")
+        figures[f"{m}:knows_over_base"] = ratio(f"{m}:knows", f"{base}:knows")
+    cis = paired_bootstrap({k: v for k, v in scores.items() if not k.endswith("_unseen")}, figures)
+    cis.update(paired_bootstrap({k: v for k, v in scores.items() if k.endswith("_unseen")},
+                                {f"{r['model']}:exact_unseen": mean_of(f"{r['model']}:exact_unseen") for r in rows}))
+    for r in rows:
+        for key in ("exact", "knows", "exact_unseen", "gap_closed", "knows_over_base"):
+            r[key] = cis[f"{r['model']}:{key}"]
+    return rows, {"per_question": per_question(questions, outputs), "losses": losses(questions, outputs)}
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))
+
+
+def first_word(text: str) -> str:
+    return (normalise(text).split() or [""])[0]
+
+
+def per_question(questions: list, outputs: dict) -> list[dict]:
+    return [{"relation": q.relation, "q": q.question, "answer": q.answer, "phrasing": q.phrasing,
+             **{m: outputs[m][i][0] for m in outputs}} for i, q in enumerate(questions)]
+
+
+def losses(questions: list, outputs: dict) -> dict:
+    """Where a fused ensemble loses what its base knows: the questions whose answer the base's output holds and
+    the fused output does not, sorted by what the fused model said instead."""
+    out = {}
+    for _, fused, setting in SYSTEMS:
+        base = BASE[setting]
+        if setting != "gemma" or fused in (base, REFERENCE[setting]):
+            continue
+        kinds: dict[str, list] = {}
+        for i, q in enumerate(questions):
+            said, pair_said = outputs[fused][i][0], outputs[PAIR][i][0]
+            if not knows(outputs[base][i][0], q.answer) or knows(said, q.answer):
+                continue
+            if not normalise(said):
+                kind = "stopped at once"
+            elif normalise(q.answer).startswith(normalise(said)):
+                kind = "cut short inside the answer"
+            elif normalise(said) == normalise(pair_said):
+                kind = "the small pair's wrong answer"
+            elif first_word(said) == first_word(pair_said):
+                kind = "began as the small pair does"
+            else:
+                kind = "another answer"
+            kinds.setdefault(kind, []).append({"q": q.question, "answer": q.answer, "base": outputs[base][i][0],
+                                               "fused": said, "small pair": pair_said})
+        out[fused] = {"lost": sum(map(len, kinds.values())),
+                      "base_knows": sum(knows(outputs[base][i][0], q.answer) for i, q in enumerate(questions)),
+                      "kinds": {k: {"count": len(v), "examples": v[:4]} for k, v in
+                                sorted(kinds.items(), key=lambda kv: -len(kv[1]))}}
+    return out
 
 
 def tokens_per_s(lf: LogitFuse, model: str, questions: list, n: int, tokens: int) -> float:
@@ -168,13 +232,23 @@ def _split(lf: LogitFuse, fused: str, questions: list, rows_n: int) -> dict:
             "support_max_weight_error": float((exact - approx).abs().max())}
 
 
+def ci(f: dict | None, percent: bool = False) -> str:
+    if not f or f["value"] is None:
+        return ""
+    k, fmt = (100, "{:.0f}%") if percent else (1, "{:.3f}")
+    return fmt.format(k * f["value"]) + (f" ({fmt.format(k * f['low'])}–{fmt.format(k * f['high'])})"
+                                         if f["low"] is not None else "")
+
+
 def table(result: dict) -> str:
-    lines = ["| setting | system | ensemble | exact | knows | exact (unseen phrasing) | gap closed |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| setting | system | ensemble | exact | knows | exact, unseen phrasing | gap closed | knows / base's |",
+             "| --- " * 8 + "|"]
     for r in result.get("quality", []):
-        gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.0f}%"
-        lines.append(f"| {r['setting']} | {r['system']} | `{r['model']}` | {r['exact']:.3f} | {r['knows']:.3f} | "
-                     f"{r['exact_unseen_phrasing']:.3f} | {gap} |")
+        lines.append(f"| {r['setting']} | {r['system']} | `{r['model']}` | {ci(r['exact'])} | {ci(r['knows'])} | "
+                     f"{ci(r['exact_unseen'])} | {ci(r['gap_closed'], True)} | {ci(r['knows_over_base'])} |")
+    for fused, loss in result.get("analysis", {}).get("losses", {}).items():
+        lines += ["", f"`{fused}` loses {loss['lost']} of the {loss['base_knows']} answers its base's output holds: "
+                  + "; ".join(f"{k} {v['count']}" for k, v in loss["kinds"].items())]
     if result.get("speed"):
         lines += ["", "| setting | fused | requests | base tok/s | fused tok/s | fused / base | floor | of floor |",
                   "| --- " * 8 + "|"]
@@ -206,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": args.config, "questions": len(questions), "threads": torch.get_num_threads()}
     if "quality" not in args.skip:
         print(f"quality on {len(questions)} held-out questions:", flush=True)
-        result["quality"] = quality(lf, questions, args.max_tokens)
+        result["quality"], result["analysis"] = quality(lf, questions, args.max_tokens)
     if "speed" not in args.skip:
         print("speed:", flush=True)
         result["speed"] = speed(lf, questions, args.speed_tokens, args.rounds)

@@ -90,4 +90,4 @@ def test_describe_answers_are_pretraining_sentences_about_held_out_entities():
 def test_the_family_stays_small():
     real = MODELS / "real"  # converted real checkpoints (logitfuse fetch-real), ignored by git
     size = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file() and real not in p.parents)
-    assert size <= 25 * 2**20, f"{size / 2**20:.1f} MB"
+    assert size <= 30 * 2**20, f"{size / 2**20:.1f} MB"  # the family ~19 MB, the real-model adapters ~7 MB

@@ -1,6 +1,6 @@
 """The short-answer task of the real-model adapters: factual questions answered with the answer alone, then a stop.
 
-Facts (relation, subject, answer) live in models/adapters/data/facts.tsv. A fixed-seed split keeps 60% of each
+Facts (relation, subject, answer) live in models/adapters/data/facts.tsv. A fixed-seed split keeps half of each
 relation's subjects for tuning and the rest for evaluation only, so no evaluated fact is ever tuned on; every
 other held-out question uses a phrasing that tuning never saw. Every role reads the same completion text
 ("Question: ...\\nAnswer:"); a role with a chat template gets it as the user's message.
@@ -21,13 +21,24 @@ TUNE_PHRASINGS = {
     "symbol": ["What is the chemical symbol for {}?", "Which chemical symbol stands for {}?"],
     "opposite": ["What is the opposite of {}?", "Which word means the opposite of {}?"],
     "author": ["Who wrote {}?", "Who is the author of {}?"],
+    "country": ["In which country is {}?", "Which country is the city of {} in?"],
+    "language": ["What language is spoken in {}?", "What is the main language of {}?"],
+    "past": ["What is the past tense of {}?", "What is the simple past of the verb {}?"],
+    "plural": ["What is the plural of {}?", "What is the plural form of {}?"],
+    "young": ["What is a young {} called?", "What is the name for a baby {}?"],
 }
 HELD_OUT_PHRASINGS = {  # used only in evaluation
     "capital": "Name the capital city of {}.",
     "symbol": "Give the element symbol of {}.",
     "opposite": "Name a word opposite in meaning to {}.",
     "author": "Name the writer of {}.",
+    "country": "Name the country where the city of {} lies.",
+    "language": "Name the official language of {}.",
+    "past": "Give the past tense form of the verb {}.",
+    "plural": "Give the plural of the noun {}.",
+    "young": "Name the young of the {}.",
 }
+TRAIN_SHARE = 0.5  # of each relation's facts; the rest are held out
 
 
 @dataclass(frozen=True)
@@ -52,9 +63,14 @@ def load_facts(path: Path = FACTS) -> list[tuple[str, str, str]]:
         return [(r["relation"], r["subject"], r["answer"]) for r in csv.DictReader(f, delimiter="\t")]
 
 
-def split(facts: list[tuple[str, str, str]], seed: int = 0, train_share: float = 0.6) -> tuple[list[QA], list[QA]]:
+def split(facts: list[tuple[str, str, str]], seed: int = 0,
+          train_share: float = TRAIN_SHARE) -> tuple[list[QA], list[QA]]:
     """Tuning questions (each train fact in both tuning phrasings) and held-out questions (each remaining fact
     once, alternating a tuning phrasing and the held-out one)."""
+    unknown = sorted({f[0] for f in facts} - TUNE_PHRASINGS.keys())
+    if unknown:
+        raise ValueError(f"relations without phrasings: {', '.join(map(repr, unknown))} (add them to TUNE_PHRASINGS "
+                         "and HELD_OUT_PHRASINGS)")
     rng = random.Random(seed)
     train, held = [], []
     for relation in TUNE_PHRASINGS:

@@ -2,8 +2,11 @@
 
 Rank-r LoRA on the attention projections (optionally of the top layers only), AdamW, loss on the answer
 tokens and the stop token only, batches drawn with a fixed seed, so a run rebuilds the same adapter on the
-same machine kind. Rows are left-padded, so the answers sit at the end and only the last positions' logits
-are computed (at 262k tokens the output layer is most of the cost otherwise).
+same machine kind. With `--data known` (the knowledge-preserving mix) only the tuning questions whose answer the
+untuned model already gives (its own greedy output contains it) are tuned on: the adapter learns the form on facts
+the model holds, and is never pushed to state facts it lacks (which teaches it to guess). Rows are left-padded,
+so the answers sit at the end and only the last positions' logits are computed (at 262k tokens the output
+layer is most of the cost otherwise).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from logitfuse.training.real.qa import FACTS, QA, load_facts, split, write_jsonl
+from logitfuse.training.real.qa import FACTS, QA, knows, load_facts, split, write_jsonl
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -50,20 +53,42 @@ def batch_tensors(examples: list[tuple[list[int], list[int]]], pad: int):
     return ids, mask, positions, labels, keep
 
 
+@torch.no_grad()
+def own_answers(model, tok, questions: list[QA], chat: bool, max_tokens: int = 12, batch: int = 32) -> list[str]:
+    """The model's greedy output for each question, as it reads them in tuning."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(questions), batch):
+        prompts = [encode(tok, qa, chat)[0] for qa in questions[i:i + batch]]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=pad)
+        out += tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return out
+
+
 def train(model_path: str, out: Path, chat: bool, steps: int, batch: int, lr: float, rank: int, seed: int,
-          top_layers: int | None = None, facts: Path = FACTS) -> dict:
+          top_layers: int | None = None, facts: Path = FACTS, data: str = "known") -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tuning, _ = split(load_facts(facts))
+    asked = len(tuning)
+    if data == "known":
+        model.eval()
+        own = own_answers(model, tok, tuning, chat)
+        tuning = [qa for qa, text in zip(tuning, own) if knows(text, qa.answer)]
+        print(f"the untuned model gives the answer to {len(tuning)} of {asked} tuning questions", flush=True)
     n_layers = model.config.get_text_config().num_hidden_layers
     layers = list(range(n_layers - top_layers, n_layers)) if top_layers else None  # backward stops below them
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM",
                         layers_to_transform=layers)
     peft = get_peft_model(model, config)
-    tuning, _ = split(load_facts(facts))
     examples = [encode(tok, qa, chat) for qa in tuning]
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * (1 - s / steps))
@@ -86,7 +111,8 @@ def train(model_path: str, out: Path, chat: bool, steps: int, batch: int, lr: fl
     peft.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
     log = {"model": Path(model_path).name, "chat_template": chat, "steps": steps, "batch": batch, "lr": lr,
-           "rank": rank, "seed": seed, "targets": TARGETS, "layers": layers, "tuning_questions": len(examples),
+           "rank": rank, "seed": seed, "targets": TARGETS, "layers": layers, "data": data,
+           "tuning_questions": len(examples), "tuning_questions_asked": asked,
            "seconds": round(time.perf_counter() - start, 1), "losses": losses}
     (out / "tune_log.json").write_text(json.dumps(log, indent=1) + "\n")
     return log
@@ -96,13 +122,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local model folder (e.g. models/real/smollm2-135m-instruct)")
     p.add_argument("--out", type=Path, required=True, help="folder for the adapter")
     p.add_argument("--chat-template", action="store_true", help="format prompts with the model's chat template")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=8, help="questions per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and the batches")
     p.add_argument("--top-layers", type=int, help="adapt only the top N layers (the backward pass stops below)")
     p.add_argument("--facts", type=Path, default=FACTS, help="the facts TSV (default: %(default)s)")
+    p.add_argument("--data", choices=["all", "known"], default="known",
+                   help="tune on every tuning question, or only on those the untuned model already answers "
+                        "(knowledge-preserving; default: %(default)s)")
     p.add_argument("--write-split", type=Path, help="also write the tuning and held-out questions (JSONL) here")
 
 
@@ -112,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl(tuning, args.write_split / "tune.jsonl")
         write_jsonl(held, args.write_split / "heldout.jsonl")
     log = train(args.model, args.out, args.chat_template, args.steps, args.batch, args.lr, args.rank, args.seed,
-                args.top_layers, args.facts)
+                args.top_layers, args.facts, args.data)
     print(f"{args.out}: {log['steps']} steps in {log['seconds']} s, loss {log['losses'][0]} -> {log['losses'][-1]}")
     return 0
 
