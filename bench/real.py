@@ -9,10 +9,11 @@ knows = the answer appears in the output (knowledge whatever the form); gap = (e
 small model over SmolLM2); knows / base's = a system's knowledge score over its base's. Every figure comes
 with its 95% paired bootstrap interval (2,000 resamples of the questions, the same for every system). Then
 the loss analysis: the questions whose answer the base's output holds and a fused output does not, sorted
-by what the fused model said instead (every output is kept in the JSON, per question). Speed: generated tokens/s of the fused ensembles
-and their base alone at 1 and 8 concurrent requests (medians over rounds, side by side; fixed-length answers,
-special tokens banned), and one decoding step split into the models' passes, vocabulary alignment, the fusion
-function and DLF's weight search at 49,152 and 262,144 tokens; floor = the base's pass over all passes of a
+by what the fused model said instead (every output is kept in the JSON, per question).
+
+Speed: generated tokens/s of the fused ensembles and their base alone at 1 and 8 concurrent requests (medians
+over rounds, side by side; fixed-length answers, special tokens banned), and one decoding step split into the
+models' passes, vocabulary alignment, the fusion function and DLF's weight search at 49,152 and 262,144 tokens; floor = the base's pass over all passes of a
 step (the fused/base ratio if nothing but the forwards cost), "of floor" = fused/base over it. Writes
 bench/results/real.json.
 """
@@ -151,8 +152,8 @@ def losses(questions: list, outputs: dict) -> dict:
 
 def tokens_per_s(lf: LogitFuse, model: str, questions: list, n: int, tokens: int) -> float:
     """Fixed-length answers: the special tokens (the end tokens among them) are banned by logit_bias, so every
-    request decodes `tokens` tokens of text, which a cross-tokenizer pair then reads (past an end token it
-    would read nothing and cost nothing: a speed that answers no one)."""
+    request decodes `tokens` tokens of text, which a cross-tokenizer pair then reads (past an end token
+    it would read nothing and cost nothing: a speed that answers no one)."""
     tok = lf.model(lf.plan(model).base).tokenizer
     sp = SamplingParams(max_tokens=tokens, temperature=0, logit_bias=tuple((i, -100.0) for i in tok.all_special_ids))
     reqs = [lf.requests(model, messages=messages(q), sampling=sp)[0] for q in questions[:n]]
