@@ -13,9 +13,9 @@ by what the fused model said instead (every output is kept in the JSON, per ques
 
 Speed: generated tokens/s of the fused ensembles and their base alone at 1 and 8 concurrent requests (medians
 over rounds, side by side; fixed-length answers, special tokens banned), and one decoding step split into the
-models' passes, vocabulary alignment, the fusion function and DLF's weight search at 49,152 and 262,144 tokens; floor = the base's pass over all passes of a
-step (the fused/base ratio if nothing but the forwards cost), "of floor" = fused/base over it. Writes
-bench/results/real.json.
+models' passes, vocabulary alignment, the fusion function and DLF's weight search at 49,152 and 262,144
+tokens; floor = the base's pass over all passes of a step (the fused/base ratio if nothing but the forwards
+cost), "of floor" = fused/base over it. Writes bench/results/real.json.
 """
 
 from __future__ import annotations

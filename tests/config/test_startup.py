@@ -31,7 +31,8 @@ def test_skip_serves_without_the_broken_entries_and_lists_them(config_file, tmp_
         assert "proxy-a" in ids and not {"mixed", "ghost", "lost"} & set(ids)
         r = c.post("/v1/completions", json={"model": "mixed", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 404
-        r = c.post("/v1/completions", json={"model": "proxy-a", "prompt": "the red", "max_tokens": 2, "ignore_eos": True})
+        r = c.post("/v1/completions", json={"model": "proxy-a", "prompt": "the red", "max_tokens": 2,
+                                            "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 

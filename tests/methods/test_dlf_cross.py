@@ -1,8 +1,8 @@
 """Dynamic logit fusion with a cross-tokenizer expert, against a float64 reference written out here.
 
 Definition (docs/algorithms.md): the expert's tuned and untuned log-probabilities (in its own vocabulary) are
-mapped onto the base's vocabulary by token text (unmapped base tokens get 0 in both, so they are not steered); the KL targets
-KL(Q_t || Q) and KL(Q || Q_t) are computed in the expert's own vocabulary, where its distributions are
+mapped onto the base's vocabulary by token text (unmapped base tokens get 0 in both, so they are not steered);
+the KL targets KL(Q_t || Q) and KL(Q || Q_t) are computed in the expert's own vocabulary, where its distributions are
 whole; the weight a minimises (KL(P~(a) || P) - KL(Q_t || Q))^2 + (KL(P || P~(a)) - KL(Q || Q_t))^2 over the
 grid, with P = softmax(z_L) and P~(a) = softmax(z_L + a (log Q_t - log Q)) on the mapped log-probabilities."""
 
