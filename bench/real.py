@@ -127,15 +127,17 @@ def losses(questions: list, outputs: dict) -> dict:
         if setting != "gemma" or fused in (base, REFERENCE[setting]):
             continue
         kinds: dict[str, list] = {}
+        base_knows = [knows(outputs[base][i][0], q.answer) for i, q in enumerate(questions)]
         for i, q in enumerate(questions):
             said, pair_said = outputs[fused][i][0], outputs[PAIR][i][0]
-            if not knows(outputs[base][i][0], q.answer) or knows(said, q.answer):
+            if not base_knows[i] or knows(said, q.answer):
                 continue
-            if not normalise(said):
+            plain = normalise(said)
+            if not plain:
                 kind = "stopped at once"
-            elif normalise(q.answer).startswith(normalise(said)):
+            elif normalise(q.answer).startswith(plain):
                 kind = "cut short inside the answer"
-            elif normalise(said) == normalise(pair_said):
+            elif plain == normalise(pair_said):
                 kind = "the small pair's wrong answer"
             elif first_word(said) == first_word(pair_said):
                 kind = "began as the small pair does"
@@ -144,7 +146,7 @@ def losses(questions: list, outputs: dict) -> dict:
             kinds.setdefault(kind, []).append({"q": q.question, "answer": q.answer, "base": outputs[base][i][0],
                                                "fused": said, "small pair": pair_said})
         out[fused] = {"lost": sum(map(len, kinds.values())),
-                      "base_knows": sum(knows(outputs[base][i][0], q.answer) for i, q in enumerate(questions)),
+                      "base_knows": sum(base_knows),
                       "kinds": {k: {"count": len(v), "examples": v[:4]} for k, v in
                                 sorted(kinds.items(), key=lambda kv: -len(kv[1]))}}
     return out
