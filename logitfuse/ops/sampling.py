@@ -43,14 +43,36 @@ class SamplingTensors:
         if biases and any(biases):
             bias = torch.zeros(len(rows), width, dtype=torch.float32)
             for i, pairs in enumerate(biases):
-                for tok, value in pairs:
-                    bias[i, tok] = value
+                if pairs:
+                    ids, values = _bias_index(pairs)
+                    bias[i, ids] = values
             bias = bias.to(device)
         return SamplingTensors(
             torch.tensor(t, **f), torch.tensor(k, dtype=torch.long, device=device), torch.tensor(p, **f),
             torch.tensor(m, **f), all_greedy=all(x <= 0 for x in t), any_top_k=any(x > 0 for x in k),
             any_top_p=any(x < 1 for x in p), any_min_p=any(x > 0 for x in m), bias=bias,
         )
+
+
+_BIAS_INDEX: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}  # id(pairs) -> (pairs, ids, values)
+_BIAS_INDEX_SIZE = 256
+
+
+def _bias_index(pairs: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's logit_bias as (ids, values) tensors, built once per request rather than at every step (a
+    list of thousands of banned tokens would otherwise cost a Python loop per row and step). Keyed by the
+    tuple's identity, which the cache keeps alive, so a key cannot be reused by another tuple; a token named
+    twice keeps its last value."""
+    hit = _BIAS_INDEX.get(id(pairs))
+    if hit is not None and hit[0] is pairs:
+        return hit[1], hit[2]
+    last = dict(pairs)
+    ids = torch.tensor(list(last), dtype=torch.long)
+    values = torch.tensor(list(last.values()), dtype=torch.float32)
+    if len(_BIAS_INDEX) >= _BIAS_INDEX_SIZE:
+        _BIAS_INDEX.pop(next(iter(_BIAS_INDEX)))  # the oldest entry
+    _BIAS_INDEX[id(pairs)] = (pairs, ids, values)
+    return ids, values
 
 
 def apply_bias(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:

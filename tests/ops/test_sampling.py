@@ -59,3 +59,19 @@ def test_logit_bias_is_added_before_temperature_and_argmax():
     assert torch.allclose(warped[0], torch.tensor([-98.0, 1.0, 0.0]))
     assert torch.allclose(warped[1], scores[1] / 2)  # a row without bias is untouched
     assert SamplingTensors.build([(0.0, -1, 1.0, 0.0)], biases=[()], width=3).bias is None
+
+
+def test_long_logit_bias_equals_its_entries_and_a_repeated_token_keeps_its_last_value():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 5000, (3000,), generator=gen).tolist()
+    values = (torch.rand(3000, generator=gen) * 200 - 100).tolist()
+    pairs = tuple(zip(ids, values))
+    expected = torch.zeros(2, 5000)
+    for t, v in pairs:  # the definition, one entry at a time: a later entry overwrites an earlier one
+        expected[1, t] = v
+    for _ in range(2):  # the second build reads the request's cached index
+        bias = SamplingTensors.build([(0.0, -1, 1.0, 0.0)] * 2, biases=[(), pairs], width=5000).bias
+        assert torch.equal(bias, expected)
+    other = tuple((t, -1.0) for t in ids[:10])  # another request's list is its own
+    assert torch.equal(SamplingTensors.build([(0.0, -1, 1.0, 0.0)], biases=[other], width=5000).bias[0, ids[:10]],
+                       torch.full((10,), -1.0))
