@@ -153,11 +153,17 @@ def losses(questions: list, outputs: dict) -> dict:
 
 
 def tokens_per_s(lf: LogitFuse, model: str, questions: list, n: int, tokens: int) -> float:
-    """Fixed-length answers: the special tokens (the end tokens among them) are banned by logit_bias, so every
-    request decodes `tokens` tokens of text, which a cross-tokenizer pair then reads (past an end token
-    it would read nothing and cost nothing: a speed that answers no one)."""
-    tok = lf.model(lf.plan(model).base).tokenizer
-    sp = SamplingParams(max_tokens=tokens, temperature=0, logit_bias=tuple((i, -100.0) for i in tok.all_special_ids))
+    """Fixed-length answers: the base's special tokens (the end tokens among them) and its added tokens
+    that are not whitespace (Gemma's 6,322: <unusedN>, <start_of_image>, ...) are banned by logit_bias, so
+    every request decodes `tokens` tokens of text, which a cross-tokenizer pair then reads. Past an end token
+    the pair would read nothing and cost nothing (a speed that answers no one); with only the end tokens
+    banned, a pair that wants to stop pushes every text token down, and markup it has no counterpart for
+    wins (<start_of_image>, spelled out to SmolLM2 as 6 tokens, at every other step)."""
+    base = lf.model(lf.plan(model).base)
+    added = getattr(base.tokenizer, "added_tokens_decoder", {})
+    banned = sorted(set(base.tokenizer.all_special_ids) | set(base.vocab_info().special_ids)
+                    | {i for i, t in added.items() if str(t).strip()})
+    sp = SamplingParams(max_tokens=tokens, temperature=0, logit_bias=tuple((i, -100.0) for i in banned))
     reqs = [lf.requests(model, messages=messages(q), sampling=sp)[0] for q in questions[:n]]
     t0 = time.perf_counter()
     count = sum(1 for ev in lf.stream(reqs) if ev.token_id is not None)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from logitfuse.backends.hf import HFCausalLM, HFState
+from logitfuse.backends.hf import HFCausalLM
+from logitfuse.backends.hf_state import HFState
 from logitfuse.errors import AdapterError, require
 
 BASE = "__base__"  # PEFT's name for rows without an adapter
@@ -97,17 +98,20 @@ class AdapterLM(HFCausalLM):
         if self.adapter is not None:
             self.host.remove(self.adapter)
 
-    def decode_group(self, parts: list[tuple[AdapterLM, HFState, torch.Tensor]]) -> list[torch.Tensor]:
+    def decode_group(self, parts: list[tuple[AdapterLM, HFState, torch.Tensor]],
+                     masks: list[torch.Tensor] | None = None, last_only: bool = False) -> list[torch.Tensor]:
         """decode() of several views of this host in one forward: the states are joined along the batch,
         each row runs with its view's adapter, and each state gets its rows back (views, not copies). The
         joined state is kept for the next step: while no part's rows change, the parts are not copied
-        together again (their caches grow in place, kv_cache.py); only their masks are joined anew."""
+        together again (their caches grow in place, kv_cache.py); only their masks are joined anew. masks
+        and last_only as in decode(), one mask per part."""
         states = [s for _, s, _ in parts]
         counts = [view.rows(s) for view, s, _ in parts]
         tokens = torch.cat([t.to(self.device).view(n, -1) for (_, _, t), n in zip(parts, counts)])
         names = [view._key() for (view, _, _), n in zip(parts, counts) for _ in range(n)]
         merged = _rejoined(states) or self.concat(states)
-        new, logits = self._forward(tokens, merged, torch.ones_like(tokens), 0, adapter_names=names)
+        mask = torch.ones_like(tokens) if masks is None else torch.cat(masks).to(self.device)
+        new, logits = self._forward(tokens, merged, mask, 1 if last_only else 0, adapter_names=names)
         out, start = [], 0
         for i, (state, n) in enumerate(zip(states, counts)):
             part = slice(start, start + n)
@@ -115,6 +119,9 @@ class AdapterLM(HFCausalLM):
             state.cache, state.mask, state.joined = piece.cache, piece.mask, (new, i, piece.cache)
             out.append(logits[part])
             start += n
+        if masks is not None:
+            for state in states:
+                self.compact_sparse(state)
         return out
 
 

@@ -1,20 +1,22 @@
 """Hugging Face backend: a causal LM from `transformers`, owning its KV cache.
 
 Rows are left-padded; positions come from the attention mask (`cumsum - 1`), so padding, rows joining a
-running batch and forgotten speculative positions never shift a row's positions.
+running batch and forgotten speculative positions never shift a row's positions (hf_state.py). Rows fed
+different numbers of tokens in one call run packed where the architecture allows (packed.py).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from logitfuse.backends.base import tokenizer_vocab_info
+from logitfuse.backends.hf_state import HFState, StateSurgery
 from logitfuse.backends.kv_cache import GrowingCache
+from logitfuse.backends.packed import packed_call, supports_packing
 from logitfuse.backends.prefix_cache import PrefixCache
 from logitfuse.errors import require
 from logitfuse.ops.vocab import VocabInfo
@@ -38,42 +40,38 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-@dataclass
-class HFState:
-    """KV cache plus the attention mask over its positions, both (B, ...) with T cached positions.
-    The cache grows in place during decoding (kv_cache.py); batch surgery builds a new one."""
-
-    cache: GrowingCache
-    mask: torch.Tensor  # (B, T) long, 1 = visible
-    # a part of a state several states were joined into for one forward (adapter.py: decode_group): (that
-    # state, this part's index, this part's cache as it was cut from it); the next group forward reuses it
-    joined: tuple | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values), each (B, H, T, D)."""
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
-
-    @staticmethod
-    def of(layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> HFState:
-        """A state around these tensors, not copied (the cache copies them when it first grows)."""
-        return HFState(GrowingCache.wrap(layers), mask)
+def _contiguous_head(model) -> None:
+    """Hand the output layer a contiguous input. transformers computes the last position's logits on the
+    slice hidden[:, -1:], strided when there are several rows; with frozen weights (an adapter host's, which
+    peft freezes) a strided input takes a batched matmul that reads the whole output matrix once per row:
+    39 ms instead of a few for SmolLM2's at 16 rows, in every such prefill and masked ragged decode."""
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_logitfuse_contiguous", False):
+        head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+        head._logitfuse_contiguous = True
 
 
-def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = n
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+def _call_rows(extra: dict, rows: int) -> tuple[list[int], dict]:
+    """For a packed call: each row's call row (rows running one adapter share one) and the call's arguments
+    (one adapter name per call row)."""
+    names = extra.get("adapter_names")
+    if names is None:
+        return [0] * rows, extra
+    groups, firsts = [], []
+    for i, name in enumerate(names):
+        if not firsts or names[firsts[-1]] != name:
+            firsts.append(i)
+        groups.append(len(firsts) - 1)
+    return groups, {**extra, "adapter_names": [names[i] for i in firsts]}
 
 
-class HFCausalLM:
+class HFCausalLM(StateSurgery):
     """A `transformers` causal LM behind the backend protocol (see backends/base.py)."""
 
     can_score_prompt = True
     remote = False
     can_verify_blocks = True
+    decodes_masked = True  # decode(new_mask=, last_only=): ragged rows right-aligned, padding masked out
     prefix_cache: PrefixCache | None = None  # set by the engine that uses it (server.prefix_cache)
 
     def __init__(self, name: str, model, tokenizer, chat_template: bool = False) -> None:
@@ -86,9 +84,11 @@ class HFCausalLM:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048))
         self.logits_width = int(model.get_output_embeddings().weight.shape[0])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        _contiguous_head(model)
         # transformers renamed `past_key_values` to `cache` (argument and output) within 5.x
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._packs = supports_packing(self.model)  # ragged rows run packed (packed.py)
 
     @classmethod
     def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None,
@@ -142,6 +142,11 @@ class HFCausalLM:
         mask = torch.cat([past, new_mask], dim=-1)  # (B, T + k)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past.shape[1]:]  # (B, k)
         cache = state.cache if state is not None else GrowingCache()
+        if keep == 1 and state is not None and self._packs and ids.shape[1] > 1 and not bool(new_mask.all()):
+            groups, extra = _call_rows(extra, ids.shape[0])
+            logits = packed_call(self._call, self.model, ids, positions, mask, new_mask, cache, self._cache_arg,
+                                 groups, **extra)
+            return HFState(cache, mask), logits[:, None]
         out = self._call(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=keep, **{self._cache_arg: cache}, **extra)
         return HFState(getattr(out, self._cache_arg), mask), out.logits.float()
@@ -158,9 +163,9 @@ class HFCausalLM:
         return self._prefill_cached(prompts)
 
     def _prefill_cached(self, prompts: list[list[int]]) -> tuple[HFState, torch.Tensor]:
-        """Prefill each distinct prompt once (n samples of one prompt share it), from its longest cached
-        prefix where there is one (one forward per such row over the rest), the others batched from
-        scratch; then keep every prompt's full blocks and put the rows back in the prompts' order."""
+        """Prefill each distinct prompt once (n samples of one prompt share it): those with a cached prefix
+        from it, their rests in one forward; the others batched from scratch. Then keep every prompt's full
+        blocks and put the rows back in the prompts' order."""
         cache = self.prefix_cache
         unique = list(dict.fromkeys(tuple(p) for p in prompts))
         found = [cache.longest(self.name, list(p)) for p in unique]
@@ -168,12 +173,9 @@ class HFCausalLM:
         misses = [i for i, (n, _) in enumerate(found) if n == 0]
         if misses:
             parts.append((misses, *self._prefill([list(unique[i]) for i in misses])))
-        for i, (n, layers) in enumerate(found):
-            if n:
-                past = HFState.of(layers, torch.ones((1, n), dtype=torch.long, device=self.device))
-                rest = torch.tensor([unique[i][n:]], dtype=torch.long, device=self.device)
-                state, logits = self._forward(rest, past, torch.ones_like(rest), 1)
-                parts.append(([i], state, logits[:, -1]))
+        hits = [i for i, (n, _) in enumerate(found) if n]
+        if hits:
+            parts.append((hits, *self._resume([found[i] for i in hits], [unique[i] for i in hits])))
         for idx, state, _ in parts:
             for row, i in enumerate(idx):
                 # a fresh prefill's row holds its prompt in its last positions (left padding): views, and the
@@ -189,6 +191,21 @@ class HFCausalLM:
             state, logits = self.select(state, rows), logits[rows]
         return state, logits
 
+    def _resume(self, found: list, prompts: list) -> tuple[HFState, torch.Tensor]:
+        """Rows resumed from their cached prefixes (n, layers): their ragged rests in one forward, right-
+        aligned with the padding masked out, then compacted, so each row holds its prompt in its last
+        positions as after a fresh prefill. Returns (state, last logits (b, V))."""
+        past = self.concat([HFState.of(layers, torch.ones((1, n), dtype=torch.long, device=self.device))
+                            for n, layers in found])
+        width = max(len(p) - n for (n, _), p in zip(found, prompts))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ((n, _), p) in enumerate(zip(found, prompts)):
+            ids[row, width - len(p) + n:] = torch.tensor(p[n:], dtype=torch.long)
+            mask[row, width - len(p) + n:] = 1
+        state, logits = self._forward(ids.to(self.device), past, mask.to(self.device), 1)
+        return (self.compact(state) if len(prompts) > 1 else state), logits[:, -1]
+
     def _prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
         """Left-padded prompts in one forward from an empty cache."""
         length = max(len(p) for p in prompts)
@@ -200,69 +217,18 @@ class HFCausalLM:
         state, logits = self._forward(ids.to(self.device), None, mask.to(self.device), 0 if all_logits else 1)
         return state, (logits if all_logits else logits[:, -1])
 
-    def decode(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, state: HFState, tokens: torch.Tensor, new_mask: torch.Tensor | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """Append tokens (B, k); new_mask (B, k), 0 where a token is padding that no later position sees
+        (ragged rows right-aligned: every row's last token is then at k - 1). last_only: logits of that
+        last position only, (B, 1, V)."""
         tokens = tokens.to(self.device).view(state.mask.shape[0], -1)  # (B, k)
-        new_state, logits = self._forward(tokens, state, torch.ones_like(tokens), 0)
+        mask = torch.ones_like(tokens) if new_mask is None else new_mask.to(self.device)
+        new_state, logits = self._forward(tokens, state, mask, 1 if last_only else 0)
         state.cache, state.mask = new_state.cache, new_state.mask
+        if new_mask is not None:
+            self.compact_sparse(state)
         return logits
-
-    def select(self, state: HFState, rows: list[int]) -> HFState:
-        """The given rows, without leading positions none of them can see; the cache comes out contiguous."""
-        idx = torch.tensor(rows, dtype=torch.long, device=state.mask.device)
-        mask = state.mask.index_select(0, idx)
-        visible = mask.any(dim=0).nonzero()
-        start = int(visible[0]) if visible.numel() else mask.shape[1]
-        layers = [(k[:, :, start:].index_select(0, idx), v[:, :, start:].index_select(0, idx))
-                  for k, v in state.layers]
-        return HFState.of(layers, mask[:, start:])
-
-    def concat(self, states: list[HFState]) -> HFState:
-        length = max(s.mask.shape[1] for s in states)
-        pads = [length - s.mask.shape[1] for s in states]
-        mask = torch.cat([_left_pad(s.mask, n, 1) for s, n in zip(states, pads)], dim=0)
-        layers = []
-        for i in range(len(states[0].layers)):
-            keys = torch.cat([_left_pad(s.layers[i][0], n, 2) for s, n in zip(states, pads)], dim=0)
-            values = torch.cat([_left_pad(s.layers[i][1], n, 2) for s, n in zip(states, pads)], dim=0)
-            layers.append((keys, values))
-        return HFState.of(layers, mask)
-
-    def forget_last(self, state: HFState, counts: list[int]) -> None:
-        """Hide each row's last counts[i] visible positions (positions hidden before do not count). When
-        hidden positions make up more than half of the cache, it is compacted."""
-        mask = state.mask.clone()
-        for row, n in enumerate(counts):
-            if n > 0:
-                visible = mask[row].nonzero()[:, 0]
-                mask[row, visible[len(visible) - n:]] = 0
-        state.mask = mask
-        longest = int(mask.sum(dim=1).max())
-        if self.compact_when(mask.shape[1] - longest, longest):
-            compacted = self.compact(state)
-            state.cache, state.mask = compacted.cache, compacted.mask
-
-    @staticmethod
-    def compact_when(hidden: int, visible: int) -> bool:
-        """Compact once hidden positions outnumber the longest row's visible ones (and at least 16)."""
-        return hidden > max(16, visible)
-
-    def compact(self, state: HFState) -> HFState:
-        """The same rows with only their visible positions, right-aligned (left padding as after a prefill).
-        Cached keys keep the rotary positions they were computed with, and new positions count visible
-        tokens only, so decoding goes on exactly as before."""
-        mask = state.mask
-        counts = mask.sum(dim=1)
-        length = int(counts.max())
-        # visible positions first in each row's order, then right-aligned by a per-row shift
-        order = torch.argsort(mask * torch.arange(1, mask.shape[1] + 1, device=mask.device), dim=1, stable=True)
-        idx = order[:, mask.shape[1] - length:]  # (B, length): the last `length` of the sort are the visible
-        new_mask = mask.gather(1, idx)
-        layers = []
-        for k, v in state.layers:
-            g = idx[:, None, :, None].expand(k.shape[0], k.shape[1], length, k.shape[3])
-            layers.append((k.gather(2, g), v.gather(2, g)))
-        return HFState.of(layers, new_mask)
-
 
 class HFReward:
     """A sequence classifier whose first logit is the reward (Transfer Q*'s reward model)."""

@@ -61,6 +61,8 @@ def advance_ragged_group(parts: list[tuple[CausalLM, Any, torch.Tensor, list[int
             backend.forget_last(state, forget)
     if width == 0:
         return [logits for _, _, logits, _, _ in parts]
+    if all(getattr(backend, "decodes_masked", False) for backend, *_ in parts):
+        return _advance_masked(parts, width)
     blocks = [torch.tensor([a + [a[-1] if a else 0] * (width - len(a)) for a in new], dtype=torch.long)
               for *_, new in parts]  # (B_i, width) each, padded with a row's own last token
     if len(parts) == 1:
@@ -70,7 +72,27 @@ def advance_ragged_group(parts: list[tuple[CausalLM, Any, torch.Tensor, list[int
     result = []
     for (backend, state, logits, _, new), out in zip(parts, outs):
         backend.forget_last(state, [width - len(a) for a in new])  # the padding
-        keep = torch.tensor([len(a) > 0 for a in new], device=logits.device)
         last = out[torch.arange(len(new)), torch.tensor([max(len(a), 1) - 1 for a in new])]
-        result.append(torch.where(keep.unsqueeze(-1), last.to(logits.device), logits))
+        result.append(_kept(new, last, logits))
     return result
+
+
+def _advance_masked(parts: list, width: int) -> list[torch.Tensor]:
+    """The ragged rows right-aligned, their padding masked out (hidden from every later position and not
+    counted in positions), so each row's last token is the block's last and only that position's logits
+    are computed: the output layer runs once per row, not once per row and padded position."""
+    blocks, masks = [], []
+    for *_, new in parts:
+        blocks.append(torch.tensor([[0] * (width - len(a)) + a for a in new], dtype=torch.long))
+        masks.append(torch.tensor([[0] * (width - len(a)) + [1] * len(a) for a in new], dtype=torch.long))
+    if len(parts) == 1:
+        outs = [parts[0][0].decode(parts[0][1], blocks[0], new_mask=masks[0], last_only=True)]
+    else:
+        outs = parts[0][0].decode_group([(b, s, blk) for (b, s, *_), blk in zip(parts, blocks)], masks, True)
+    return [_kept(new, out[:, -1], logits) for (_, _, logits, _, new), out in zip(parts, outs)]
+
+
+def _kept(new: list[list[int]], last: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Each row's new logits, or its previous ones where it was fed nothing."""
+    keep = torch.tensor([len(a) > 0 for a in new], device=logits.device)
+    return torch.where(keep.unsqueeze(-1), last.to(logits.device), logits)

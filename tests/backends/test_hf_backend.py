@@ -79,3 +79,26 @@ def test_compacting_forgotten_positions_changes_nothing(model):
         out = model.decode(s, torch.tensor([[90]] * 3))[:, 0]
         for i in range(3):
             torch.testing.assert_close(out[i], alone(model, seqs[i] + [90]), **TOL)
+
+
+def test_masked_ragged_decode_equals_recomputation_and_compacts_its_padding(model):
+    """Ragged rows right-aligned with their padding masked out: each row's last logits are its own sequence's,
+    padding leaves no trace (positions, keys), and hidden padding is compacted away as it accumulates."""
+    state, _ = model.prefill(PROMPTS)
+    seqs = [list(p) for p in PROMPTS]
+    for step in range(14):
+        new = [[40 + step, 41, 42][: (step + i) % 4] for i in range(3)]  # 0 to 3 tokens per row
+        width = max(map(len, new)) or 1
+        ids = torch.tensor([[0] * (width - len(a)) + a for a in new])
+        mask = torch.tensor([[0] * (width - len(a)) + [1] * len(a) for a in new])
+        out = model.decode(state, ids, new_mask=mask, last_only=True)
+        assert out.shape == (3, 1, model.logits_width)
+        for i, a in enumerate(new):
+            seqs[i] += a
+            if a:
+                torch.testing.assert_close(out[i, 0], alone(model, seqs[i]), **TOL)
+    assert state.mask.sum().item() == sum(map(len, seqs))
+    assert state.mask.shape[1] < max(map(len, PROMPTS)) + 3 * 14  # the padding was compacted on the way
+    out = model.decode(state, torch.tensor([[90]] * 3))[:, 0]
+    for i in range(3):
+        torch.testing.assert_close(out[i], alone(model, seqs[i] + [90]), **TOL)

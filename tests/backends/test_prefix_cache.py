@@ -70,6 +70,25 @@ def test_the_samples_of_one_prompt_prefill_once(pair, monkeypatch):
     assert [lp for row in got for _, lp, _ in row] == pytest.approx([lp for row in want for _, lp, _ in row], abs=1e-5)
 
 
+def test_prompts_resumed_from_the_cache_prefill_together(pair, monkeypatch):
+    """Rows whose prompts hit the cache, with rests of different lengths, run their rests in one forward
+    (right-aligned, padding masked) and decode exactly as without the cache."""
+    cached, plain = pair
+    backend = cached.model("base-large")
+    prompts = [f"{SYSTEM} and then {q}" for q in QUESTIONS]
+    run(cached, "base-large", prompts[:1])  # the shared prefix, cached
+    calls = []
+    original = backend._forward
+    monkeypatch.setattr(backend, "_forward", lambda ids, state, mask, keep, **kw: calls.append(tuple(ids.shape))
+                        or original(ids, state, mask, keep, **kw))
+    got, want = run(cached, "base-large", prompts), run(plain, "base-large", prompts)
+    rests = [c for c in calls if c[1] > 1]  # the prefill forwards (decoding feeds one token per row)
+    assert len(rests) == 1 and rests[0][0] == len(QUESTIONS)
+    assert [[t for t, _, _ in row] for row in got] == [[t for t, _, _ in row] for row in want]
+    for g, w in zip(got, want):
+        assert [lp for _, lp, _ in g] == pytest.approx([lp for _, lp, _ in w], abs=1e-5)
+
+
 def test_the_cache_keeps_to_its_budget_and_checks_ids():
     cache = PrefixCache(budget_bytes=3 * 2 * 4 * 4 * 4, block=4)  # three blocks of 1 layer, (1, 1, 4, 4) k and v
     layers = [(torch.arange(48.0).view(1, 1, 12, 4), -torch.arange(48.0).view(1, 1, 12, 4))]
