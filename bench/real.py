@@ -181,7 +181,7 @@ def speed(lf: LogitFuse, questions: list, tokens: int, rounds: int) -> list[dict
                     runs[m].append(tokens_per_s(lf, m, questions, n, tokens))
             b, f = median(runs[base]), median(runs[fused])
             rows.append({"setting": setting, "fused": fused, "requests": n, "base_tok_s": b, "fused_tok_s": f,
-                         "fused_over_base": f / b})
+                         "fused_over_base": f / b, "rounds": [x / y for x, y in zip(runs[fused], runs[base])]})
             print(f"  {setting:8s} {n} requests: base {b:.1f} tok/s, {fused} {f:.1f} tok/s ({f / b:.2f}x)", flush=True)
     return rows
 

@@ -38,7 +38,7 @@ def steering(tuned: torch.Tensor, untuned: torch.Tensor, coef: torch.Tensor) -> 
 def push_onto(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """`base + delta`, with -inf wherever the sum is not finite (a token masked in any model, never NaN)."""
     out = base + delta
-    return out.masked_fill_(~torch.isfinite(out), NEG_INF)
+    return torch.nan_to_num_(out, nan=NEG_INF, posinf=NEG_INF, neginf=NEG_INF)  # one pass over (B, V)
 
 
 def steer(base: torch.Tensor, tuned: torch.Tensor, untuned: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,9 @@ class Alignment:
         """(..., V_model) -> (..., width) through `model`'s map, as they are (e.g. a push of log-ratios), 0 where
         a base id has no counterpart."""
         m = self.maps[model].to(values.device)
-        out = values.index_select(-1, m.clamp(min=0))
-        return torch.where(m >= 0, out, torch.zeros((), dtype=values.dtype, device=values.device))
+        m = torch.where(m >= 0, m, values.shape[-1])  # no counterpart: the zero column appended below
+        zero = values.new_zeros((*values.shape[:-1], 1))
+        return torch.cat([values, zero], dim=-1).index_select(-1, m)
 
 
 def _id_to_token(vocab: Mapping[str, int]) -> dict[int, str]:
