@@ -105,13 +105,23 @@ class Fuser:
         al = self.alignment(plan)
         base = al.apply(rows_of(plan.base)).float()  # (b, V)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        owns: dict[str, torch.Tensor] = {}
+
+        def own(name: str) -> torch.Tensor:
+            """A cross-tokenizer model's log-probabilities in its own vocabulary (b, V_e), once per step."""
+            if name not in owns:
+                owns[name] = torch.log_softmax(rows_of(name).to(base.device).float(), -1)
+            return owns[name]
+
+        def aligned(name: str) -> torch.Tensor:
+            if name in al.maps:  # what al.apply computes, from the log-probabilities native() shares
+                return al.gather(own(name), name)
+            return al.apply(rows_of(name), name).to(base.device).float()
 
         def experts() -> tuple[torch.Tensor, torch.Tensor]:
             if not cache:
-                dev = base.device
-                tuned = torch.stack([al.apply(rows_of(e.tuned), e.tuned).to(dev).float() for e in plan.experts], 1)
-                untuned = torch.stack([al.apply(rows_of(e.untuned), e.untuned).to(dev).float()
-                                       for e in plan.experts], 1)
+                tuned = torch.stack([aligned(e.tuned) for e in plan.experts], 1)
+                untuned = torch.stack([aligned(e.untuned) for e in plan.experts], 1)
                 cache.append((tuned, untuned))
             return cache[0]  # (b, T, V) each
 
@@ -123,8 +133,6 @@ class Fuser:
 
         def native() -> tuple[torch.Tensor, torch.Tensor]:
             """A cross-tokenizer pair's log-probabilities in its own vocabulary, (b, T, V_e) each."""
-            dev = base.device
-            own = lambda name: torch.log_softmax(rows_of(name).to(dev).float(), -1)  # noqa: E731
             return (torch.stack([own(e.tuned) for e in plan.experts], 1),
                     torch.stack([own(e.untuned) for e in plan.experts], 1))
 
