@@ -125,6 +125,28 @@ class AdapterLM(HFCausalLM):
         return out
 
 
+    def prefill_group(self, parts: list[tuple[AdapterLM, list[list[int]]]]) -> list[tuple[HFState, torch.Tensor]]:
+        """prefill() of several views of this host in one forward (and one more for prompts resumed from the
+        prefix cache, whose entries stay per view): each view gets its rows as a part of the joined state,
+        which its first group decode then reuses without copying. Returns (state, last logits) per part."""
+        views = [view for view, prompts in parts for _ in prompts]
+        prompts = [p for _, ps in parts for p in ps]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError(f"{self.name}: empty prompt")
+        if self.prefix_cache is None:
+            whole, logits = self._prefill(prompts, adapter_names=[v._key() for v in views])
+        else:
+            whole, logits = self._prefill_cached(prompts, views)
+        out, start = [], 0
+        for i, (_, ps) in enumerate(parts):
+            part = slice(start, start + len(ps))
+            piece = HFState.of([(k[part], v[part]) for k, v in whole.layers], whole.mask[part])
+            piece.joined = (whole, i, piece.cache)
+            out.append((piece, logits[part]))
+            start += len(ps)
+        return out
+
+
 def _rejoined(states: list[HFState]) -> HFState | None:
     """The state these parts were cut from at the last group forward, with their current masks, when every
     part is still what was cut (same cache, in the same place) and no other part belongs to it; else None."""

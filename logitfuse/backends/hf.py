@@ -162,36 +162,46 @@ class HFCausalLM(StateSurgery):
             return self._prefill(prompts, all_logits)
         return self._prefill_cached(prompts)
 
-    def _prefill_cached(self, prompts: list[list[int]]) -> tuple[HFState, torch.Tensor]:
+    def _prefill_cached(self, prompts: list[list[int]], views: list | None = None) -> tuple[HFState, torch.Tensor]:
         """Prefill each distinct prompt once (n samples of one prompt share it): those with a cached prefix
         from it, their rests in one forward; the others batched from scratch. Then keep every prompt's full
-        blocks and put the rows back in the prompts' order."""
+        blocks and put the rows back in the prompts' order. views[i]: the backend row i runs as (a view of
+        this model's weights with its own adapter and cache entries; default: this one)."""
         cache = self.prefix_cache
-        unique = list(dict.fromkeys(tuple(p) for p in prompts))
-        found = [cache.longest(self.name, list(p)) for p in unique]
+        views = views or [self] * len(prompts)
+        by_name = {v.name: v for v in views}
+        unique = list(dict.fromkeys((v.name, tuple(p)) for v, p in zip(views, prompts)))
+        found = [cache.longest(name, list(p)) for name, p in unique]
+
+        def args(idx: list[int]) -> dict:  # each row's adapter, where the rows run as other views
+            if all(by_name[unique[i][0]] is self for i in idx):
+                return {}
+            return {"adapter_names": [by_name[unique[i][0]]._key() for i in idx]}
+
         parts = []  # (indices into unique, state, last logits (b, V))
         misses = [i for i, (n, _) in enumerate(found) if n == 0]
         if misses:
-            parts.append((misses, *self._prefill([list(unique[i]) for i in misses])))
+            parts.append((misses, *self._prefill([list(unique[i][1]) for i in misses], **args(misses))))
         hits = [i for i, (n, _) in enumerate(found) if n]
         if hits:
-            parts.append((hits, *self._resume([found[i] for i in hits], [unique[i] for i in hits])))
+            parts.append((hits, *self._resume([found[i] for i in hits], [unique[i][1] for i in hits], **args(hits))))
         for idx, state, _ in parts:
             for row, i in enumerate(idx):
                 # a fresh prefill's row holds its prompt in its last positions (left padding): views, and the
                 # cache copies only the blocks it does not hold yet
-                start = state.mask.shape[1] - len(unique[i])
-                cache.store(self.name, list(unique[i]), [(k[row:row + 1, :, start:], v[row:row + 1, :, start:])
-                                                          for k, v in state.layers])
+                name, prompt = unique[i]
+                start = state.mask.shape[1] - len(prompt)
+                cache.store(name, list(prompt), [(k[row:row + 1, :, start:], v[row:row + 1, :, start:])
+                                                 for k, v in state.layers])
         state = parts[0][1] if len(parts) == 1 else self.concat([s for _, s, _ in parts])
         logits = torch.cat([lg for _, _, lg in parts])
         where = {unique[i]: r for r, i in enumerate(i for idx, _, _ in parts for i in idx)}
-        rows = [where[tuple(p)] for p in prompts]
+        rows = [where[(v.name, tuple(p))] for v, p in zip(views, prompts)]
         if rows != list(range(len(where))):
             state, logits = self.select(state, rows), logits[rows]
         return state, logits
 
-    def _resume(self, found: list, prompts: list) -> tuple[HFState, torch.Tensor]:
+    def _resume(self, found: list, prompts: list, **extra) -> tuple[HFState, torch.Tensor]:
         """Rows resumed from their cached prefixes (n, layers): their ragged rests in one forward, right-
         aligned with the padding masked out, then compacted, so each row holds its prompt in its last
         positions as after a fresh prefill. Returns (state, last logits (b, V))."""
@@ -203,10 +213,10 @@ class HFCausalLM(StateSurgery):
         for row, ((n, _), p) in enumerate(zip(found, prompts)):
             ids[row, width - len(p) + n:] = torch.tensor(p[n:], dtype=torch.long)
             mask[row, width - len(p) + n:] = 1
-        state, logits = self._forward(ids.to(self.device), past, mask.to(self.device), 1)
+        state, logits = self._forward(ids.to(self.device), past, mask.to(self.device), 1, **extra)
         return (self.compact(state) if len(prompts) > 1 else state), logits[:, -1]
 
-    def _prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
+    def _prefill(self, prompts: list[list[int]], all_logits: bool = False, **extra) -> tuple[HFState, torch.Tensor]:
         """Left-padded prompts in one forward from an empty cache."""
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
@@ -214,7 +224,8 @@ class HFCausalLM(StateSurgery):
         for i, p in enumerate(prompts):
             ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, length - len(p):] = 1
-        state, logits = self._forward(ids.to(self.device), None, mask.to(self.device), 0 if all_logits else 1)
+        state, logits = self._forward(ids.to(self.device), None, mask.to(self.device), 0 if all_logits else 1,
+                                      **extra)
         return state, (logits if all_logits else logits[:, -1])
 
     def decode(self, state: HFState, tokens: torch.Tensor, new_mask: torch.Tensor | None = None,

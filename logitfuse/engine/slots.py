@@ -19,6 +19,16 @@ from logitfuse.engine.retokenize import advance_ragged_group, retokenized_update
 from logitfuse.engine.sequence import Sequence
 
 
+def shared_forward_groups(models: list[tuple[str, CausalLM]]) -> list[list[str]]:
+    """Model names in groups that run in one forward: backends with equal `shared_forward` keys (views of
+    one adapter host) together, every other model alone."""
+    groups: dict[object, list[str]] = {}
+    for name, backend in models:
+        key = getattr(backend, "shared_forward", None)
+        groups.setdefault(("alone", name) if key is None else key, []).append(name)
+    return list(groups.values())
+
+
 @dataclass
 class Slot:
     """One model's batched state: rows[i] is the sequence id of row i; logits (B_m, V) at each row's end."""
@@ -88,11 +98,7 @@ class ModelSlots(dict[str, Slot]):
         """Slot names in groups that advance in one forward: backends sharing weights (`shared_forward`, e.g.
         LoRA adapters over one untuned model) go together, also when their rows follow another tokenizer
         (a cross-tokenizer adapter expert's tuned and untuned rows read the same re-tokenized text)."""
-        groups: dict[object, list[str]] = {}
-        for name, slot in self.items():
-            key = getattr(slot.backend, "shared_forward", None)
-            groups.setdefault(("alone", name) if key is None else key, []).append(name)
-        return list(groups.values())
+        return shared_forward_groups([(name, slot.backend) for name, slot in self.items()])
 
     @staticmethod
     def _advance_retokenized(names: list[str], slots: list[Slot], seqs: dict[str, Sequence],

@@ -123,6 +123,41 @@ def test_adapter_expert_fuses_like_the_merged_full_model(pair, model, temperatur
                 assert got == pytest.approx(want, abs=1e-6)
 
 
+def test_views_resumed_from_the_prefix_cache_prefill_together_like_the_merged_models(pair):
+    """Prompts sharing a long prefix: the second batch resumes every view (untuned, adapter a, adapter b)
+    from its own cache entries in one forward, and still decodes like the merged models."""
+    lf, merged = pair
+    long = " ".join(["the red city of the north and the blue river of the south"] * 4)
+    prompts = [f"{long} {p}" for p in PROMPTS]
+    sp = SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True)
+    calls = []
+
+    def go(engine):
+        reqs = [r for p in prompts for r in engine.requests("eft-ab", p, sp)]
+        out = {r.rid: [] for r in reqs}
+        for ev in engine.stream(reqs):
+            if ev.token_id is not None:
+                out[ev.rid].append((ev.token_id, ev.logprob))
+        return [out[r.rid] for r in reqs]
+
+    go(lf)  # caches the long prefix for each view
+    host = lf.pool.get("base-small").host
+    original = host.call
+    host.call = lambda names, **kw: calls.append((list(names), kw["input_ids"].shape[1])) or original(names, **kw)
+    before = lf.stats().prefix_hit
+    try:
+        got = go(lf)
+    finally:
+        host.call = original
+    want = go(merged)
+    assert lf.stats().prefix_hit - before >= 3 * 3 * 32  # 3 views x 3 prompts, each a long cached prefix
+    prefill = [names for names, width in calls if width > 1]
+    assert len(prefill) == 1 and sorted(set(prefill[0])) == [BASE, "a", "b"]  # one forward, packed per view
+    for g, w in zip(got, want):
+        assert [t for t, _ in g] == [t for t, _ in w]
+        assert [lp for _, lp in g] == pytest.approx([lp for _, lp in w], abs=1e-4)
+
+
 def test_the_adapter_changes_the_scores(pair):
     """The comparison above is not vacuous: the adapter moves the fused distribution away from the base's."""
     lf = pair[0]
@@ -149,9 +184,8 @@ def test_untuned_model_and_adapters_share_one_weight_copy_and_one_forward(config
     lora = sum(p.numel() * 4 for n, p in host.module.named_parameters() if "lora_" in n)
     assert views[0].param_bytes() == small and views[1].param_bytes() + views[2].param_bytes() == lora
     assert lora < small / 4  # an adapter expert costs a fraction of a second model
-    # after the prefills, every step is one forward over the untuned rows and both adapters' rows
-    steps = [c for c in calls if len(set(c)) > 1]
-    assert len(steps) == 4 and all(sorted(set(c)) == [BASE, "a", "b"] and len(c) == 9 for c in steps)
+    # the prefill and every step are one forward over the untuned rows and both adapters' rows
+    assert len(calls) == 5 and all(sorted(set(c)) == [BASE, "a", "b"] and len(c) == 9 for c in calls)
 
 
 def test_a_group_forward_reuses_the_joined_state_while_its_rows_stay(configs, monkeypatch):
@@ -171,9 +205,9 @@ def test_a_group_forward_reuses_the_joined_state_while_its_rows_stay(configs, mo
     reqs = lf.requests("eft-ab", PROMPTS[0], short) + lf.requests("eft-ab", PROMPTS[1], long)
     for _ in lf.stream(reqs):
         pass
-    # 6 group steps: joined at the first, reused for the next 1, joined again after the short row left
-    # (its third token ends it before the step's forward), then reused for the remaining 3
-    assert found == [False, True, False, True, True, True]
+    # 6 group steps: the first reuses the state the group prefill joined, so does the next, joined again
+    # after the short row left (its third token ends it before the step's forward), then reused for 3 more
+    assert found == [True, True, False, True, True, True]
 
 
 def test_eviction_unloads_the_adapter_and_reload_uses_the_same_host(configs):
