@@ -17,7 +17,8 @@ adapters), and only attention, which reads each row's own cache, sees the rows a
 So the cache, the mask and the positions after the call are exactly those of the masked padded call
 (`HFCausalLM.decode(new_mask=...)`), and the logits equal it to float rounding. Only architectures whose
 attention is plain scaled dot-product over the cache (no sliding window, no soft-capping) take this path
-(`PACKED_MODEL_TYPES`); others run the masked padded call.
+(`PACKED_MODEL_TYPES`: Llama, Mistral without a window, Qwen2, Qwen3); others (Gemma's) run the masked
+padded call.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ except ImportError:  # a transformers without attention registration: every ragg
     AttentionInterface = None
 
 NAME = "logitfuse_packed"
-PACKED_MODEL_TYPES = frozenset({"llama"})  # attention as packed_attention computes it, tested exactly
+# attention as packed_attention computes it (scaled dot product over the cache, grouped-query heads allowed),
+# each tested against the padded call on a small random model of its type
+PACKED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass
@@ -116,8 +119,13 @@ if AttentionInterface is not None:
 
 
 def supports_packing(model) -> bool:
+    """Whether the model's attention is what packed_attention computes: a listed type, every layer full
+    attention (no sliding window: Qwen's layer_types, Mistral's sliding_window), sdpa or eager."""
     cfg = model.config.get_text_config()
-    return (AttentionInterface is not None and cfg.model_type in PACKED_MODEL_TYPES
+    layer_types = getattr(cfg, "layer_types", None)
+    windowed = (any(t != "full_attention" for t in layer_types) if layer_types is not None
+                else getattr(cfg, "sliding_window", None) is not None)
+    return (AttentionInterface is not None and cfg.model_type in PACKED_MODEL_TYPES and not windowed
             and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
 
 

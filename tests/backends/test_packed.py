@@ -3,10 +3,21 @@ logits, the cache and every later step equal the masked padded call's."""
 
 import pytest
 import torch
+from transformers import (
+    AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from logitfuse.backends import hf
 from logitfuse.backends.hf import HFCausalLM
-from logitfuse.backends.packed import layout
+from logitfuse.backends.packed import layout, supports_packing
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23], [30, 31, 32]]
 
@@ -54,3 +65,39 @@ def test_packed_decode_equals_the_masked_padded_call(model, monkeypatch):
         rows = [r for r in range(len(PROMPTS)) if i >= len(steps) or steps[i][r]]  # a row fed nothing: no logits
         torch.testing.assert_close(p[rows], q[rows], rtol=0, atol=1e-4)
     assert torch.equal(packed[-1], padded[-1])  # the same visible positions
+
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=8)
+
+
+def _small(family, kind: str) -> HFCausalLM:
+    """A random model of another architecture over the family's tokenizer."""
+    tok = AutoTokenizer.from_pretrained(str(family["base-large"]))
+    torch.manual_seed(3)
+    config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                   "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    extra = {"sliding_window": None} if kind == "mistral" else {}
+    model = cls(config(vocab_size=len(tok), **SMALL, **extra)).eval()
+    model.config._attn_implementation = "sdpa"
+    return HFCausalLM(kind, model, tok)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_other_listed_architectures_pack_exactly(family, kind, monkeypatch):
+    model = _small(family, kind)
+    assert model._packs
+    steps = [[[40], [41, 42, 43], [44, 45], [46]], [[50, 51], [52], [53], [54, 55, 56]]]
+    packed, padded = _run(model, True, steps, monkeypatch), _run(model, False, steps, monkeypatch)
+    for p, q in zip(packed[:-1], padded[:-1]):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
+    assert torch.equal(packed[-1], padded[-1])
+
+
+def test_windowed_or_unlisted_attention_runs_padded():
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=64, sliding_window=16, **SMALL))
+    layered = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, use_sliding_window=True, sliding_window=16,
+                                           max_window_layers=1, **SMALL))
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, **SMALL))
+    assert not any(supports_packing(m) for m in (windowed, layered, gemma))
+    assert supports_packing(MistralForCausalLM(MistralConfig(vocab_size=64, sliding_window=None, **SMALL)))
