@@ -89,3 +89,16 @@ def test_cuda_adapter_expert_fuses_like_the_merged_model(configs, tmp_path, mode
     for a, b in zip(with_adapter.generate(model, PROMPTS, sp), merged.generate(model, PROMPTS, sp)):
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+
+
+def test_cuda_packed_ragged_decode_equals_the_padded_call(family, monkeypatch):
+    """backends/packed.py on CUDA: rows fed different numbers of tokens, packed and padded, same logits."""
+    from logitfuse.backends.hf import HFCausalLM
+    from tests.backends.test_packed import _run
+
+    model = HFCausalLM.load("base-large", str(family["base-large"]), dtype="float32", device="cuda")
+    steps = [[[40], [41, 42, 43], [44, 45], [46]], [[50, 51], [52], [53], [54, 55, 56]]]
+    packed, padded = _run(model, True, steps, monkeypatch), _run(model, False, steps, monkeypatch)
+    for p, q in zip(packed[:-1], padded[:-1]):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-3)
+    assert torch.equal(packed[-1], padded[-1])
