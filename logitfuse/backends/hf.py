@@ -112,6 +112,7 @@ class HFCausalLM(StateSurgery):
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.model.forward = torch.compile(self.model.forward, dynamic=True)
+        self._packs = False  # a packed call swaps the attention per call: compiled graphs run padded
 
     def warm(self) -> None:
         """One forward of one token, on the loading thread: the first call's one-off work (allocations,

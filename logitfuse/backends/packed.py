@@ -23,6 +23,7 @@ padded call.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -96,14 +97,14 @@ class _PackedCache:
         return getattr(self.inner, name)
 
 
-_ACTIVE: dict[int, Layout] = {}  # id(attention mask) -> the layout of the packed call it belongs to
+_CALL = threading.local()  # .layout: the layout of the packed call running on this thread
 
 
 def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor, scaling: float | None = None, dropout: float = 0.0, **_):
     """Attention of a packed call: query (P, heads, S, D); key, value (R, kv heads, T + W, D) per row;
     attention_mask (R, 1, W, T + W). Returns (P, S, heads, D) as transformers' attention functions do."""
-    lay = _ACTIVE[id(attention_mask)]
+    lay = _CALL.layout
     rows, width = attention_mask.shape[0], attention_mask.shape[2]
     p, heads, s, d = query.shape
     flat = torch.cat([query.transpose(1, 2).reshape(p * s, heads, d), query.new_zeros(1, heads, d)])
@@ -146,14 +147,14 @@ def packed_call(call, model, ids: torch.Tensor, positions: torch.Tensor, mask: t
     keep = at.unique()  # sorted: the positions whose logits are computed, shared by the call rows
     cfg = model.config.get_text_config()
     before = cfg._attn_implementation
-    _ACTIVE[id(attn)] = lay
+    _CALL.layout = lay
     try:
         cfg._attn_implementation = NAME
         out = call(input_ids=packed_ids, attention_mask=attn, position_ids=packed_pos, use_cache=True,
                    logits_to_keep=keep, **{cache_arg: _PackedCache(cache, lay, rows)}, **extra)
     finally:
         cfg._attn_implementation = before
-        _ACTIVE.pop(id(attn), None)
+        _CALL.layout = None
     where = torch.searchsorted(keep, at)
     logits = out.logits.float()  # (P, len(keep), V)
     return logits[torch.tensor(groups, device=logits.device), where]
