@@ -24,7 +24,7 @@ from logitfuse.engine.request import GenerationRequest, PromptScores, TokenEvent
 from logitfuse.engine.row_sampling import failed as _failed
 from logitfuse.engine.row_sampling import sample_rows as sample_and_emit
 from logitfuse.engine.sequence import Sequence
-from logitfuse.engine.slots import ModelSlots, shared_forward_groups
+from logitfuse.engine.slots import ModelSlots, prefill_all
 from logitfuse.engine.speculative import SpecGroup, SpecStats
 from logitfuse.engine.stopping import StopChecker, plan_stop_ids
 from logitfuse.methods.plan import FusionPlan
@@ -207,30 +207,7 @@ class Engine:
 
     def _prefill(self, new: list[GenerationRequest]) -> tuple[list, dict]:
         """Every model's prefill of the new requests, before any of them joins the running slots."""
-        scoring = any(r.sampling.prompt_logprobs for r in new)
-        full: dict[tuple[str, str], torch.Tensor] = {}
-        out = []
-        names = list(dict.fromkeys(n for r in new for n in r.plan.models()))
-        users = {name: [r for r in new if name in r.plan.models()] for name in names}
-        backends = {name: self._get_backend(name) for name in names}
-        for backend in backends.values():
-            if self._prefix_cache is not None and getattr(backend, "prefix_cache", False) is None:
-                backend.prefix_cache = self._prefix_cache
-        # views of one adapter host prefill in one forward (scoring keeps every position: one model at a time)
-        groups = [[n] for n in names] if scoring else shared_forward_groups(list(backends.items()))
-        for group in groups:
-            prompts = [[r.prompts[name] for r in users[name]] for name in group]
-            if len(group) > 1:
-                results = backends[group[0]].prefill_group([(backends[n], p) for n, p in zip(group, prompts)])
-            else:
-                results = [backends[group[0]].prefill(prompts[0], all_logits=scoring)]
-            for name, ps, (state, logits) in zip(group, prompts, results):
-                if scoring:
-                    for i, r in enumerate(users[name]):
-                        full[(r.rid, name)] = logits[i, logits.shape[1] - len(ps[i]):]  # (L_i, V)
-                    logits = logits[:, -1]
-                out.append((name, backends[name], state, [r.rid for r in users[name]], logits))
-        return out, full
+        return prefill_all(new, self._get_backend, self._prefix_cache)
 
     def _sequence(self, r: GenerationRequest) -> Sequence:
         context = min(self._get_backend(n).max_context for n in r.plan.models())

@@ -29,6 +29,34 @@ def shared_forward_groups(models: list[tuple[str, CausalLM]]) -> list[list[str]]
     return list(groups.values())
 
 
+def prefill_all(new: list, get_backend: Callable[[str], CausalLM], prefix_cache=None) -> tuple[list, dict]:
+    """Every model's prefill of new requests: (name, backend, state, request ids, last logits) per model,
+    and, where a request scores its prompt, (request id, model) -> its prompt's logits (L, V). Views of one
+    adapter host prefill in one forward (scoring keeps every position: one model at a time)."""
+    scoring = any(r.sampling.prompt_logprobs for r in new)
+    full: dict[tuple[str, str], torch.Tensor] = {}
+    out = []
+    names = list(dict.fromkeys(n for r in new for n in r.plan.models()))
+    users = {name: [r for r in new if name in r.plan.models()] for name in names}
+    backends = {name: get_backend(name) for name in names}
+    for backend in backends.values():
+        if prefix_cache is not None and getattr(backend, "prefix_cache", False) is None:
+            backend.prefix_cache = prefix_cache
+    for group in [[n] for n in names] if scoring else shared_forward_groups(list(backends.items())):
+        prompts = [[r.prompts[name] for r in users[name]] for name in group]
+        if len(group) > 1:
+            results = backends[group[0]].prefill_group([(backends[n], p) for n, p in zip(group, prompts)])
+        else:
+            results = [backends[group[0]].prefill(prompts[0], all_logits=scoring)]
+        for name, ps, (state, logits) in zip(group, prompts, results):
+            if scoring:
+                for i, r in enumerate(users[name]):
+                    full[(r.rid, name)] = logits[i, logits.shape[1] - len(ps[i]):]  # (L_i, V)
+                logits = logits[:, -1]
+            out.append((name, backends[name], state, [r.rid for r in users[name]], logits))
+    return out, full
+
+
 @dataclass
 class Slot:
     """One model's batched state: rows[i] is the sequence id of row i; logits (B_m, V) at each row's end."""
