@@ -153,12 +153,9 @@ def losses(questions: list, outputs: dict) -> dict:
 
 
 def tokens_per_s(lf: LogitFuse, model: str, questions: list, n: int, tokens: int) -> float:
-    """Fixed-length answers: the base's special tokens (the end tokens among them) and its added tokens
-    that are not whitespace (Gemma's 6,322: <unusedN>, <start_of_image>, ...) are banned by logit_bias, so
-    every request decodes `tokens` tokens of text, which a cross-tokenizer pair then reads. Past an end token
-    the pair would read nothing and cost nothing (a speed that answers no one); with only the end tokens
-    banned, a pair that wants to stop pushes every text token down, and markup it has no counterpart for
-    wins (<start_of_image>, spelled out to SmolLM2 as 6 tokens, at every other step)."""
+    """Fixed-length text answers: logit_bias bans the base's special tokens and its added tokens that are not
+    whitespace (Gemma's 6,322: <unusedN>, <start_of_image>, ...; with only the end tokens banned, markup the
+    pair has no counterpart for wins). Past an end token a cross-tokenizer pair would read nothing."""
     base = lf.model(lf.plan(model).base)
     added = getattr(base.tokenizer, "added_tokens_decoder", {})
     banned = sorted(set(base.tokenizer.all_special_ids) | set(base.vocab_info().special_ids)
