@@ -52,7 +52,8 @@ class Layout:
 
 def layout(new_mask: torch.Tensor, groups: list[int]) -> Layout:
     """new_mask (R, W) right-aligned, 1 on real tokens; groups[r]: the call row of row r (rows of one call
-    are consecutive). Every row has at least one token."""
+    are consecutive). A row may have none: its last position is then meaningless, and the caller keeps
+    that row's earlier logits."""
     rows, width = new_mask.shape
     calls = max(groups) + 1
     counts = new_mask.sum(-1).tolist()
