@@ -112,18 +112,11 @@ class AdapterLM(HFCausalLM):
         merged = _rejoined(states) or self.concat(states)
         mask = torch.ones_like(tokens) if masks is None else torch.cat(masks).to(self.device)
         new, logits = self._forward(tokens, merged, mask, 1 if last_only else 0, adapter_names=names)
-        out, start = [], 0
-        for i, (state, n) in enumerate(zip(states, counts)):
-            part = slice(start, start + n)
-            piece = HFState.of([(k[part], v[part]) for k, v in new.layers], new.mask[part])
-            state.cache, state.mask, state.joined = piece.cache, piece.mask, (new, i, piece.cache)
-            out.append(logits[part])
-            start += n
-        if masks is not None:
-            for state in states:
+        for state, piece in zip(states, _cut(new, counts)):
+            state.cache, state.mask, state.joined = piece.cache, piece.mask, piece.joined
+            if masks is not None:
                 self.compact_sparse(state)
-        return out
-
+        return list(logits.split(counts))
 
     def prefill_group(self, parts: list[tuple[AdapterLM, list[list[int]]]]) -> list[tuple[HFState, torch.Tensor]]:
         """prefill() of several views of this host in one forward (and one more for prompts resumed from the
@@ -137,14 +130,21 @@ class AdapterLM(HFCausalLM):
             whole, logits = self._prefill(prompts, adapter_names=[v._key() for v in views])
         else:
             whole, logits = self._prefill_cached(prompts, views)
-        out, start = [], 0
-        for i, (_, ps) in enumerate(parts):
-            part = slice(start, start + len(ps))
-            piece = HFState.of([(k[part], v[part]) for k, v in whole.layers], whole.mask[part])
-            piece.joined = (whole, i, piece.cache)
-            out.append((piece, logits[part]))
-            start += len(ps)
-        return out
+        counts = [len(ps) for _, ps in parts]
+        return list(zip(_cut(whole, counts), logits.split(counts)))
+
+
+def _cut(whole: HFState, counts: list[int]) -> list[HFState]:
+    """The consecutive parts of a joined state, counts[i] rows each: views of its tensors, each marked as cut
+    from it, so that the next group forward over the same parts can reuse it (_rejoined)."""
+    pieces, start = [], 0
+    for i, n in enumerate(counts):
+        part = slice(start, start + n)
+        piece = HFState.of([(k[part], v[part]) for k, v in whole.layers], whole.mask[part])
+        piece.joined = (whole, i, piece.cache)
+        pieces.append(piece)
+        start += n
+    return pieces
 
 
 def _rejoined(states: list[HFState]) -> HFState | None:

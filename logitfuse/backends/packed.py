@@ -108,8 +108,7 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     lay = _CALL.layout
     rows, width = attention_mask.shape[0], attention_mask.shape[2]
     p, heads, s, d = query.shape
-    flat = torch.cat([query.transpose(1, 2).reshape(p * s, heads, d), query.new_zeros(1, heads, d)])
-    q = flat[lay.unpack].view(rows, width, heads, d).transpose(1, 2)  # (R, heads, W, D)
+    q = _spread(query, lay, rows)  # (R, heads, W, D), as the keys and values were spread
     out = torch.nn.functional.scaled_dot_product_attention(
         q, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != heads)
     out = torch.cat([out.transpose(1, 2).reshape(rows * width, heads, d), out.new_zeros(1, heads, d)])
