@@ -18,6 +18,7 @@ from logitfuse.backends.hf_state import HFState, StateSurgery
 from logitfuse.backends.kv_cache import GrowingCache
 from logitfuse.backends.packed import packed_call, supports_packing
 from logitfuse.backends.prefix_cache import PrefixCache
+from logitfuse.backends.window import window_mask
 from logitfuse.errors import require
 from logitfuse.ops.vocab import VocabInfo
 
@@ -148,7 +149,8 @@ class HFCausalLM(StateSurgery):
             logits = packed_call(self._call, self.model, ids, positions, mask, new_mask, cache, self._cache_arg,
                                  groups, **extra)
             return HFState(cache, mask), logits[:, None]
-        out = self._call(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        out = self._call(input_ids=ids, attention_mask=window_mask(self.model, mask, ids.shape[1]),
+                         position_ids=positions, use_cache=True,
                          logits_to_keep=keep, **{self._cache_arg: cache}, **extra)
         return HFState(getattr(out, self._cache_arg), mask), out.logits.float()
 
