@@ -105,6 +105,7 @@ class ServerSpec(ClosedModel):
     # -- operations (docs/operations.md) --
     max_body_bytes: int = Field(default=512 * 1024, ge=1024, le=2**31)  # larger request bodies get 413, unread
     public_paths: list[str] = ["/health"]  # paths open without a key when api_keys are set (e.g. /metrics, /docs)
+    playground: bool = True  # GET /playground: the page loads without a key, its API calls send the one typed in
     max_connections: int | None = Field(default=256, ge=1, le=2**20)  # open connections; beyond it uvicorn answers 503
     header_timeout: float = Field(default=10.0, gt=0, le=3600)  # seconds for a request's headers, then the
     # connection closes

@@ -19,6 +19,7 @@ from logitfuse.api import LogitFuse
 from logitfuse.config.registry import Registry
 from logitfuse.runner import EngineRunner, QueueBound, Timings
 from logitfuse.service import error_handlers as errors
+from logitfuse.service import playground
 from logitfuse.service.metrics import Metrics
 from logitfuse.service.metrics import install as install_metrics
 from logitfuse.service.middleware import Guard, Limits
@@ -85,9 +86,13 @@ def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] 
     errors.install(app)
     install_metrics(app, app.state.metrics)
     app.include_router(router)
+    public = tuple(server.public_paths)
+    if server.playground:  # the page and its assets load without a key; its API calls send one (playground.py)
+        app.include_router(playground.router)
+        public += playground.PATHS
     keys = tuple(dict.fromkeys(list(server.api_keys) + list(extra_keys or [])))
-    app.add_middleware(Guard, limits=Limits(keys, tuple(server.public_paths), server.max_body_bytes,
-                                            server.body_timeout), metrics=app.state.metrics)
+    app.add_middleware(Guard, limits=Limits(keys, public, server.max_body_bytes, server.body_timeout),
+                       metrics=app.state.metrics)
     return app
 
 
