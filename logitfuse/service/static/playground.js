@@ -59,21 +59,23 @@ function fusionOverride() {
 function requestBody(fusion) {
   const chat = document.querySelector("input[name=mode]:checked").value === "chat";
   const body = {model: $("model").value, max_tokens: Number($("max_tokens").value),
-                temperature: Number($("temperature").value), stream: true, fusion};
+                temperature: Number($("temperature").value), stream: true,
+                stream_options: {include_usage: true}, fusion};
   if (chat) body.messages = [{role: "user", content: $("prompt").value}];
   else body.prompt = $("prompt").value;
   return [chat ? "/v1/chat/completions" : "/v1/completions", body];
 }
 
-// Calls onChoice(choice) for every choice of every SSE event until [DONE]; throws on an error event.
+// Calls onChoice(choice) for every choice of every SSE event until [DONE]; returns the usage; throws on an
+// error event.
 async function stream(url, body, signal, onChoice) {
   const resp = await fetch(url, {method: "POST", headers: headers(), body: JSON.stringify(body), signal});
   if (!resp.ok) throw new Error(await errorText(resp));
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-  let pending = "";
+  let pending = "", usage = null;
   for (;;) {
     const {value, done} = await reader.read();
-    if (done) return;
+    if (done) return usage;
     pending += value;
     const events = pending.split("\n\n");
     pending = events.pop();
@@ -82,6 +84,7 @@ async function stream(url, body, signal, onChoice) {
       if (!data || data === "[DONE]") continue;
       const obj = JSON.parse(data);
       if (obj.error) throw new Error(obj.error.message);
+      if (obj.usage) usage = obj.usage;
       for (const choice of obj.choices || []) onChoice(choice);
     }
   }
@@ -192,9 +195,9 @@ function wireTips() {
   out.addEventListener("mouseout", (ev) => { if (target(ev) && !out.contains(ev.relatedTarget)) closeTip(); });
   out.addEventListener("focusin", (ev) => { const s = target(ev); if (s) openTip(s); });
   out.addEventListener("focusout", closeTip);
-  document.addEventListener("click", (ev) => {  // a tap: open on a token, close elsewhere
-    const s = target(ev);
-    if (s && $("tip").owner !== s) openTip(s);
+  document.addEventListener("click", (ev) => {  // a tap: open on a token (no toggle: a tap's mouseover opened
+    const s = target(ev);                         // it already), close elsewhere
+    if (s) openTip(s);
     else if (!$("tip").contains(ev.target)) closeTip();
   });
   document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeTip(); });
@@ -202,18 +205,17 @@ function wireTips() {
 
 async function runColumn(name, url, body, signal, onChoice) {
   const col = $(name), meta = $(`${name}-meta`), t0 = performance.now();
-  let tokens = 0, finish = "";
+  let finish = "";
   col.dataset.state = "running";
   meta.textContent = "…";
   try {
-    await stream(url, body, signal, (choice) => {
-      tokens += choice.influence ? choice.influence.length : 0;
+    const usage = await stream(url, body, signal, (choice) => {
       if (choice.finish_reason) finish = choice.finish_reason;
       onChoice(choice);
     });
     col.dataset.state = "done";
     const secs = (performance.now() - t0) / 1000;
-    meta.textContent = `${finish || "done"} · ${secs.toFixed(1)} s` + (tokens ? ` · ${tokens} tokens` : "");
+    meta.textContent = `${usage ? usage.completion_tokens + " tokens · " : ""}${secs.toFixed(1)} s · ${finish}`;
   } catch (err) {
     col.dataset.state = signal.aborted ? "stopped" : "error";
     const msg = document.createElement("p");
