@@ -1,6 +1,7 @@
 """The prefix cache: prompts that share a prefix reuse its KV, exactly (the same tokens and logprobs as
 without the cache, for every method), the n samples of one prompt prefill once, and the cache stays
-within its byte budget, least recently used blocks first."""
+within its byte budget, least recently used blocks first and leaves before their parents, its blocks keyed
+by digests of their whole chain."""
 
 import pytest
 import torch
@@ -103,3 +104,72 @@ def test_the_cache_keeps_to_its_budget_and_checks_ids():
     # over budget: the least recently used block went (the third: the lookups since touched the first two)
     assert cache.bytes <= cache.budget and cache.longest("m", [*ids, 99])[0] == 8
     assert cache.longest("m", [50, 51, 52, 53, 54])[0] == 4
+
+
+def blocks(ids: list[int], start: float = 0.0):
+    """One layer of keys and values for ids, (1, 1, len(ids), 2): each position's values name it."""
+    k = torch.tensor([[start + i, float(t)] for i, t in enumerate(ids)]).view(1, 1, len(ids), 2)
+    return [(k, -k)]
+
+
+def check_tree(cache: PrefixCache) -> None:
+    """Every entry's parent is cached (nothing unreachable is kept), and bytes is the sum of the entries."""
+    entries = cache._entries
+    assert all(e.parent is None or (model, e.parent) in entries for (model, _), e in entries.items())
+    assert cache.bytes == sum(e.nbytes for e in entries.values()) <= cache.budget
+
+
+def test_eviction_takes_leaves_before_their_parents():
+    """A chain of three blocks over a budget of two: its last block goes, the first two still serve."""
+    size = 2 * 4 * 2 * 4  # one block of 4 positions: keys and values (1, 1, 4, 2) in float32
+    cache = PrefixCache(budget_bytes=2 * size, block=4)
+    ids = list(range(12))
+    cache.store("m", ids, blocks(ids))
+    check_tree(cache)
+    n, got = cache.longest("m", [*ids, 99])
+    assert n == 8 and torch.equal(got[0][0], blocks(ids)[0][0][:, :, :8])
+
+
+def test_a_budget_that_forces_eviction_never_strands_a_block():
+    """Prompts sharing prefixes in a random order under a small budget: after every store the cache is a
+    tree (no entry whose parent is gone) whose bytes are its entries', and every hit is the exact prefix."""
+    size = 2 * 4 * 2 * 4
+    cache = PrefixCache(budget_bytes=7 * size, block=4)
+    gen = torch.Generator().manual_seed(0)
+    stems = [torch.randint(0, 5, (16,), generator=gen).tolist() for _ in range(4)]
+    for _ in range(200):
+        stem = stems[int(torch.randint(0, 4, (1,), generator=gen))]
+        cut = int(torch.randint(1, 17, (1,), generator=gen))
+        ids = stem[:cut] + torch.randint(0, 5, (int(torch.randint(0, 9, (1,), generator=gen)),), generator=gen).tolist()
+        n, got = cache.longest("m", ids)
+        if n:
+            assert torch.equal(got[0][0], blocks(ids)[0][0][:, :, :n])  # the KV of exactly these ids
+        cache.store("m", ids, blocks(ids))
+        check_tree(cache)
+    assert cache.hit > 0 and len(cache._entries) > 1
+
+
+def test_a_block_is_keyed_by_its_whole_chain_not_the_builtin_hash(monkeypatch):
+    """Two prompts whose first blocks differ but collide under Python's hash: the second block cached after
+    one is never served after the other (its keys and values were computed after other tokens)."""
+    from logitfuse.backends import prefix_cache
+
+    builtin = hash
+    monkeypatch.setattr(prefix_cache, "hash", lambda t: 0 if t[0] is None else builtin(t), raising=False)
+    cache = PrefixCache(budget_bytes=2**20, block=4)
+    cache.store("m", [1, 2, 3, 4], blocks([1, 2, 3, 4]))
+    cache.store("m", [5, 6, 7, 8, 9, 9, 9, 9], blocks([5, 6, 7, 8, 9, 9, 9, 9], start=100.0))
+    n, got = cache.longest("m", [1, 2, 3, 4, 9, 9, 9, 9, 0])
+    assert n == 4 and torch.equal(got[0][0], blocks([1, 2, 3, 4])[0][0])
+    assert prefix_cache.block_digest(None, (1, 2, 3, 4)) != prefix_cache.block_digest(None, (5, 6, 7, 8))
+    first = prefix_cache.block_digest(None, (1, 2, 3, 4))
+    assert len(first) == 16 and prefix_cache.block_digest(first, (9,) * 4) != prefix_cache.block_digest(None, (9,) * 4)
+
+
+def test_forget_drops_every_entry_of_a_name_and_only_those():
+    cache = PrefixCache(budget_bytes=2**20, block=4)
+    for name in ("host", "host+a"):
+        cache.store(name, list(range(9)), blocks(list(range(9))))
+    cache.forget("host+a")
+    assert cache.longest("host+a", list(range(9)))[0] == 0 and cache.longest("host", list(range(9)))[0] == 8
+    check_tree(cache)
