@@ -46,6 +46,8 @@ class LogitFuse:
         server = self._registry.server
         # one prefix cache for every engine lane over this pool (the KV of a prefix is the same in each)
         self._prefix_cache = PrefixCache(int(server.prefix_cache_mb * 2**20)) if server.prefix_cache else None
+        if self._prefix_cache is not None:  # a name's entries go when its weights are unloaded or reloaded
+            self._pool.on_weights_change(self._prefix_cache.forget)
         self._engine = self.make_engine()
         self._ids = itertools.count()
 

@@ -94,6 +94,18 @@ class ModelPool:
         self._lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
         self._failed: dict[str, tuple[Unavailable, tuple | None, float]] = {}  # error, files, when
+        self._listeners: list[Callable[[str], None]] = []
+
+    def on_weights_change(self, listener: Callable[[str], None]) -> None:
+        """Call listener(name) whenever the weights behind a name are unloaded or (re)loaded, for each name
+        whose outputs they make: the model and every adapter view over it (a cache of its KV must go)."""
+        self._listeners.append(listener)
+
+    def _changed(self, name: str) -> None:
+        views = [v for v, (_, untuned, _) in self.registry.adapter_views().items() if untuned == name]
+        for n in [name, *views]:
+            for listener in self._listeners:
+                listener(n)
 
     def failed(self) -> dict[str, str]:
         """Models that failed to load, with the reason."""
@@ -116,6 +128,7 @@ class ModelPool:
                 if name in self._loaded:
                     return self._loaded[name]
             backend = self._load(name)
+            self._changed(name)  # what was kept from earlier weights of this name (retrained in place) goes
             with self._lock:
                 self._loaded[name] = backend
                 self._evict(keep=name)
@@ -255,3 +268,4 @@ class ModelPool:
                 total -= backend.param_bytes()
                 if hasattr(backend, "unload"):
                     backend.unload()
+                self._changed(n)

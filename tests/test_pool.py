@@ -147,3 +147,87 @@ def test_running_out_of_memory_while_loading_is_retried_a_broken_file_is_not(tmp
     with pytest.raises(ModelUnavailable, match="not a checkpoint"):  # not loaded again
         pool.get("b")
     assert calls == ["a", "b", "a"]
+
+
+def test_listeners_hear_of_every_unload_and_load_with_the_views_over_a_model():
+    """A model's weights changing (unloaded, or loaded again) is told for its name and the adapter views over
+    it, once per change, so that what was computed with the old weights can go."""
+    reg = Registry.model_validate({"models": {n: {"path": n} for n in "abc"},
+                                   "experts": {"x": {"untuned": "a", "adapter": "x"}}})
+    pool = ModelPool(reg, loader=lambda _reg, name: Fake(name, 100), budget_bytes=150)
+    heard = []
+    pool.on_weights_change(heard.append)
+    pool.get("a")
+    assert heard == ["a", "a+x"]
+    heard.clear()
+    pool.get("b")  # over the budget: a goes
+    assert heard == ["b", "a", "a+x"]
+    assert pool.loaded() == ["b"]
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def write_adapter(model, folder, seed: int) -> None:
+    """A LoRA adapter with random, sizeable weights (PEFT initialises B to zero) saved into folder."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                                           init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    peft.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("evicted", ["host", "view"])
+def test_an_adapter_retrained_in_place_is_served_with_its_new_weights(tmp_path, evicted):
+    """An adapter rewritten into the same folder, its model evicted (with its untuned host, or alone) and
+    loaded again: a prompt seen before gives the new adapter's scores, not those of keys and values the
+    prefix cache kept from the old weights (a fresh server without the cache is the reference)."""
+    pytest.importorskip("peft")
+    from logitfuse import LogitFuse, SamplingParams
+    from logitfuse.training.tiny import build_model, build_tokenizer, save
+
+    tok = build_tokenizer()
+    small = build_model(tok, 2, scale=8.0)
+    paths = {"small": save(small, tok, tmp_path / "small"),
+             "other": save(build_model(tok, 3, scale=8.0), tok, tmp_path / "other")}
+    folder = tmp_path / "adapter"
+    write_adapter(small, folder, 11)
+    text = ("models:\n  small: {{path: {small}, dtype: float32}}\n  other: {{path: {other}, dtype: float32}}\n"
+            "experts:\n  a: {{untuned: small, adapter: {folder}}}\n"
+            "ensembles:\n  proxy-a: {{base: small, method: proxy, experts: [a], alpha: 1.0}}\n"
+            "server: {{preload: false, prefix_cache: {cache}}}\n")
+    for cache in ("true", "false"):
+        (tmp_path / f"{cache}.yaml").write_text(text.format(**paths, folder=folder, cache=cache))
+    prompt = " ".join(["the red city of the north and the blue river of the south"] * 3)
+    sp = SamplingParams(max_tokens=3, temperature=0, logprobs=5, ignore_eos=True)
+
+    def scores(lf):
+        return [(e.token_id, [t.logprob for t in e.top]) for e in lf.stream(lf.requests("proxy-a", prompt, sp))
+                if e.token_id is not None]
+
+    lf = LogitFuse(tmp_path / "true.yaml")
+    old = scores(lf)
+    assert lf.stats().prefix_bytes > 0  # the prompt's blocks, kept for each view
+    write_adapter(small, folder, 12)  # retrained, written over the old one
+    if evicted == "view":  # the view is the least recently used: it goes alone, its host stays
+        lf.pool.get("small")
+        lf.pool.budget = lf.pool.get("small").param_bytes() + lf.pool.estimate("other") + 1
+    else:
+        lf.pool.budget = 1
+    lf.pool.get("other")
+    assert "small+a" not in lf.pool.loaded() and ("small" in lf.pool.loaded()) == (evicted == "view")
+    lf.pool.budget = 2**40
+    got = scores(lf)
+    want = scores(LogitFuse(tmp_path / "false.yaml"))
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, g), (_, w) in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-5)
+    assert max(abs(a - b) for (_, o), (_, w) in zip(old, want) for a, b in zip(o, w)) > 0.05  # it did change
