@@ -24,7 +24,7 @@ import torch
 
 from logitfuse.api import LogitFuse
 from logitfuse.engine.core import EngineStats
-from logitfuse.engine.request import GenerationRequest, PromptScores, TokenEvent
+from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent
 from logitfuse.errors import Overloaded
 
 log = logging.getLogger("logitfuse.runner")
@@ -149,7 +149,8 @@ class EngineRunner:
             try:
                 self.engine.add(item)
             except Exception as err:  # e.g. a duplicate id: only this request fails
-                failed.append(TokenEvent(item.rid, None, "", finish_reason="error", error=str(err)))
+                failed.append(TokenEvent(item.rid, None, "", finish_reason="error", error=str(err),
+                                         error_detail=ErrorDetail.of(err)))
         return failed
 
     def _loop(self) -> None:
@@ -166,15 +167,24 @@ class EngineRunner:
                 if not events:
                     self._wake.wait()
                 continue
-            try:
-                events += self.engine.step()
-            except Exception as err:  # a failing step must not take the server down
-                log.exception("engine step failed")
-                events += self.engine.fail_all(err)
+            events += self._step()
             for ev in events:
                 self._deliver(ev, began)
             with self._lock:
                 self._running = self.engine.stats().running
+
+    def _step(self) -> list[TokenEvent | PromptScores]:
+        """One engine step. A failing step must not take the server down: it ends every sequence of the lane
+        with an error event. One line is logged here; the traceback travels on each error event
+        (TokenEvent.error_detail) to be logged once, with the request id, by whoever reports the failure
+        (the server: with the 5xx)."""
+        try:
+            return self.engine.step()
+        except Exception as err:
+            ended = self.engine.fail_all(err)
+            log.error("engine step failed in lane %s (%s: %s): its state is dropped, ending sequences %s",
+                      self.lane, type(err).__name__, err, " ".join(ev.rid for ev in ended) or "(none)")
+            return ended
 
     def _deliver(self, ev: TokenEvent | PromptScores, began: float) -> None:
         done = isinstance(ev, TokenEvent) and ev.finish_reason is not None

@@ -20,7 +20,7 @@ from logitfuse.backends.base import CausalLM, RewardModel, end_ids
 from logitfuse.backends.prefix_cache import PrefixCache
 from logitfuse.engine.admission import Admission
 from logitfuse.engine.fused_scores import Fuser, score_prompt
-from logitfuse.engine.request import GenerationRequest, PromptScores, TokenEvent
+from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent
 from logitfuse.engine.row_sampling import failed as _failed
 from logitfuse.engine.row_sampling import sample_rows as sample_and_emit
 from logitfuse.engine.sequence import Sequence
@@ -104,8 +104,8 @@ class Engine:
         self._spec_groups.clear()
         self._waiting.clear()
         self._kv_reserved = 0
-        msg = f"{type(err).__name__}: {err}"
-        return [TokenEvent(rid, None, "", finish_reason="error", error=msg) for rid in rids]
+        msg, detail = f"{type(err).__name__}: {err}", ErrorDetail.of(err)
+        return [TokenEvent(rid, None, "", finish_reason="error", error=msg, error_detail=detail) for rid in rids]
 
     # -- requests in and out -------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:

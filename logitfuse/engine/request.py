@@ -6,6 +6,7 @@ Plain data, validated once at the boundary (`SamplingParams.check`) with message
 from __future__ import annotations
 
 import math
+import traceback
 from dataclasses import dataclass, field
 
 from logitfuse.errors import InvalidRequest
@@ -153,6 +154,20 @@ class PromptScores:
 
 
 @dataclass(frozen=True)
+class ErrorDetail:
+    """What ended a sequence with an error, for the log line of the answer that reports it: the exception's
+    type name (or a fault's name, for a fault that raised nothing) and its formatted traceback."""
+
+    cause: str
+    trace: str | None = None
+
+    @classmethod
+    def of(cls, err: BaseException) -> ErrorDetail:
+        """Taken where the exception is caught, while its traceback is at hand."""
+        return cls(type(err).__name__, "".join(traceback.format_exception(type(err), err, err.__traceback__)))
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token, or the end of a sequence (finish_reason set; token_id may be None when the
     sequence ends without a new token, e.g. max_tokens = 0)."""
@@ -167,3 +182,4 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_detail: ErrorDetail | None = None  # with finish_reason "error"

@@ -11,21 +11,22 @@ from __future__ import annotations
 import torch
 
 from logitfuse.engine import token_controls
-from logitfuse.engine.request import GenerationRequest, TokenEvent
+from logitfuse.engine.request import ErrorDetail, GenerationRequest, TokenEvent
 from logitfuse.ops.sampling import SamplingTensors, invalid_rows, sample, token_logprobs, top_logprobs
-
-
-def failed(req: GenerationRequest, err: Exception | str, generated: int = 0) -> TokenEvent:
-    """The error event that ends one request's sequence."""
-    msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    return TokenEvent(req.rid, None, "", finish_reason="error", error=msg, prompt_tokens=len(req.prompt_ids),
-                      completion_tokens=generated)
-
 
 NOT_A_DISTRIBUTION = "fused scores are not a distribution (NaN, +inf or no finite score)"
 NOTHING_ALLOWED = ("no token is allowed: the request's token controls (structured output, allowed_token_ids, "
                    "bad_words, min_tokens) leave no token the fused distribution gives any probability (a method "
                    "that keeps only its top candidates, as tqstar does, can exclude every allowed token)")
+FAULTS = {NOT_A_DISTRIBUTION: "not_a_distribution", NOTHING_ALLOWED: "no_token_allowed"}  # faults raise nothing
+
+
+def failed(req: GenerationRequest, err: Exception | str, generated: int = 0) -> TokenEvent:
+    """The error event that ends one request's sequence, with the exception's type and traceback."""
+    msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    detail = ErrorDetail(FAULTS.get(err, "engine_fault")) if isinstance(err, str) else ErrorDetail.of(err)
+    return TokenEvent(req.rid, None, "", finish_reason="error", error=msg, prompt_tokens=len(req.prompt_ids),
+                      completion_tokens=generated, error_detail=detail)
 
 
 def draw(seqs: list, scores: torch.Tensor, tokenizer=None, raw: bool = False
