@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 
 from fastapi import FastAPI, Request
@@ -12,17 +11,46 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from logitfuse.engine.request import TokenEvent
 from logitfuse.errors import InvalidRequest, ModelUnavailable, Overloaded, Unavailable, UnknownName
+from logitfuse.service.failures import Failure, format_trace, keep
 
-log = logging.getLogger("logitfuse.service")
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+    """An answer other than 200. A 5xx may name its cause (an exception's type name) and carry the traceback
+    and sequence id of a failure caught elsewhere (the engine's), for the log line (failures.py)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None,
+                 cause: str | None = None, trace: str | None = None, sequence: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.cause, self.trace, self.sequence = cause, trace, sequence
+
+
+def generation_failed(request_id: str | None, ev: TokenEvent) -> APIError:
+    """The 500 of a sequence that ended with an error event (the event brings the engine's cause and traceback)."""
+    detail = ev.error_detail
+    return APIError(500, f"generation failed (request id {request_id}): {ev.error or 'engine error'}",
+                    cause=detail.cause if detail else "engine_fault", trace=detail.trace if detail else None,
+                    sequence=ev.rid)
+
+
+def failure_of(status: int, err: BaseException) -> Failure:
+    """What the log says of a 5xx: an APIError's own message, cause and traceback (its own raise when it names
+    no other), else the exception's."""
+    if not isinstance(err, APIError):
+        return Failure.of(status, err)
+    return Failure(status, err.cause or type(err).__name__, err.message,
+                   err.trace if err.cause else format_trace(err), err.sequence)
+
+
+def note_failure(scope: dict, status: int, err: BaseException) -> None:
+    """Keep a 5xx's failure on the request for the guard to log and count once (below 500: nothing)."""
+    if status >= 500:
+        keep(scope.setdefault("state", {}), failure_of(status, err))
 
 
 def envelope(status: int, message: str, param: str | None = None) -> dict:
@@ -61,8 +89,7 @@ def as_api_error(err: Exception, request_id: str | None = None) -> APIError:
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         return APIError(400, f"{_loc(first['loc'])}: {first['msg']}", _loc(first["loc"]))
-    rid = request_id or uuid.uuid4().hex
-    log.error("internal error, request id %s", rid, exc_info=err)
+    rid = request_id or uuid.uuid4().hex  # the exception is logged with it where the 500 is answered
     return APIError(500, f"internal server error (request id {rid}): {type(err).__name__}")
 
 
@@ -106,6 +133,7 @@ def install(app: FastAPI) -> None:
 
     async def _mapped(request: Request, err: Exception):
         api = as_api_error(err, request_id_of(request))
+        note_failure(request.scope, api.status, err)
         return error_response(api.status, api.message, api.param, api.headers, request_id_of(request))
 
     for kind in (APIError, InvalidRequest, UnknownName, Unavailable, ValidationError, Overloaded, ModelUnavailable,

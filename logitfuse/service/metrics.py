@@ -1,8 +1,9 @@
 """Prometheus metrics, named as vLLM names its own (with the `logitfuse_` prefix) where they mean the same.
 
-Counted here as things happen: HTTP requests by path and status with their latency (middleware.Guard),
-prompt and generated tokens by model (routes), and per sequence (EngineRunner, through RequestTimes) the
-time to first token, the inter-token latency, the queue time and the end-to-end latency, as histograms.
+Counted here as things happen: HTTP requests by path and status with their latency, and 5xx answers by
+cause (middleware.Guard), prompt and generated tokens by model (routes), and per sequence (EngineRunner,
+through RequestTimes) the time to first token, the inter-token latency, the queue time and the end-to-end
+latency, as histograms.
 Read from the engines at scrape time (EngineCollector): every lane's running and waiting sequences, KV cache
 reserved and its share of server.kv_budget_mb, speculative tokens drafted and accepted (counters: the
 engines' own monotonic totals), and the checkpoints loaded.
@@ -103,7 +104,11 @@ class Metrics:
     def __init__(self, serving: Callable[[], object | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("logitfuse_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.requests = Counter("logitfuse_requests", "HTTP requests (status 499: the client left before its "
+                                "answer ended)", ["path", "status"], registry=r)
+        self.errors = Counter("logitfuse_request_errors", "5xx answers, a stream's in-band error event included, by "
+                              "cause: an exception's type name, or an engine fault's name", ["path", "status", "cause"],
+                              registry=r)
         self.latency = Histogram("logitfuse_request_seconds", "HTTP request latency (to the last byte of the "
                                  "response, of a stream too)", ["path"], registry=r)
         self.tokens = Counter("logitfuse_generated_tokens", "Tokens generated", ["model"], registry=r)

@@ -31,7 +31,14 @@ from logitfuse.api import LogitFuse
 from logitfuse.engine.request import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.runner import EngineRunner
-from logitfuse.service.error_handlers import APIError, as_api_error, envelope, request_id_of
+from logitfuse.service.error_handlers import (
+    APIError,
+    as_api_error,
+    envelope,
+    generation_failed,
+    note_failure,
+    request_id_of,
+)
 from logitfuse.service.formats import Choice
 
 DONE = "data: [DONE]\n\n"
@@ -131,7 +138,7 @@ class Serving:
             waiting = [n for n in names if not self.lf.is_loaded(n)] or names
             raise APIError(503, f"model {waiting[0]!r} is still loading after {self.server.load_timeout:g} s "
                                 "(server.load_timeout); retry shortly", "model",
-                           {"Retry-After": str(max(1, round(self.server.load_timeout)))}) from None
+                           {"Retry-After": str(max(1, round(self.server.load_timeout)))}, "TimeoutError") from None
 
     def build(self, model: str, prompts: list, sampling: SamplingParams, fusion, n: int, chat: bool,
               messages: list | None = None) -> list[GenerationRequest]:
@@ -207,12 +214,13 @@ class Serving:
     async def collect(self, job: Job, request: Request, make: Callable[[int, GenerationRequest], Choice]) -> list:
         """Run a job to the end; one Choice per engine request, in order. Engine errors become a 500."""
         choices = {r.rid: make(i, r) for i, r in enumerate(job.requests)}
+        failed = None
         async for ev in self.events(job, request, watch=True):
             choices[ev.rid].add(ev)
-        failed = [c for c in choices.values() if c.error]
-        if failed:
-            rid = request_id_of(request)
-            raise APIError(500, f"generation failed (request id {rid}): {failed[0].error}")
+            if failed is None and choices[ev.rid].error:
+                failed = ev  # its error detail goes with the 500, to the log (service/failures.py)
+        if failed is not None:
+            raise generation_failed(request_id_of(request), failed)
         return list(choices.values())
 
     async def stream(self, job: Job, request: Request, make: Callable, chunk: Callable, usage_chunk: Callable | None,
@@ -228,8 +236,9 @@ class Serving:
                 c = choices[ev.rid]
                 delta = c.add(ev)
                 if c.error:
-                    rid = request_id_of(request)
-                    yield sse(envelope(500, f"generation failed (request id {rid}): {c.error}"))
+                    err = generation_failed(request_id_of(request), ev)
+                    note_failure(request.scope, err.status, err)
+                    yield sse(envelope(err.status, err.message))
                     break
                 if delta is not None:
                     yield sse(chunk(c, delta))
@@ -240,6 +249,7 @@ class Serving:
                     yield sse(usage_chunk(list(choices.values())))
         except Exception as err:  # the stream has started: report in-band
             api = as_api_error(err, request_id_of(request))
+            note_failure(request.scope, api.status, err)
             yield sse(envelope(api.status, api.message, api.param))
         yield DONE
 
