@@ -3,7 +3,9 @@ positions, and compacting the hidden ones away.
 
 A state is the transformers cache plus a (B, T) mask of the positions each row sees: rows are left-padded,
 forgotten positions (rejected speculative tokens, a re-tokenized suffix, masked padding) are hidden in
-place, and positions count visible tokens only, so none of this shifts a row's positions.
+place, and positions count visible tokens only, so none of this shifts a row's positions. Sliding windows
+count visible tokens too (window.py), so hidden slots never shrink a windowed layer's view; that needs every
+slot kept, sliding layers' too (kv_cache.py).
 """
 
 from __future__ import annotations
