@@ -93,7 +93,8 @@ class Admission:
     def _check_controls(req: GenerationRequest, width: int, get_backend: Callable[[str], CausalLM]) -> None:
         """Penalties and token controls act on the sampled rows of the engine's step: a speculative plan's
         drafts and verification do not apply them, so such a request is refused there; a grammar must
-        compile for the base's tokenizer (once per schema, cached: engine/grammar.py)."""
+        compile for the base's tokenizer (once per schema, cached: engine/grammar.py) and some token of its
+        vocabulary must start text that the grammar admits."""
         sp = req.sampling
         if req.plan.speculative:
             name = "structured output" if sp.structured else "penalties and token controls"
@@ -108,9 +109,7 @@ class Admission:
             if not hasattr(tokenizer, "convert_ids_to_tokens"):
                 raise InvalidRequest(f"{sp.structured.field}: structured output needs the base model's own "
                                      "tokenizer; this base has none the grammar engine can read", sp.structured.field)
-            if not grammar.next_mask(grammar.compile_spec(sp.structured, tokenizer, width)).any():
-                raise InvalidRequest(f"{sp.structured.field}: no token of this model's vocabulary can start text "
-                                     "that follows it (the vocabulary cannot spell it)", sp.structured.field)
+            grammar.check_start(sp.structured, tokenizer, width, req.plan.base)
 
     @staticmethod
     def _check_scoring(req: GenerationRequest, method: FusionMethod, get_backend: Callable[[str], CausalLM]) -> None:

@@ -8,6 +8,12 @@ request asks for structured output. It was picked over xgrammar because its whee
 A tokenizer is described to llguidance by its tokens' bytes: the serialized tokenizer where llguidance reads
 it (byte-level BPE), else each token's piece with SentencePiece's word marker as a space and `<0xAB>` byte
 tokens as their byte (Metaspace BPE, as the miniature family uses). Special tokens never match text.
+
+A dead end is a grammar that needs next what no token of the vocabulary can produce (JSON's `{` on a
+vocabulary without it). llguidance then allows no token, or, where the bytes it forces cannot be tokenized at
+all, computes the mask as if they had been taken, allowing tokens that the matcher refuses: a first mask is
+checked against the matcher at admission (check_start), and a row that reaches a dead end later ends with a
+GrammarDeadEnd naming the bytes it needed (dead_end), never with a token the grammar does not take.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 from logitfuse.engine.request import StructuredSpec
 from logitfuse.errors import InvalidRequest
+from logitfuse.ops.penalties import bitmask_to_bool
 
 EXTRA = "structured"  # pip install logitfuse[structured]
 CACHE_SIZE = 256  # compiled grammars kept per tokenizer (least recently used dropped)
@@ -30,11 +37,17 @@ CACHE_SIZE = 256  # compiled grammars kept per tokenizer (least recently used dr
 # whitespace lets a sampled model wander in blanks until max_tokens cuts the object short
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 PARALLEL_FROM = 4  # matchers in one step from which their masks are computed on llguidance's threads
+CHECKED = 8  # allowed tokens of a first mask tried on the matcher (a mask past unspellable bytes fails them all)
 _pool: Any = None  # llguidance.LLExecutor, made on first use
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _lock = threading.Lock()
 _tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF tokenizer -> {width: LLTokenizer}
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF tokenizer -> OrderedDict of templates
+
+
+class GrammarDeadEnd(InvalidRequest):
+    """The grammar needs next what no token of the vocabulary can produce: the request's fault (a 400 naming
+    the field at admission, the row's error event later)."""
 
 
 def _llguidance() -> Any:
@@ -175,7 +188,41 @@ def _executor() -> Any:
     return _pool
 
 
-def advance(matcher: Any, token: int) -> None:
-    """Take a sampled token; a token the mask allowed is always accepted (an error here is a bug, raised)."""
-    if not matcher.consume_token(token):
-        raise RuntimeError(f"the grammar refused token {token}: {matcher.get_error().strip()[:300]}")
+def advance(matcher: Any, token: int) -> bool:
+    """Take a sampled token; False when the matcher refuses it (it then is in an error state: a dead end)."""
+    return bool(matcher.consume_token(token))
+
+
+def _text(data: bytes) -> str:
+    return repr(data.decode("utf-8", "replace"))
+
+
+def check_start(spec: StructuredSpec, tokenizer: Any, width: int, model: str) -> None:
+    """Raise GrammarDeadEnd, naming the field, when no token of `model`'s vocabulary can start text that the
+    grammar admits: its first mask allows nothing, or only tokens the matcher refuses, and it does not accept
+    the empty text."""
+    m = compile_spec(spec, tokenizer, width)
+    forced = m.compute_ff_bytes()
+    if m.is_accepting():
+        return
+    ids = bitmask_to_bool(next_mask(m)[None], width)[0].nonzero().flatten()[:CHECKED].tolist()
+    if any(m.validate_tokens([t]) for t in ids):
+        return
+    need = f"the grammar must start with {_text(forced)}" if forced else "the grammar's first characters"
+    raise GrammarDeadEnd(f"{spec.field}: {need}, which no token of {model}'s vocabulary can produce "
+                         "(the vocabulary cannot spell it)", spec.field)
+
+
+def dead_end(spec: StructuredSpec, tokenizer: Any, width: int, tokens: list[int]) -> GrammarDeadEnd:
+    """Why a row's grammar took no token after `tokens`: replayed on a fresh matcher (the row's own is in an
+    error state and has lost its forced bytes), for the error that ends the row."""
+    m = compile_spec(spec, tokenizer, width)
+    text = tokenizer.decode(tokens) if tokens else ""
+    after = f"after {len(tokens)} tokens ({text!r})"
+    if not m.consume_tokens(tokens):
+        return GrammarDeadEnd(f"{spec.field}: the grammar stopped {after}: {m.get_error().strip()[:200]}",
+                              spec.field)
+    forced = m.compute_ff_bytes()
+    need = f"needs {_text(forced)} next" if forced else "allows no further characters"
+    return GrammarDeadEnd(f"{spec.field}: {after} the grammar {need}, which no token of the base model's "
+                          "vocabulary can produce (the vocabulary cannot spell it)", spec.field)

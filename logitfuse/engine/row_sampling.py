@@ -30,7 +30,7 @@ def failed(req: GenerationRequest, err: Exception | str, generated: int = 0) -> 
 
 
 def draw(seqs: list, scores: torch.Tensor, tokenizer=None, raw: bool = False
-         ) -> tuple[list[str | None], list[int], list[float], list | None, list | None]:
+         ) -> tuple[list[str | Exception | None], list[int], list[float], list | None, list | None]:
     """Each row's fault (None: none), token, its logprob, and the top-N ids and logprobs the rows ask for.
     scores (b, V). A row that is not a distribution is drawn from zeros instead (its token is thrown away), so
     the check travels to the host in the same copy as the tokens: one device sync per group and step. The
@@ -50,7 +50,8 @@ def draw(seqs: list, scores: torch.Tensor, tokenizer=None, raw: bool = False
     # the flags, tokens and logprobs reach the host in one copy: the stop checks need them, nothing else waits
     host = torch.stack([bad.double() + 2 * empty.double(), tokens.double(),
                         token_logprobs(scores, tokens, not raw).double()]).tolist()
-    faults = [None if f == 0 else NOT_A_DISTRIBUTION if f == 1 else NOTHING_ALLOWED for f in host[0]]
+    faults = [None if f == 0 else NOT_A_DISTRIBUTION if f == 1 else token_controls.dead_end(s) or NOTHING_ALLOWED
+              for f, s in zip(host[0], seqs)]  # a grammar at a dead end says what it needed
     n_top = max((p.logprobs or 0) for p in sp)
     if not n_top:
         return faults, [int(t) for t in host[1]], host[2], None, None

@@ -5,7 +5,8 @@ then the repetition, frequency and presence penalties; temperature and truncatio
 The fused distribution itself (the logprobs a response reports) is left as it is.
 
 Each row's controls (its bad words' token ids, its stop ids, its grammar matcher) are built once, at its
-first sampled token, and kept on the sequence; the matcher advances with every token the row takes.
+first sampled token, and kept on the sequence; the matcher advances with every token the row takes. A
+grammar that can take no token (a dead end: engine/grammar.py) ends its row with a GrammarDeadEnd.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from logitfuse.ops.sampling import SamplingTensors, apply_bias
 class RowControls:
     bad_words: list[list[int]]  # token ids of each bad word, with and without a leading space
     matcher: Any | None  # the grammar's matcher (engine/grammar.py), None without structured output
+    tokenizer: Any = None  # what the matcher was built for, to say why it stopped
+    width: int = 0
 
 
 def bad_word_ids(words: tuple[str, ...], tokenizer: Any) -> list[list[int]]:
@@ -43,7 +46,7 @@ def controls(seq: Any, tokenizer: Any, width: int) -> RowControls:
     if seq.controls is None:
         sp = seq.req.sampling
         matcher = grammar.compile_spec(sp.structured, tokenizer, width) if sp.structured else None
-        seq.controls = RowControls(bad_word_ids(sp.bad_words, tokenizer), matcher)
+        seq.controls = RowControls(bad_word_ids(sp.bad_words, tokenizer), matcher, tokenizer, width)
     return seq.controls
 
 
@@ -100,6 +103,15 @@ def shape(seqs: list, scores: torch.Tensor, params: SamplingTensors, tokenizer: 
 
 
 def take(seq: Any, token: int) -> None:
-    """The row took `token`: its grammar matcher advances."""
-    if seq.controls is not None and seq.controls.matcher is not None:
-        grammar.advance(seq.controls.matcher, token)
+    """The row took `token`: its grammar matcher advances (a token it refuses is a dead end, raised)."""
+    c = seq.controls
+    if c is not None and c.matcher is not None and not grammar.advance(c.matcher, token):
+        raise grammar.dead_end(seq.req.sampling.structured, c.tokenizer, c.width, seq.generated)
+
+
+def dead_end(seq: Any) -> Exception | None:
+    """Why the row's controls left no token, where its grammar is at a dead end (None otherwise)."""
+    c = seq.controls
+    if c is None or c.matcher is None or not c.matcher.is_error():
+        return None
+    return grammar.dead_end(seq.req.sampling.structured, c.tokenizer, c.width, seq.generated)

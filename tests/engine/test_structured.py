@@ -168,3 +168,36 @@ def test_a_cross_tokenizer_expert_follows_the_constrained_text(lf):
     sp = SamplingParams(max_tokens=24, temperature=1.0, seed=6, structured=StructuredSpec("regex", REGEX))
     outs = run(lf, "proxy-a", "king queen", sp, n=6, fusion={"experts": ["xa"], "alpha": 0.7})
     assert all(re.fullmatch(REGEX, o.text) and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+
+
+DEAD_REGEX = r"(red|blue) \{[a-z]+\}"  # the family's vocabulary spells "red " but has no `{`
+
+
+@pytest.mark.parametrize("schema,needs", [({"type": "string"}, '"'), ({"type": "array"}, "["), (
+    {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}, '{"answer": "')])
+def test_a_grammar_whose_first_bytes_no_token_spells_is_refused_naming_them(lf, schema, needs):
+    """llguidance computes such a first mask as if the forced bytes were taken: it allows tokens that the
+    matcher then refuses (the check must try them, not only count them)."""
+    spec = StructuredSpec("json", json.dumps(schema), "response_format.json_schema.schema")
+    req = lf.requests("proxy-a", "the red city", SamplingParams(max_tokens=8, structured=spec))[0]
+    with pytest.raises(grammar.GrammarDeadEnd) as err:
+        lf.check(req)
+    assert err.value.param == "response_format.json_schema.schema"
+    assert f"must start with {needs!r}, which no token of base-large's vocabulary can produce" in str(err.value)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_reaching_a_dead_end_later_ends_its_rows_with_a_clear_error(lf, temperature):
+    spec = StructuredSpec("regex", DEAD_REGEX, "guided_regex")
+    sp = SamplingParams(max_tokens=12, temperature=temperature, seed=3, structured=spec)
+    lf.check(lf.requests("eft-ab", "king queen", sp)[0])  # "red" and "blue" can start: admitted
+    outs = run(lf, "eft-ab", "king queen", sp, n=3)
+    for o in outs:
+        assert o.finish_reason == "error" and o.text.rstrip() in ("red", "blue"), (o.text, o.error)
+        needs = "'{'" if o.text.endswith(" ") else "' {'"  # the space too, where no token spelt it alone
+        assert "GrammarDeadEnd: guided_regex:" in o.error and f"needs {needs} next" in o.error, o.error
+        assert f"after {len(o.token_ids)} tokens ({o.text!r})" in o.error
+    ok = run(lf, "eft-ab", "king queen", SamplingParams(max_tokens=4, temperature=0,
+                                                         structured=StructuredSpec("regex", REGEX)))[0]
+    assert ok.finish_reason in ("stop", "length") and not ok.error  # the engine goes on
+
