@@ -2,7 +2,10 @@
 `structured_outputs` and its older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
 
 Pure parsing (the grammar is compiled at admission: engine/grammar.py); a malformed value is an
-InvalidRequest naming its field. At most one constraint per request.
+InvalidRequest naming its field. At most one constraint per request. vLLM's two JSON options of
+`structured_outputs` are applied to the schema itself: `disable_additional_properties` closes every object
+that lists its properties and says nothing of others (`additionalProperties: false`, as vLLM's guidance
+backend does), `disable_any_whitespace` lays JSON out with no whitespace at all.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 # keys of vLLM's structured_outputs object that change the output and are not implemented here
 STRUCTURED_REFUSED = ("structural_tag", "whitespace_pattern")
-STRUCTURED_NEUTRAL = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties")
+# keys that change JSON output: implemented (below); and keys that choose among grammar engines (there is one)
+STRUCTURED_OPTIONS = ("disable_any_whitespace", "disable_additional_properties")
+STRUCTURED_NEUTRAL = ("disable_fallback", "backend")
+COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}  # llguidance's layout
+# where a JSON schema holds subschemas: maps of them, and single ones or lists of them
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "allOf", "anyOf", "oneOf", "not", "if",
+               "then", "else", "additionalProperties", "unevaluatedProperties", "unevaluatedItems", "propertyNames")
 
 
 def _schema_text(value: Any, field: str) -> str:
@@ -30,6 +40,45 @@ def _schema_text(value: Any, field: str) -> str:
     if not isinstance(value, dict):
         raise InvalidRequest(f"{field} must be a JSON schema object, got {type(value).__name__}", field)
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def closed(schema: Any) -> Any:
+    """A copy of a JSON schema where every object schema that lists properties (or property patterns) and says
+    nothing of additionalProperties forbids other keys, at every depth (vLLM's disable_additional_properties)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: {n: closed(s) for n, s in v.items()} if k in _SCHEMA_MAPS and isinstance(v, dict)
+           else closed(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    if "additionalProperties" not in out and any(isinstance(out.get(k), dict)
+                                                 for k in ("properties", "patternProperties")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _options(value: dict) -> dict[str, bool]:
+    """structured_outputs' JSON options, each true or false (null: false)."""
+    out = {}
+    for key in STRUCTURED_OPTIONS:
+        v = value.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise InvalidRequest(f"structured_outputs.{key} must be true or false, got {v!r}",
+                                 f"structured_outputs.{key}")
+        out[key] = bool(v)
+    return out
+
+
+def _with_options(spec: StructuredSpec, options: dict[str, bool]) -> StructuredSpec:
+    """A JSON spec with structured_outputs' options applied to its schema (other kinds: as they are)."""
+    if spec.kind not in ("json", "json_object") or not any(options.values()):
+        return spec
+    schema = json.loads(spec.spec) if spec.kind == "json" else {"type": "object"}
+    if options["disable_additional_properties"]:
+        schema = closed(schema)
+    if options["disable_any_whitespace"]:  # the schema's own layout, if it gives one, still wins
+        schema = {**schema, "x-guidance": {**COMPACT, **(schema.get("x-guidance") or {})}}
+    return StructuredSpec("json", json.dumps(schema, sort_keys=True, separators=(",", ":")), spec.field)
 
 
 def _spec(kind: str, value: Any, field: str) -> StructuredSpec:
@@ -78,14 +127,14 @@ def from_structured_outputs(value: Any) -> StructuredSpec | None:
     for key in value:
         if key in STRUCTURED_REFUSED and value[key] is not None:
             raise InvalidRequest(f"structured_outputs.{key} is not supported", f"structured_outputs.{key}")
-        if key not in STRUCTURED_KEYS + STRUCTURED_REFUSED + STRUCTURED_NEUTRAL + ("backend",):
+        if key not in STRUCTURED_KEYS + STRUCTURED_REFUSED + STRUCTURED_OPTIONS + STRUCTURED_NEUTRAL:
             raise InvalidRequest(f"structured_outputs: unknown field {key!r} (known: "
                                  f"{', '.join(STRUCTURED_KEYS)})", f"structured_outputs.{key}")
     given = [k for k in STRUCTURED_KEYS if value.get(k) not in (None, False)]
     if len(given) != 1:
         raise InvalidRequest(f"structured_outputs must give exactly one of {', '.join(STRUCTURED_KEYS)} (got "
                              f"{', '.join(given) or 'nothing'})", "structured_outputs")
-    return _spec(given[0], value[given[0]], f"structured_outputs.{given[0]}")
+    return _with_options(_spec(given[0], value[given[0]], f"structured_outputs.{given[0]}"), _options(value))
 
 
 def structured_spec(fields: dict[str, Any]) -> StructuredSpec | None:

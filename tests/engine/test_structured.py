@@ -201,3 +201,46 @@ def test_a_grammar_reaching_a_dead_end_later_ends_its_rows_with_a_clear_error(lf
                                                          structured=StructuredSpec("regex", REGEX)))[0]
     assert ok.finish_reason in ("stop", "length") and not ok.error  # the engine goes on
 
+
+def _keys(text: str) -> set[str]:
+    return set(json.loads(text)) if text.endswith("}") else set()
+
+
+OPEN_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 9}},
+               "required": ["answer"]}
+
+
+def test_disable_additional_properties_allows_only_the_schemas_keys(jlf):
+    from logitfuse.engine.output_format import structured_spec
+
+    def sample(flag):
+        spec = structured_spec({"structured_outputs": {"json": OPEN_SCHEMA, "disable_additional_properties": flag}})
+        sp = SamplingParams(max_tokens=24, temperature=1.0, seed=11, structured=spec)
+        return run(jlf, "proxy-a", "the red city", sp, n=40)
+
+    closed, free = sample(True), sample(False)
+    assert all(o.finish_reason == "stop" and _keys(o.text) == {"answer"} for o in closed), [o.text for o in closed]
+    extra = [o.text for o in free if ', "' in o.text]  # a second key begun
+    assert len(extra) >= 5, [o.text for o in free]
+
+
+def test_the_json_options_reach_the_grammar(jlf):
+    """disable_additional_properties closes nested objects too; disable_any_whitespace leaves no blank."""
+    from logitfuse.engine.output_format import structured_spec
+
+    tok = jlf.pool.get("base-large").tokenizer
+    nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}}}
+    lt = grammar.ll_tokenizer(tok, len(tok))
+    for flag, text, taken in ((True, '{"a": {"b": 1, "c": 2}}', False), (False, '{"a": {"b": 1, "c": 2}}', True),
+                              (True, '{"a": {"b": 1}}', True)):
+        spec = structured_spec({"structured_outputs": {"json": nested, "disable_additional_properties": flag}})
+        m = grammar.compile_spec(spec, tok, len(tok))
+        ids = lt.tokenize_str(text)
+        assert (m.validate_tokens(ids) == len(ids)) is taken, (flag, text)
+    spec = structured_spec({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}})
+    sp = SamplingParams(max_tokens=48, temperature=1.0, seed=5, structured=spec)
+    outs = run(jlf, "proxy-a", "the red city", sp, n=10)
+    assert all(o.finish_reason == "stop" and " " not in o.text and json.loads(o.text) for o in outs)
+    spaced = run(jlf, "proxy-a", "the red city", SamplingParams(max_tokens=48, temperature=1.0, seed=5,
+                 structured=StructuredSpec("json", json.dumps(SCHEMA))), n=10)
+    assert all('": ' in o.text for o in spaced)
