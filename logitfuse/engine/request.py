@@ -156,15 +156,19 @@ class PromptScores:
 @dataclass(frozen=True)
 class ErrorDetail:
     """What ended a sequence with an error, for the log line of the answer that reports it: the exception's
-    type name (or a fault's name, for a fault that raised nothing) and its formatted traceback."""
+    type name (or a fault's name, for a fault that raised nothing) and its formatted traceback; `param` where
+    the request itself was at fault (an InvalidRequest met while decoding, as a grammar at a dead end): the
+    field it names, answered as a 400, not a 500."""
 
     cause: str
     trace: str | None = None
+    param: str | None = None
 
     @classmethod
     def of(cls, err: BaseException) -> ErrorDetail:
         """Taken where the exception is caught, while its traceback is at hand."""
-        return cls(type(err).__name__, "".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        return cls(type(err).__name__, "".join(traceback.format_exception(type(err), err, err.__traceback__)),
+                   err.param if isinstance(err, InvalidRequest) else None)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,11 @@ class APIError(Exception):
 
 
 def generation_failed(request_id: str | None, ev: TokenEvent) -> APIError:
-    """The 500 of a sequence that ended with an error event (the event brings the engine's cause and traceback)."""
+    """The 500 of a sequence that ended with an error event (the event brings the engine's cause and traceback);
+    a 400 naming the field where the request itself was at fault."""
     detail = ev.error_detail
+    if detail is not None and detail.param is not None:
+        return APIError(400, ev.error or "invalid request", detail.param)
     return APIError(500, f"generation failed (request id {request_id}): {ev.error or 'engine error'}",
                     cause=detail.cause if detail else "engine_fault", trace=detail.trace if detail else None,
                     sequence=ev.rid)

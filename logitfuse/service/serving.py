@@ -238,7 +238,7 @@ class Serving:
                 if c.error:
                     err = generation_failed(request_id_of(request), ev)
                     note_failure(request.scope, err.status, err)
-                    yield sse(envelope(err.status, err.message))
+                    yield sse(envelope(err.status, err.message, err.param))
                     break
                 if delta is not None:
                     yield sse(chunk(c, delta))

@@ -5,10 +5,17 @@ field (a malformed or unspellable grammar, two constraints, speculation, a core 
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("llguidance")
+
+from fastapi.testclient import TestClient
+
+from logitfuse.service.app import create_app
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CHOICES = ["red city", "blue king", "the north"]
 REGEX = r"(red|blue|green) (city|king|river)( of the (north|south))?"
@@ -81,6 +88,8 @@ def test_penalties_and_token_controls_are_read(client):
      "exactly one"),
     ("/v1/completions", {"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag",
      "not supported"),
+    ("/v1/completions", {"structured_outputs": {"choice": CHOICES, "disable_any_whitespace": "yes"}},
+     "structured_outputs.disable_any_whitespace", "true or false"),
     ("/v1/completions", {"model": "proxy-a", "guided_choice": CHOICES, "fusion": {"speculative": {"k": 2}}},
      "guided_choice", "speculative"),
     ("/v1/completions", {"guided_choice": CHOICES, "ignore_eos": True}, "ignore_eos", "structured"),
@@ -101,3 +110,58 @@ def test_a_core_install_refuses_structured_output_naming_the_extra(client, monke
     r = client.post("/v1/completions", json={**COMPLETION, "guided_choice": ["only this"]})
     assert r.status_code == 400 and "logitfuse[structured]" in r.json()["error"]["message"]
     assert post(client, "/v1/completions", {**COMPLETION, "max_tokens": 2})["choices"]
+
+
+@pytest.fixture(scope="module")
+def default_client():
+    """The server out of the box: the embedded family (configs/default.yaml), whose vocabulary has no `{`."""
+    with TestClient(create_app(ROOT / "configs" / "default.yaml")) as c:
+        yield c
+
+
+ANSWER = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("extra", [{"temperature": 0}, {"temperature": 1.0, "seed": 3}, {"stream": True},
+                                   {"n": 3, "temperature": 1.0}])
+def test_a_json_schema_on_a_vocabulary_without_braces_is_a_400_before_decoding(default_client, path, extra):
+    prompt = {"prompt": "what is the capital of ludu ?"} if path == "/v1/completions" else {
+        "messages": [{"role": "user", "content": "what is the capital of ludu ?"}]}
+    r = default_client.post(path, json={"model": "large-qa", **prompt, "max_tokens": 8,
+                                        "response_format": SCHEMA_FORMAT, **extra})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format.json_schema.schema"
+    assert "must start with '{\"answer\": \"', which no token of base-large's vocabulary can produce" in \
+        err["message"], err
+    ok = default_client.post(path, json={"model": "large-qa", **prompt, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_string_schema_on_the_default_family_is_a_400_naming_the_quote(default_client):
+    r = default_client.post("/v1/completions", json={"model": "large-qa", "prompt": "who", "max_tokens": 4,
+                                                     "guided_json": {"type": "string"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_json", r.text
+    assert "must start with '\"'" in r.json()["error"]["message"]
+
+
+DEAD = r"(red|blue) \{[a-z]+\}"  # "red" and "blue" can be spelt, `{` cannot: a dead end after them
+
+
+def test_a_grammar_reaching_a_dead_end_is_a_400_naming_it_and_the_server_goes_on(client):
+    body = {**COMPLETION, "guided_regex": DEAD, "n": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "guided_regex" and "GrammarDeadEnd" in err["message"] and "{' next" in err["message"]
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "guided_regex": DEAD, "stream": True}) as s:
+        assert s.status_code == 200
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][6:])["error"]
+    assert err["code"] == 400 and err["param"] == "guided_regex" and "{' next" in err["message"], err
+    text = "".join(json.loads(x[6:])["choices"][0]["delta"].get("content") or "" for x in lines[:-2])
+    assert text.rstrip() in ("red", "blue"), text
+    assert post(client, "/v1/completions", {**COMPLETION, "guided_regex": REGEX})["choices"]
