@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -116,6 +117,17 @@ class LogitFuse:
     def alignment(self, plan: FusionPlan) -> Alignment:
         """The shared vocabulary of a plan's models (raises InvalidRequest on a mismatch)."""
         return self._engine.alignment(plan)
+
+    def read_tokenizers(self) -> dict[str, str]:
+        """Read the tokenizer of every local model (and of every remote one) now, and keep them: a model loaded
+        later then parses nothing while other requests decode (backends/tokenizers.py). Returns the folders
+        whose tokenizer failed to read, with the reason (their loads report it in full)."""
+        places = []
+        for spec in self._registry.models.values():
+            path = spec.tokenizer if spec.remote is not None else spec.path
+            if path is not None and os.path.isdir(folder := self._registry.resolve_path(path)):
+                places.append((folder, spec.gguf_file))
+        return self._pool.tokenizers.read_all(list(dict.fromkeys(places)))
 
     def preload(self) -> dict[str, str]:
         """Prepare every ensemble at start-up. Returns the ones that failed, each with its reason (all of

@@ -20,6 +20,7 @@ import torch
 
 from logitfuse.backends.base import CausalLM, RewardModel
 from logitfuse.backends.sources import load_model, load_reward
+from logitfuse.backends.tokenizers import TokenizerStore
 from logitfuse.config.registry import Registry
 from logitfuse.errors import InvalidRequest, ModelUnavailable, Unavailable, UnknownName
 
@@ -66,16 +67,17 @@ def broken_file(path: str | None) -> str | None:
     return None
 
 
-def default_loader(reg: Registry, name: str) -> CausalLM | RewardModel:
-    """Build the backend for a registry name (a causal LM from its source, or a reward model)."""
+def default_loader(reg: Registry, name: str, tokenizers: TokenizerStore | None = None) -> CausalLM | RewardModel:
+    """Build the backend for a registry name (a causal LM from its source, or a reward model); tokenizers: where
+    models take their tokenizers from (read once, kept across loads)."""
     if name in reg.models:
         if name in reg.adapter_hosts():  # loaded once, shared by the adapters over it
             from logitfuse.backends.adapter import load_host
 
             spec = reg.models[name]
             return load_host(name, reg.resolve_path(spec.path), spec.dtype, spec.device, spec.chat_template,
-                             spec.gguf_file)
-        return load_model(name, reg.models[name], reg.resolve_path)
+                             spec.gguf_file, tokenizers)
+        return load_model(name, reg.models[name], reg.resolve_path, tokenizers)
     if name in reg.rewards:
         return load_reward(name, reg.rewards[name], reg.resolve_path)
     raise UnknownName(f"model {name!r} not found; available: {', '.join(list(reg.models) + list(reg.rewards))}")
@@ -85,9 +87,11 @@ Loader = Callable[[Registry, str], CausalLM | RewardModel]
 
 
 class ModelPool:
-    def __init__(self, registry: Registry, loader: Loader | None = None, budget_bytes: int | None = None) -> None:
+    def __init__(self, registry: Registry, loader: Loader | None = None, budget_bytes: int | None = None,
+                 tokenizers: TokenizerStore | None = None) -> None:
         self.registry = registry
-        self._loader = loader or default_loader
+        self.tokenizers = tokenizers or TokenizerStore()
+        self._loader = loader or (lambda reg, name: default_loader(reg, name, self.tokenizers))
         self.budget = budget_bytes if budget_bytes is not None else registry.server.memory_budget_mb * 2**20
         self._loaded: OrderedDict[str, CausalLM | RewardModel] = OrderedDict()  # LRU order, oldest first
         self._pins: dict[str, int] = {}

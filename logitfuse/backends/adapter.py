@@ -75,6 +75,7 @@ class AdapterLM(HFCausalLM):
                  adapter: str | None = None, requires: str | None = None) -> None:
         super().__init__(name, host.module, tokenizer, chat_template)
         self.host = host
+        self.lock = host.lock  # one owner for the shared module: the host's
         self.adapter = adapter
         self.requires = requires  # the pool name of the host this view needs loaded
         self.shared_forward = id(host)  # views with equal keys can run in one forward (decode_group)
@@ -166,9 +167,9 @@ def _rejoined(states: list[HFState]) -> HFState | None:
 
 
 def load_host(name: str, path: str, dtype: str | None = None, device: str | None = None,
-              chat_template: bool = False, gguf_file: str | None = None) -> AdapterLM:
+              chat_template: bool = False, gguf_file: str | None = None, tokenizers=None) -> AdapterLM:
     """The untuned model of adapter experts, loaded once; its own rows run without an adapter."""
-    lm = HFCausalLM.load(name, path, dtype, device, chat_template, gguf_file)
+    lm = HFCausalLM.load(name, path, dtype, device, chat_template, gguf_file, tokenizers=tokenizers)
     return AdapterLM(name, AdapterHost(lm.model), lm.tokenizer, chat_template)
 
 

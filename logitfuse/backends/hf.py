@@ -8,6 +8,7 @@ different numbers of tokens in one call run packed where the architecture allows
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -16,8 +17,9 @@ from transformers.utils import logging as hf_logging
 from logitfuse.backends.base import tokenizer_vocab_info
 from logitfuse.backends.hf_state import HFState, StateSurgery
 from logitfuse.backends.kv_cache import GrowingCache
-from logitfuse.backends.packed import packed_call, supports_packing
+from logitfuse.backends.packed import packed_call, unuse_packed, use_packed
 from logitfuse.backends.prefix_cache import PrefixCache
+from logitfuse.backends.tokenizers import TokenizerStore
 from logitfuse.backends.window import window_mask
 from logitfuse.errors import require
 from logitfuse.ops.vocab import VocabInfo
@@ -89,19 +91,25 @@ class HFCausalLM(StateSurgery):
         # transformers renamed `past_key_values` to `cache` (argument and output) within 5.x
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._packs = supports_packing(self.model)  # ragged rows run packed (packed.py)
+        self._packs = use_packed(self.model)  # ragged rows run packed (packed.py)
+        # the model's owner: every forward of these weights runs under it, whichever engine lane (thread) asks;
+        # views sharing one module (adapter.py) share their host's
+        self.lock = threading.Lock()
 
     @classmethod
     def load(cls, name: str, path: str, dtype: str | None = None, device: str | None = None,
-             chat_template: bool = False, gguf_file: str | None = None, compile: bool = False) -> HFCausalLM:
-        """`from_pretrained` on a local folder or hub id (or a GGUF file in it), on the configured device/dtype."""
+             chat_template: bool = False, gguf_file: str | None = None, compile: bool = False,
+             tokenizers: TokenizerStore | None = None) -> HFCausalLM:
+        """`from_pretrained` on a local folder or hub id (or a GGUF file in it), on the configured device/dtype;
+        the tokenizer from `tokenizers` where given (read once, kept: backends/tokenizers.py)."""
         dev = resolve_device(device)
         hf_logging.disable_progress_bar()
         if gguf_file:  # transformers reads GGUF through these two
             require("gguf", f"model {name!r} (a GGUF checkpoint)", "gguf", "accelerate")
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), **extra).to(dev)
-        lm = cls(name, model, AutoTokenizer.from_pretrained(path, **extra), chat_template=chat_template)
+        tok = (tokenizers or TokenizerStore()).get(path, gguf_file)
+        lm = cls(name, model, tok, chat_template=chat_template)
         if compile:
             lm.compile()
         return lm
@@ -113,7 +121,8 @@ class HFCausalLM(StateSurgery):
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.model.forward = torch.compile(self.model.forward, dynamic=True)
-        self._packs = False  # a packed call swaps the attention per call: compiled graphs run padded
+        self._packs = False  # compiled graphs run ragged rows padded
+        unuse_packed(self.model)
 
     def warm(self) -> None:
         """One forward of one token, on the loading thread: the first call's one-off work (allocations,
@@ -146,7 +155,7 @@ class HFCausalLM(StateSurgery):
         cache = state.cache if state is not None else GrowingCache()
         if keep == 1 and state is not None and self._packs and ids.shape[1] > 1 and not bool(new_mask.all()):
             groups, extra = _call_rows(extra, ids.shape[0])
-            logits = packed_call(self._call, self.model, ids, positions, mask, new_mask, cache, self._cache_arg,
+            logits = packed_call(self._call, ids, positions, mask, new_mask, cache, self._cache_arg,
                                  groups, **extra)
             return HFState(cache, mask), logits[:, None]
         out = self._call(input_ids=ids, attention_mask=window_mask(self.model, mask, ids.shape[1]),
@@ -155,8 +164,10 @@ class HFCausalLM(StateSurgery):
         return HFState(getattr(out, self._cache_arg), mask), out.logits.float()
 
     def _call(self, **kwargs):
-        """One forward of the model (a backend sharing its weights with others overrides this)."""
-        return self.model(**kwargs)
+        """One forward of the model, under its owner's lock (a backend sharing its weights with others
+        overrides this)."""
+        with self.lock:
+            return self.model(**kwargs)
 
     def prefill(self, prompts: list[list[int]], all_logits: bool = False) -> tuple[HFState, torch.Tensor]:
         if any(len(p) == 0 for p in prompts):
@@ -252,6 +263,7 @@ class HFReward:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.lock = threading.Lock()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -267,9 +279,10 @@ class HFReward:
 
     @torch.inference_mode()
     def score(self, texts: list[str]) -> torch.Tensor:
-        self.tokenizer.padding_side = "right"
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
-        return self.model(**enc).logits[:, 0].float()
+        with self.lock:  # the tokenizer's padding settings and the forward: one caller at a time
+            self.tokenizer.padding_side = "right"
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+            return self.model(**enc).logits[:, 0].float()
 
 
 def probe_vocab(name: str, path: str) -> VocabInfo:

@@ -19,6 +19,10 @@ So the cache, the mask and the positions after the call are exactly those of the
 attention is plain scaled dot-product over the cache (no sliding window, no soft-capping) take this path
 (`PACKED_MODEL_TYPES`: Llama, Mistral without a window, Qwen2, Qwen3); others (Gemma's) run the masked
 padded call.
+
+The attention is registered once, under its own name, and a model that may run packed holds that name from
+its load on (`use_packed`): a call without a packed layout on its thread is plain sdpa, mask and all, so no
+call ever switches a model's configuration (engine lanes on other threads may be forwarding the same model).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch
 
 try:
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 except ImportError:  # a transformers without attention registration: every ragged call runs padded
     AttentionInterface = None
 
@@ -102,10 +108,14 @@ _CALL = threading.local()  # .layout: the layout of the packed call running on t
 
 
 def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor, scaling: float | None = None, dropout: float = 0.0, **_):
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kw):
     """Attention of a packed call: query (P, heads, S, D); key, value (R, kv heads, T + W, D) per row;
-    attention_mask (R, 1, W, T + W). Returns (P, S, heads, D) as transformers' attention functions do."""
-    lay = _CALL.layout
+    attention_mask (R, 1, W, T + W). Returns (P, S, heads, D) as transformers' attention functions do.
+    Outside a packed call (no layout on this thread) it is transformers' sdpa."""
+    lay = getattr(_CALL, "layout", None)
+    if lay is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kw)
     rows, width = attention_mask.shape[0], attention_mask.shape[2]
     p, heads, s, d = query.shape
     q = _spread(query, lay, rows)  # (R, heads, W, D), as the keys and values were spread
@@ -117,6 +127,7 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
 
 if AttentionInterface is not None:
     AttentionInterface.register(NAME, packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # its masks are sdpa's (a 4D mask passes untouched)
 
 
 def supports_packing(model) -> bool:
@@ -127,10 +138,26 @@ def supports_packing(model) -> bool:
     windowed = (any(t != "full_attention" for t in layer_types) if layer_types is not None
                 else getattr(cfg, "sliding_window", None) is not None)
     return (AttentionInterface is not None and cfg.model_type in PACKED_MODEL_TYPES and not windowed
-            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", NAME))
 
 
-def packed_call(call, model, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, new_mask: torch.Tensor,
+def use_packed(model) -> bool:
+    """Give a freshly loaded model the packed attention (plain sdpa outside packed calls) when its
+    architecture allows it; called once, before any thread forwards the model. Returns whether it packs."""
+    if not supports_packing(model):
+        return False
+    model.config.get_text_config()._attn_implementation = NAME
+    return True
+
+
+def unuse_packed(model) -> None:
+    """Back to transformers' own sdpa (a compiled forward has no packed calls)."""
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "_attn_implementation", None) == NAME:
+        cfg._attn_implementation = "sdpa"
+
+
+def packed_call(call, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, new_mask: torch.Tensor,
                 cache, cache_arg: str, groups: list[int], **extra) -> torch.Tensor:
     """One packed forward through `call` (the model or an adapter host): ids, positions and new_mask (R, W)
     right-aligned, mask (R, T + W) the rows' visibility after it; extra: the call's own arguments (an
@@ -145,15 +172,11 @@ def packed_call(call, model, ids: torch.Tensor, positions: torch.Tensor, mask: t
     attn = (mask.bool()[:, None, None, :] & causal).to(ids.device)  # (R, 1, W, T + W)
     at = lay.last % lay.length  # each row's last token in its call row
     keep = at.unique()  # sorted: the positions whose logits are computed, shared by the call rows
-    cfg = model.config.get_text_config()
-    before = cfg._attn_implementation
     _CALL.layout = lay
     try:
-        cfg._attn_implementation = NAME
         out = call(input_ids=packed_ids, attention_mask=attn, position_ids=packed_pos, use_cache=True,
                    logits_to_keep=keep, **{cache_arg: _PackedCache(cache, lay, rows)}, **extra)
     finally:
-        cfg._attn_implementation = before
         _CALL.layout = None
     where = torch.searchsorted(keep, at)
     logits = out.logits.float()  # (P, len(keep), V)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from logitfuse.backends.base import CausalLM, RewardModel
 
 if TYPE_CHECKING:
+    from logitfuse.backends.tokenizers import TokenizerStore
     from logitfuse.config.specs import ModelSpec, RewardSpec
 
 Resolve = Callable[[str], str]  # a path in the registry file -> a path on disk (or a hub id, unchanged)
@@ -24,21 +25,21 @@ Resolve = Callable[[str], str]  # a path in the registry file -> a path on disk 
 class Source:
     name: str
     field: str  # the ModelSpec field whose presence selects this source
-    load: Callable[[str, ModelSpec, Resolve], CausalLM]
+    load: Callable[[str, ModelSpec, Resolve, TokenizerStore | None], CausalLM]
     about: str
 
 
-def _remote(name: str, spec: ModelSpec, resolve: Resolve) -> CausalLM:
+def _remote(name: str, spec: ModelSpec, resolve: Resolve, tokenizers: TokenizerStore | None) -> CausalLM:
     from logitfuse.backends.remote.client import RemoteCausalLM
 
-    return RemoteCausalLM.load(name, spec.remote, resolve(spec.tokenizer), spec.chat_template)
+    return RemoteCausalLM.load(name, spec.remote, resolve(spec.tokenizer), spec.chat_template, tokenizers)
 
 
-def _local(name: str, spec: ModelSpec, resolve: Resolve) -> CausalLM:
+def _local(name: str, spec: ModelSpec, resolve: Resolve, tokenizers: TokenizerStore | None) -> CausalLM:
     from logitfuse.backends.hf import HFCausalLM
 
     return HFCausalLM.load(name, resolve(spec.path), spec.dtype, spec.device, spec.chat_template, spec.gguf_file,
-                           compile=spec.compile)
+                           compile=spec.compile, tokenizers=tokenizers)
 
 
 SOURCES: tuple[Source, ...] = (
@@ -56,8 +57,8 @@ def source_of(spec: ModelSpec) -> Source:
     raise ValueError(f"a model needs one of {', '.join(repr(s.field) for s in SOURCES)}")
 
 
-def load_model(name: str, spec: ModelSpec, resolve: Resolve) -> CausalLM:
-    return source_of(spec).load(name, spec, resolve)
+def load_model(name: str, spec: ModelSpec, resolve: Resolve, tokenizers: TokenizerStore | None = None) -> CausalLM:
+    return source_of(spec).load(name, spec, resolve, tokenizers)
 
 
 def load_reward(name: str, spec: RewardSpec, resolve: Resolve) -> RewardModel:

@@ -92,6 +92,7 @@ class ServerSpec(ClosedModel):
     max_tqstar_work: int = Field(default=4096, ge=1)  # k * rollouts * rollout_tokens per generated token
     api_keys: list[str] = []
     preload: bool = True  # load the models of every ensemble at start-up
+    read_tokenizers: bool = True  # the server reads every model's tokenizer before it listens (and keeps it)
     on_bad_entry: Literal["refuse", "skip"] = "refuse"  # at start-up: stop on a bad entry, or serve without it
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)  # torch intra-op threads for CPU work
     # (None: torch's default)

@@ -7,6 +7,7 @@ a request's headers (uvicorn has none: a half-sent request would hold its connec
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -66,6 +67,9 @@ def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if lf.settings.read_tokenizers:  # before serving: a parse holds the interpreter lock (tokenizers.py)
+            for folder, reason in (await asyncio.to_thread(lf.read_tokenizers)).items():
+                log.warning("tokenizer of %s not read at start-up: %s", folder, reason)
         if lf.settings.preload and not getattr(app.state, "preloaded", False):
             settle(lf, lf.preload())
         lanes = runners(lf, app.state.metrics.times)

@@ -79,13 +79,15 @@ class RemoteCausalLM:
         self._lead: list[int] = self.encode("")  # what the tokenizer adds to any text itself (a BOS)
 
     @classmethod
-    def load(cls, name: str, spec, tokenizer_path: str, chat_template: bool = False) -> RemoteCausalLM:
+    def load(cls, name: str, spec, tokenizer_path: str, chat_template: bool = False,
+             tokenizers=None) -> RemoteCausalLM:
         """Load the local tokenizer, check that the endpoint serves `spec.model` and probe what it can do (a
         clear error at start-up rather than at the first request)."""
-        from transformers import AutoTokenizer
+        from logitfuse.backends.tokenizers import TokenizerStore
 
         try:
-            lm = cls(name, spec, AutoTokenizer.from_pretrained(tokenizer_path), chat_template)
+            tok = (tokenizers or TokenizerStore()).get(tokenizer_path)
+            lm = cls(name, spec, tok, chat_template)
             lm.check_served()
             lm.probe()
         except RemoteError:

@@ -1,0 +1,58 @@
+"""Tokenizers are read once and kept: the server reads every model's before it listens, so a model loaded later
+(or again, after an eviction) parses none while other requests decode; a tokenizer whose files change is read
+again."""
+
+import os
+import shutil
+
+import transformers
+
+from logitfuse import LogitFuse
+from logitfuse.backends.tokenizers import TokenizerStore
+
+
+def counting(monkeypatch) -> list[str]:
+    reads: list[str] = []
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def read(path, *a, **k):
+        reads.append(str(path))
+        return original(path, *a, **k)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", read)
+    return reads
+
+
+def test_models_loaded_after_the_tokenizers_were_read_parse_none(config_file, family, monkeypatch):
+    reads = counting(monkeypatch)
+    lf = LogitFuse(config_file)
+    assert lf.read_tokenizers() == {}
+    local = {str(family[n]) for n in ("base-large", "base-small", "tuned-a", "tuned-b", "padded", "foreign",
+                                      "foreign-small")}
+    assert set(reads) == local and len(reads) == len(local)  # each folder once
+    reads.clear()
+    for name in ("base-large", "base-small", "foreign"):
+        lm = lf.model(name)
+        assert lm.tokenizer.encode("the red city")  # a working tokenizer
+    assert reads == []
+
+
+def test_a_tokenizer_is_read_again_when_its_files_change(family, tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    shutil.copytree(family["base-small"], folder)
+    store = TokenizerStore()
+    reads = counting(monkeypatch)
+    first = store.get(str(folder))
+    assert store.get(str(folder)) is first and len(reads) == 1
+    config = folder / "tokenizer_config.json"
+    st = config.stat()
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place
+    second = store.get(str(folder))
+    assert second is not first and len(reads) == 2
+
+
+def test_a_folder_whose_tokenizer_cannot_be_read_is_reported_not_raised(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    failed = TokenizerStore().read_all([(str(tmp_path / "broken"), None)])
+    assert list(failed) == [str(tmp_path / "broken")]
