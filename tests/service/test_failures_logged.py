@@ -4,6 +4,7 @@ is aborted. Against a real server on loopback, failures injected into its engine
 
 import json
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -207,6 +208,18 @@ def test_a_json_request_the_client_cuts_is_logged_and_counted_as_499_and_aborted
     assert wait_until(lambda: sv.pending() == 0, 5) and time.monotonic() - cut < 3
     assert requests_499(url) - before == 1
     assert httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 2}, timeout=60).status_code == 200
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_a_499_and_no_failure(live, logs):
+    url, _ = live
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\nX-Request-Id: cut-body\r\n\r\n{\"model\": ")
+        time.sleep(0.2)
+    assert wait_until(lambda: access(logs, "cut-body"), 5)
+    assert " status=499 " in access(logs, "cut-body")[0]
+    assert not [rec for rec in logs.records if rec.levelno >= logging.WARNING]
 
 
 def test_an_exception_of_the_serving_layer_is_answered_and_logged_once(live, logs, monkeypatch):

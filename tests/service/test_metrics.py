@@ -4,7 +4,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .test_service import post, stream
 
-COUNTERS = ("logitfuse_requests", "logitfuse_generated_tokens", "logitfuse_prompt_tokens",
+COUNTERS = ("logitfuse_requests", "logitfuse_request_errors", "logitfuse_generated_tokens", "logitfuse_prompt_tokens",
             "logitfuse_spec_draft_tokens", "logitfuse_spec_accepted_tokens")
 HISTOGRAMS = ("logitfuse_time_to_first_token_seconds", "logitfuse_inter_token_latency_seconds",
               "logitfuse_request_queue_time_seconds", "logitfuse_e2e_request_latency_seconds",
