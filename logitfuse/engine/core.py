@@ -18,6 +18,7 @@ import torch
 from logitfuse import methods
 from logitfuse.backends.base import CausalLM, RewardModel, end_ids
 from logitfuse.backends.prefix_cache import PrefixCache
+from logitfuse.engine import influence
 from logitfuse.engine.admission import Admission
 from logitfuse.engine.fused_scores import Fuser, score_prompt
 from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent
@@ -263,23 +264,24 @@ class Engine:
     def _fuse_group(self, seqs: list[Sequence], events: list) -> list[str]:
         """Fuse and sample one group; if fusing the group fails, each row is fused alone and only the rows
         that still fail end (one row's extreme parameters must not end its neighbours)."""
+        trace = influence.wanted(seqs)
         try:
-            scores, diags = self._fuser.fuse(seqs, self._slots)  # (b, V)
+            scores, diags = self._fuser.fuse(seqs, self._slots, trace)  # (b, V)
         except Exception as err:
             if len(seqs) == 1:
                 events.append(_failed(seqs[0].req, err, seqs[0].stopper.generated))
                 return [seqs[0].req.rid]
             return [rid for s in seqs for rid in self._fuse_group([s], events)]
         plan = seqs[0].req.plan  # a remote base alone reports the server's own log-probabilities
-        return self.sample_rows(seqs, scores, diags, events,
+        return self.sample_rows(seqs, scores, diags, events, trace and trace[0],
                                 raw=methods.get(plan.method).base_as_is and self._get_backend(plan.base).remote)
 
     def sample_rows(self, seqs: list[Sequence], scores: torch.Tensor, diags: list | None, events: list,
-                    raw: bool = False) -> list[str]:
+                    trace: influence.Trace | None = None, raw: bool = False) -> list[str]:
         """Sample one token per row from fused scores (b, V) and append the rows' events (a row that fails
-        ends alone: rows.py); returns the rids that finished. Also the speculative path's hook."""
+        ends alone: rows.py; trace: for influence); returns the rids that finished. The speculative hook too."""
         return sample_and_emit(seqs, scores, diags, self._get_backend(seqs[0].req.plan.base).tokenizer, events,
-                               raw)
+                               raw, trace)
 
     def _drop(self, rids: list[str]) -> None:
         if not rids:

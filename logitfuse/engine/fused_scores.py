@@ -13,6 +13,7 @@ import torch
 
 from logitfuse import methods
 from logitfuse.backends.base import CausalLM, RewardModel
+from logitfuse.engine import influence
 from logitfuse.engine.request import GenerationRequest, PromptScores, TopLogprob
 from logitfuse.engine.rollouts import RowRollouts
 from logitfuse.engine.stopping import token_piece
@@ -49,8 +50,8 @@ class Fuser:
                 raise InvalidRequest(str(err), "model") from None
         return self._alignments[key]
 
-    def fuse(self, seqs: list, slots: dict) -> tuple[torch.Tensor, list | None]:
-        """Fused scores (b, V) for rows sharing one plan group, and per-row diagnostics."""
+    def fuse(self, seqs: list, slots: dict, trace: list | None = None) -> tuple[torch.Tensor, list | None]:
+        """Fused scores (b, V) for rows sharing one plan group, and per-row diagnostics (trace: combine's)."""
         rids = [s.req.rid for s in seqs]
 
         def rows_of(name: str) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Fuser:
             margins = [0.0 if s.req.sampling.temperature == 0 else candidates.MARGIN for s in seqs]
             complete = lambda base, experts, coef: self.complete_base(  # noqa: E731
                 backend, slot.state, rows, stops, base, experts, coef, margins)
-        return self.combine([s.req.plan for s in seqs], rows_of, RowRollouts(seqs, slots), complete)
+        return self.combine([s.req.plan for s in seqs], rows_of, RowRollouts(seqs, slots), complete, trace)
 
     @staticmethod
     def complete_base(backend, state, rows: list[int], stops: list[list[int]], base: torch.Tensor,
@@ -97,10 +98,11 @@ class Fuser:
         return out
 
     def combine(self, plans: list[FusionPlan], rows_of: Callable[[str], torch.Tensor],
-                rollouts: RowRollouts | None = None, complete: Complete | None = None
+                rollouts: RowRollouts | None = None, complete: Complete | None = None, trace: list | None = None
                 ) -> tuple[torch.Tensor, list | None]:
         """The plans' method (one group) on their rows; rows_of(model) -> (b, V). rollouts: on a decode step.
-        complete: a remote base's top N widened to the union of supports before the method runs."""
+        complete: a remote base's top N widened to the union of supports before the method runs. trace: a
+        list that gets what the call saw, for influence (engine/influence.py)."""
         plan = plans[0]
         al = self.alignment(plan)
         base = al.apply(rows_of(plan.base)).float()  # (b, V)
@@ -148,7 +150,10 @@ class Fuser:
 
         step = Step(plans, base, experts, self.solver_threads, self.get_reward, rollouts, native if cross else None,
                     push)
-        return methods.get(plan.method).combine(step)
+        scores, diags = methods.get(plan.method).combine(step)
+        if trace is not None:
+            trace.append(influence.trace_of(step, diags))
+        return scores, diags
 
 
 def score_prompt(fuser: Fuser, req: GenerationRequest, logits: dict[str, torch.Tensor]) -> PromptScores:

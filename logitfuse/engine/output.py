@@ -24,6 +24,7 @@ class CompletionOutput:
     prompt_scores: PromptScores | None = None
     diagnostics: list[dict] = field(default_factory=list)  # per generated token, when the method reports any
     error: str | None = None  # set when the sequence ended with finish_reason "error"
+    influence: list[dict] | None = None  # per generated token, when the request asked (docs/influence.md)
 
     def add(self, ev: TokenEvent | PromptScores) -> None:
         if isinstance(ev, PromptScores):
@@ -36,6 +37,9 @@ class CompletionOutput:
             self.top_logprobs.append(ev.top)
             if ev.diagnostics:
                 self.diagnostics.append(ev.diagnostics)
+            if ev.influence is not None:
+                self.influence = self.influence if self.influence is not None else []
+                self.influence.append(ev.influence)
         self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
         self.finish_reason = ev.finish_reason or self.finish_reason
         if ev.finish_reason == "error":

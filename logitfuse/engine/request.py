@@ -187,3 +187,4 @@ class TokenEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_detail: ErrorDetail | None = None  # with finish_reason "error"
+    influence: dict | None = None  # what fusion changed at this token, when the request asks (engine/influence.py)

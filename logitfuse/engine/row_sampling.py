@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from logitfuse.engine import token_controls
+from logitfuse.engine import influence, token_controls
 from logitfuse.engine.request import ErrorDetail, GenerationRequest, TokenEvent
 from logitfuse.ops.sampling import SamplingTensors, invalid_rows, sample, token_logprobs, top_logprobs
 
@@ -59,9 +59,10 @@ def draw(seqs: list, scores: torch.Tensor, tokenizer=None, raw: bool = False
     return faults, [int(t) for t in host[1]], host[2], top_ids.tolist(), top_lp.tolist()
 
 
-def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer, events: list, raw: bool = False
-                ) -> list[str]:
-    """Sample and emit every row of a group; returns the ids of the sequences that finished (or failed)."""
+def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer, events: list, raw: bool = False,
+                trace: influence.Trace | None = None) -> list[str]:
+    """Sample and emit every row of a group; returns the ids of the sequences that finished (or failed).
+    trace: what the group's fusion saw, for the rows that ask for influence."""
     try:
         bad, token_ids, chosen, ids, lps = draw(seqs, scores, tokenizer, raw)
     except Exception as err:
@@ -70,19 +71,33 @@ def sample_rows(seqs: list, scores: torch.Tensor, diags: list | None, tokenizer,
             return [seqs[0].req.rid]
         finished = []
         for i, s in enumerate(seqs):  # one row's fault must not end the others: each row alone
-            finished += sample_rows([s], scores[i:i + 1], diags and [diags[i]], tokenizer, events, raw)
+            finished += sample_rows([s], scores[i:i + 1], diags and [diags[i]], tokenizer, events, raw,
+                                    trace and trace.row(i))
         return finished
+    infl = _influence(seqs, bad, trace, scores, token_ids, tokenizer, raw) if trace else None
     finished = []
     for i, (s, t) in enumerate(zip(seqs, token_ids)):
-        if bad[i]:
-            ev = failed(s.req, bad[i], s.stopper.generated)
+        if bad[i] or isinstance(infl and infl[i], Exception):
+            ev = failed(s.req, bad[i] or infl[i], s.stopper.generated)
         else:
             try:
                 token_controls.take(s, t)
-                ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tokenizer, diags[i] if diags else None)
+                ev = s.emit(t, chosen[i], ids and ids[i], lps and lps[i], tokenizer, diags[i] if diags else None,
+                            infl and infl[i])
             except Exception as err:
                 ev = failed(s.req, err, s.stopper.generated)
         events.append(ev)
         if ev.finish_reason:
             finished.append(s.req.rid)
     return finished
+
+
+def _influence(seqs: list, bad: list, trace: influence.Trace, scores: torch.Tensor, tokens: list[int], tokenizer,
+               raw: bool) -> list:
+    """Each row's influence entry (None where the row does not ask); if reading them fails, the rows that
+    ask get the error instead (they end with it, the others go on)."""
+    wants = [s.req.plan.influence and not bad[i] for i, s in enumerate(seqs)]
+    try:
+        return influence.collect(wants, trace, scores, tokens, tokenizer, raw)
+    except Exception as err:
+        return [err if w else None for w in wants]

@@ -25,9 +25,9 @@ class Sequence:
     controls: Any = None  # token_controls.RowControls, built at the first sampled token when the row has any
 
     def emit(self, token: int, logprob: float, top_ids: list[int] | None, top_lps: list[float] | None,
-             tokenizer, diagnostics: dict | None = None) -> TokenEvent:
+             tokenizer, diagnostics: dict | None = None, influence: dict | None = None) -> TokenEvent:
         """Take the chosen token: stop checks, text delta, and the event with the top-N the request asked for
-        (top_ids/top_lps: the row's most likely tokens, at least as many as asked)."""
+        (top_ids/top_lps: the row's most likely tokens, at least as many as asked) and its influence entry."""
         self.last_token = token
         self.generated.append(token)
         delta, reason = self.stopper.add(token)
@@ -36,4 +36,5 @@ class Sequence:
         if k is not None:
             top = [TopLogprob(j, token_piece(tokenizer, j), v) for j, v in zip(top_ids[:k], top_lps[:k])] if k else []
         return TokenEvent(self.req.rid, token, delta, logprob, top, diagnostics, reason,
-                          prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.stopper.generated)
+                          prompt_tokens=len(self.req.prompt_ids), completion_tokens=self.stopper.generated,
+                          influence=influence)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from logitfuse import methods
+from logitfuse.engine import influence
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.plan import FusionPlan, SpecPlan
 from logitfuse.ops.sampling import SamplingTensors, apply_bias, sample, top_logprobs, warp
@@ -101,7 +102,7 @@ def check_plan(plan: FusionPlan) -> None:
         raise InvalidRequest(methods.speculation_rule(), "fusion")
 
 
-SampleRows = Callable[[list, torch.Tensor, "list | None", list], list[str]]  # (rows, scores, diags, events) -> done
+SampleRows = Callable[..., list[str]]  # (rows, scores, diags, events, influence trace) -> the rids done
 
 
 class SpecGroup:
@@ -123,8 +124,9 @@ class SpecGroup:
     def join(self, seqs: list, prefilled: dict[str, tuple], events: list) -> list[str]:
         """New rows after their prefill (model name -> (state, logits (b, V))): sample each row's first token
         from the fused prefill scores, keep the rows that go on. Returns the rids that finished."""
-        scores = self._fuse(seqs, *(prefilled[m.name][1].to(self.device) for m in self.models))
-        finished = self.sample_rows(seqs, scores, None, events)
+        trace = influence.wanted(seqs)
+        scores = self._fuse(seqs, *(prefilled[m.name][1].to(self.device) for m in self.models), trace=trace)
+        finished = self.sample_rows(seqs, scores, None, events, trace and trace[0])
         live = [i for i, s in enumerate(seqs) if s.req.rid not in finished]
         if live:
             new = [m.select(prefilled[m.name][0], live) for m in self.models]
@@ -141,13 +143,13 @@ class SpecGroup:
         self.states = [m.select(s, keep) for m, s in zip(self.models, self.states)] if keep else None
 
     # -- one round -------------------------------------------------------------------------------------
-    def _fuse(self, seqs: list, z_large: torch.Tensor, z_tuned: torch.Tensor, z_small: torch.Tensor
-              ) -> torch.Tensor:
+    def _fuse(self, seqs: list, z_large: torch.Tensor, z_tuned: torch.Tensor, z_small: torch.Tensor,
+              trace: list | None = None) -> torch.Tensor:
         """Fused scores for any leading shape (B, ..., V) through the engine's own combine (per-row plans)."""
         per_row = z_large[0].numel() // z_large.shape[-1]
         flat = {m.name: z.reshape(-1, z.shape[-1]) for m, z in zip(self.models, (z_large, z_tuned, z_small))}
         plans = [s.req.plan for s in seqs for _ in range(per_row)]
-        scores, _ = self.fuser.combine(plans, flat.__getitem__)
+        scores, _ = self.fuser.combine(plans, flat.__getitem__, trace=trace)
         return scores.reshape(*z_large.shape[:-1], -1)
 
     def _params(self, repeat: int = 1) -> SamplingTensors:
@@ -255,26 +257,44 @@ class SpecGroup:
                     nexts[i] = bonus_token((last_decide if gen is None else p_last)[i, 0].cpu(), gen)
         emitted = torch.cat([drafts, drafts.new_zeros(b, 1)], dim=1)[:, : scores.shape[1]]
         emitted[torch.arange(b, device=dev), torch.tensor(accepted, device=dev)] = torch.tensor(nexts, device=dev)
-        finished = self._emit(emitted, accepted, torch.log_softmax(scores, dim=-1), events)
+        trace = None
+        if any(s.req.plan.influence for s in rows):  # the block's scores as the fuser took them
+            p_ = scores.shape[1]
+            trace = influence.block_trace([s.req.plan for s in rows], self.align, tuple(m.name for m in self.models),
+                                          z_large[:, :p_], torch.stack(z_tuned[:p_], 1), z_small[:, :p_])
+        finished = self._emit(emitted, accepted, scores, events, trace)
         # each model keeps the prefix through the last accepted draft; the emitted token is the next pending
         for mdl, s, fed in zip(self.models, self.states, (m + 1, tuned_fed, m + 1)):
             mdl.forget_last(s, [fed - 1 - n for n in accepted])
         return finished
 
-    def _emit(self, emitted: torch.Tensor, accepted: list[int], logp: torch.Tensor, events: list) -> list[str]:
-        chosen = logp.gather(-1, emitted.unsqueeze(-1))[..., 0].tolist()  # (B, m+1)
+    def _emit(self, emitted: torch.Tensor, accepted: list[int], scores: torch.Tensor, events: list,
+              trace: influence.Trace | None) -> list[str]:
+        logp = torch.log_softmax(scores, dim=-1)  # (B, P, V)
+        chosen = logp.gather(-1, emitted.unsqueeze(-1))[..., 0].tolist()  # (B, P)
         n_top = max((s.req.sampling.logprobs or 0) for s in self.rows)
         top_ids, top_lp = top_logprobs(logp, n_top) if n_top else (None, None)  # (B, m+1, n)
         tok = self.models[0].tokenizer
         tokens = emitted.tolist()
         ids, lps = (top_ids.tolist(), top_lp.tolist()) if n_top else (None, None)
+        infl = self._influence(trace, scores, tokens, accepted) if trace else None
         finished = []
         for i, s in enumerate(self.rows):
             for j in range(accepted[i] + 1):
-                ev = s.emit(tokens[i][j], chosen[i][j], ids and ids[i][j], lps and lps[i][j], tok)
+                ev = s.emit(tokens[i][j], chosen[i][j], ids and ids[i][j], lps and lps[i][j], tok, None,
+                            infl and infl[i][j])
                 events.append(ev)
                 if ev.finish_reason:
                     finished.append(s.req.rid)
                     break
         return finished
 
+    def _influence(self, trace: influence.Trace, scores: torch.Tensor, tokens: list[list[int]], accepted: list[int]
+                   ) -> list[list[dict | None]]:
+        """The influence entries of a round's emitted tokens, (B, P) (None where a row does not ask or a position
+        is not emitted)."""
+        b, p = scores.shape[:2]
+        wants = [s.req.plan.influence and j <= accepted[i] for i, s in enumerate(self.rows) for j in range(p)]
+        flat = influence.collect(wants, trace, scores.reshape(b * p, -1), [t for row in tokens for t in row],
+                                 self.models[0].tokenizer)
+        return [flat[i * p:(i + 1) * p] for i in range(b)]

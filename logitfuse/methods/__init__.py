@@ -7,6 +7,7 @@ method.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from logitfuse.errors import InvalidRequest
@@ -73,7 +74,8 @@ def build_plan(names: Names, params: FusionParams, base: str, ensemble: str, spe
     if any(e.cross for e in experts) and not method.cross_tokenizer:
         raise InvalidRequest(f"fusion.experts: {_cross_rule()}, without speculative decoding (got "
                              f"{method.name!r})", "fusion.experts")
-    return method.plan(PlanInput(params, base, experts, names, spec, ensemble))
+    plan = method.plan(PlanInput(params, base, experts, names, spec, ensemble))
+    return replace(plan, influence=True) if params.influence else plan
 
 
 def _cross_rule() -> str:

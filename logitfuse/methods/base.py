@@ -121,6 +121,8 @@ class FusionMethod:
     remote_base: ClassVar[bool] = True  # the base may be a remote model (top-N logprobs, no local KV)
     base_as_is: ClassVar[bool] = False  # the fused scores are the base's own: a remote base's log-probabilities
     # are reported as the server gives them, not renormalised over its top N
+    push_on_log_probs: ClassVar[bool] = False  # influence reports the experts' push on log-probabilities (else on
+    # the scores as the method adds them: raw logits)
 
     def plan(self, given: PlanInput) -> FusionPlan:
         """The frozen plan for one request; raise InvalidRequest naming the field for bad parameters."""
@@ -137,6 +139,14 @@ class FusionMethod:
     def summarise(self, steps: list[dict]) -> dict | None:
         """One request's per-step diagnostics summarised for the response (None: nothing to report)."""
         return None
+
+    def applied(self, step: Step, diags: list[dict] | None) -> torch.Tensor:
+        """The coefficient each expert got at this step, (b, T) (influence's `weight`); diags: combine's."""
+        return step.coef()
+
+    def influence_extra(self, diag: dict | None, token: int) -> dict:
+        """Method-specific fields of the chosen token's influence entry (diag: this row's diagnostics)."""
+        return {}
 
 
 def expert_coefficients(given: PlanInput, method: str, scale_field: str) -> tuple[float, ...]:

@@ -4,6 +4,8 @@ tuned experts' distributions (weights.solve_dlf), then `l_L + sum_i alpha_i(t) (
 
 from __future__ import annotations
 
+import torch
+
 from logitfuse.errors import InvalidRequest
 from logitfuse.methods.base import FusionMethod, PlanInput, Scores, Step, intra_op_threads
 from logitfuse.methods.plan import FusionPlan
@@ -25,6 +27,7 @@ class DynamicLogitFusion(FusionMethod):
     summary = "dynamic logit fusion: expert weights solved at every step from the experts' own distributions"
     params = ("experts", "grid", "mode", "support")
     cross_tokenizer = True  # KL targets in the experts' own vocabulary, steering on the mapped logits
+    push_on_log_probs = True
 
     def plan(self, given: PlanInput) -> FusionPlan:
         if len({e.untuned for e in given.experts}) != 1:
@@ -50,6 +53,12 @@ class DynamicLogitFusion(FusionMethod):
         names = [e.name for e in plan.experts]
         diags = [{"dlf_weights": dict(zip(names, row))} for row in w.tolist()]
         return fusion.dlf_combine(step.base, tuned, untuned, w), diags
+
+    def applied(self, step: Step, diags: list[dict] | None) -> torch.Tensor:
+        """The weights a(t) solved at this step, (b, T), as the diagnostics carry them."""
+        names = [e.name for e in step.plan.experts]
+        return torch.tensor([[d["dlf_weights"][n] for n in names] for d in diags], dtype=torch.float32,
+                            device=step.base.device)
 
     def summarise(self, steps: list[dict]) -> dict | None:
         """Mean weight per expert over the request's steps."""

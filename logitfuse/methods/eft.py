@@ -15,6 +15,7 @@ class EmulatedFineTuning(FusionMethod):
     params = ("experts", "beta", "weights", "speculative")
     speculative = True
     cross_tokenizer = True
+    push_on_log_probs = True
 
     def plan(self, given: PlanInput) -> FusionPlan:
         coef = expert_coefficients(given, self.name, "beta")  # beta (default 1) * w_i (default 1/T)

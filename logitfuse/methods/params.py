@@ -46,6 +46,7 @@ class FusionParams(ClosedModel):
     rollouts: int | None = Field(default=None, ge=1, le=16)
     rollout_tokens: int | None = Field(default=None, ge=1, le=256)
     speculative: SpeculativeParams | None = None
+    influence: bool | None = None  # per generated token, what the experts changed (a response field; any method)
 
     def merged(self, override: FusionParams | None) -> FusionParams:
         """Fields set in override replace ours; new experts without new weights get the default weights."""

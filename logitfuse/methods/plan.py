@@ -59,6 +59,7 @@ class FusionPlan:
     tqstar: TQStarPlan | None = None
     speculative: SpecPlan | None = None
     ensemble: str | None = None  # the registry name the request used
+    influence: bool = False  # report per token what fusion changed (ops/influence.py)
 
     def models(self) -> tuple[str, ...]:
         """Every causal LM the plan runs, each once (a shared untuned model appears once)."""
@@ -80,5 +81,5 @@ class FusionPlan:
 
     def group_key(self) -> FusionPlan:
         """Rows with equal keys are fused together: the same plan up to the per-row coefficients (and the
-        ensemble name the request used)."""
-        return replace(self, coef=(), ensemble=None)
+        ensemble name the request used, and whether it asks for influence)."""
+        return replace(self, coef=(), ensemble=None, influence=False)

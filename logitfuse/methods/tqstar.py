@@ -57,6 +57,11 @@ class TransferQStar(FusionMethod):
             raise InvalidRequest("tqstar fuses decode steps only (no prompt scoring, no speculative blocks)", "fusion")
         return tqstar_step(step, step.base)
 
+    def influence_extra(self, diag: dict | None, token: int) -> dict:
+        """The chosen candidate's Q."""
+        q = (diag or {}).get("tqstar_q", {}).get(token)
+        return {} if q is None else {"q": q}
+
 
 def tqstar_step(step: Step, base_logits: torch.Tensor) -> Scores:
     """Fused scores (b, V) for Transfer Q* rows and per-row diagnostics (the candidates' Q values)."""

@@ -1,0 +1,77 @@
+"""Pure: what fusion changed at each generated token, the numbers behind a response's `influence` field.
+
+For B generated tokens (one per row): the chosen token's log-probability and rank under the fused and under
+the base's own distribution, both distributions' top k, and each expert's push on the chosen token (tuned minus
+untuned, in the units the method adds: raw logits for proxy-tuning, log-probabilities for EFT and DLF) with the
+coefficient it got. Shapes: B rows, T experts, V vocabulary. Nothing here runs a model: the inputs are the
+scores the fusion step already had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TOP = 3  # tokens in `top` and `base_top`
+
+
+@dataclass(frozen=True)
+class Influence:
+    """Per row: the chosen token under both distributions, both top k, and the experts' pushes."""
+
+    logprob: torch.Tensor  # (B,) log p_fused(chosen)
+    rank: torch.Tensor  # (B,) 1 + the number of tokens the fused distribution prefers strictly
+    base_logprob: torch.Tensor  # (B,) log p_base(chosen)
+    base_rank: torch.Tensor  # (B,)
+    top_ids: torch.Tensor  # (B, k) the fused distribution's most likely tokens
+    top_logprobs: torch.Tensor  # (B, k)
+    base_top_ids: torch.Tensor  # (B, k)
+    base_top_logprobs: torch.Tensor  # (B, k)
+    push: torch.Tensor  # (B, T) tuned minus untuned on the chosen token (not finite where a model masks it)
+    weight: torch.Tensor  # (B, T) the coefficient each expert got at this step
+
+
+def rank_of(logp: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """1 + the number of tokens strictly more likely than the chosen one (ties share the better rank). (B,)."""
+    at = logp.gather(-1, chosen.unsqueeze(-1))  # (B, 1)
+    return (logp > at).sum(-1) + 1
+
+
+def pushes(tuned: torch.Tensor, untuned: torch.Tensor, chosen: torch.Tensor, log_probs: torch.Tensor
+           ) -> torch.Tensor:
+    """Each expert's `tuned - untuned` on the chosen token, (B, T): of log_softmax(scores) for the experts whose
+    log_probs (T,) is set (EFT, DLF), else of the scores as they are (proxy-tuning's raw logits; a
+    cross-tokenizer expert's mapped scores, already its own log-probabilities). tuned (B, T, V); untuned (B, V)
+    or (B, T, V)."""
+    if untuned.dim() == 2:
+        untuned = untuned.unsqueeze(1)
+    b = tuned.shape[0]
+    norm = log_probs.to(tuned.device)
+
+    def at(scores: torch.Tensor) -> torch.Tensor:  # (B, T) the chosen token's score, normalised where asked
+        value = scores.gather(-1, chosen.view(b, 1, 1).expand(b, scores.shape[1], 1))[..., 0]
+        if not bool(norm.any()):
+            return value
+        return value - torch.where(norm, torch.logsumexp(scores, -1), torch.zeros_like(value))
+
+    return at(tuned) - at(untuned)  # an untuned shared by every expert broadcasts over T
+
+
+def influence(base_logp: torch.Tensor, fused_logp: torch.Tensor, tuned: torch.Tensor | None,
+              untuned: torch.Tensor | None, coef: torch.Tensor, chosen: torch.Tensor, log_probs: torch.Tensor,
+              k: int = TOP) -> Influence:
+    """The influence numbers of B chosen tokens. base_logp, fused_logp (B, V) log-probabilities; tuned,
+    untuned: the experts' scores as the method took them (None: no experts); coef (B, T); chosen (B,);
+    log_probs (T,) bool: which experts' pushes are read on log-probabilities (`pushes`)."""
+    k = min(k, fused_logp.shape[-1])
+    top = torch.topk(fused_logp, k, dim=-1)
+    base_top = torch.topk(base_logp, k, dim=-1)
+    if tuned is None or untuned is None or coef.shape[-1] == 0:
+        push = fused_logp.new_zeros((fused_logp.shape[0], 0))
+    else:
+        push = pushes(tuned, untuned, chosen, log_probs)
+    return Influence(
+        fused_logp.gather(-1, chosen.unsqueeze(-1))[:, 0], rank_of(fused_logp, chosen),
+        base_logp.gather(-1, chosen.unsqueeze(-1))[:, 0], rank_of(base_logp, chosen),
+        top.indices, top.values, base_top.indices, base_top.values, push, coef.to(push.dtype))
