@@ -23,6 +23,9 @@ STRUCTURED_REFUSED = ("structural_tag", "whitespace_pattern")
 # keys that change JSON output: implemented (below); and keys that choose among grammar engines (there is one)
 STRUCTURED_OPTIONS = ("disable_any_whitespace", "disable_additional_properties")
 STRUCTURED_NEUTRAL = ("disable_fallback", "backend")
+# vLLM's older per-request spelling of those options: guided_decoding_backend "xgrammar:disable-any-whitespace"
+BACKEND_OPTIONS = {"disable-any-whitespace": "disable_any_whitespace",
+                   "no-additional-properties": "disable_additional_properties", "no-fallback": None}
 COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}  # llguidance's layout
 # where a JSON schema holds subschemas: maps of them, and single ones or lists of them
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
@@ -66,6 +69,22 @@ def _options(value: dict) -> dict[str, bool]:
             raise InvalidRequest(f"structured_outputs.{key} must be true or false, got {v!r}",
                                  f"structured_outputs.{key}")
         out[key] = bool(v)
+    return out
+
+
+def backend_options(value: Any) -> dict[str, bool]:
+    """The JSON options of a guided_decoding_backend string (`name` or `name:option,option`)."""
+    out = dict.fromkeys(STRUCTURED_OPTIONS, False)
+    if value is None:
+        return out
+    if not isinstance(value, str):
+        raise InvalidRequest(f"guided_decoding_backend must be a string, got {value!r}", "guided_decoding_backend")
+    for option in filter(None, (o.strip() for o in value.partition(":")[2].split(","))):
+        if option not in BACKEND_OPTIONS:
+            raise InvalidRequest(f"guided_decoding_backend: unknown option {option!r} (known: "
+                                 f"{', '.join(BACKEND_OPTIONS)})", "guided_decoding_backend")
+        if key := BACKEND_OPTIONS[option]:
+            out[key] = True
     return out
 
 
@@ -138,7 +157,8 @@ def from_structured_outputs(value: Any) -> StructuredSpec | None:
 
 
 def structured_spec(fields: dict[str, Any]) -> StructuredSpec | None:
-    """The one constraint among a request's fields (response_format, structured_outputs, guided_*), or None."""
+    """The one constraint among a request's fields (response_format, structured_outputs, guided_*), or None,
+    with the JSON options of guided_decoding_backend applied."""
     specs = []
     if (s := from_response_format(fields.get("response_format"))) is not None:
         specs.append(s)
@@ -148,4 +168,4 @@ def structured_spec(fields: dict[str, Any]) -> StructuredSpec | None:
     if len(specs) > 1:
         raise InvalidRequest(f"give one structured-output constraint, got {len(specs)} ("
                              f"{', '.join(s.field for s in specs)})", specs[1].field)
-    return specs[0] if specs else None
+    return _with_options(specs[0], backend_options(fields.get("guided_decoding_backend"))) if specs else None

@@ -27,7 +27,7 @@ from logitfuse.ops.field_names import ignored_fields
 # pins the three lists.
 TOLERATED = frozenset("""
     metadata store safety_identifier prompt_cache_key service_tier parallel_tool_calls
-    request_id priority cache_salt kv_transfer_params guided_decoding_backend
+    request_id priority cache_salt kv_transfer_params
 """.split())
 _OFF: tuple = (None,)
 REFUSED: dict[str, tuple] = {
@@ -93,7 +93,7 @@ class _Body(BaseModel):
         return data
 
 
-STRUCTURED_FIELDS = ("response_format", "structured_outputs", *GUIDED)
+STRUCTURED_FIELDS = ("response_format", "structured_outputs", *GUIDED, "guided_decoding_backend")
 
 
 class StreamOptions(BaseModel):
@@ -134,6 +134,7 @@ class _Sampling(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # its options (":disable-any-whitespace") change JSON output
     # -- extensions (logitfuse) --
     fusion: FusionParams | None = None
     _ignored: list[str] = PrivateAttr(default_factory=list)

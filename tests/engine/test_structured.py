@@ -244,3 +244,22 @@ def test_the_json_options_reach_the_grammar(jlf):
     spaced = run(jlf, "proxy-a", "the red city", SamplingParams(max_tokens=48, temperature=1.0, seed=5,
                  structured=StructuredSpec("json", json.dumps(SCHEMA))), n=10)
     assert all('": ' in o.text for o in spaced)
+
+
+def test_guided_decoding_backend_options_are_vllms_older_spelling_of_the_json_options():
+    from logitfuse.engine.output_format import structured_spec
+
+    both = structured_spec({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True,
+                                                   "disable_additional_properties": True}})
+    old = structured_spec({"guided_json": SCHEMA,
+                           "guided_decoding_backend": "guidance:disable-any-whitespace,no-additional-properties"})
+    assert old.spec == both.spec and json.loads(old.spec)["x-guidance"]["item_separator"] == ","
+    plain = structured_spec({"guided_json": SCHEMA, "guided_decoding_backend": "xgrammar:no-fallback"})
+    assert json.loads(plain.spec) == SCHEMA
+    open_schema = structured_spec({"guided_json": OPEN_SCHEMA, "guided_decoding_backend": "guidance"})
+    assert "additionalProperties" not in json.loads(open_schema.spec)
+    closed = structured_spec({"structured_outputs": {"json": OPEN_SCHEMA, "disable_additional_properties": True}})
+    assert json.loads(closed.spec)["additionalProperties"] is False
+    with pytest.raises(InvalidRequest) as err:
+        structured_spec({"guided_json": SCHEMA, "guided_decoding_backend": "xgrammar:compact"})
+    assert err.value.param == "guided_decoding_backend" and "compact" in str(err.value)

@@ -31,7 +31,8 @@ IMPLEMENTED = {"model", "frequency_penalty", "logit_bias", "max_tokens", "n", "p
                "stream", "stream_options", "temperature", "top_p", "user", "top_k", "min_p", "stop_token_ids",
                "ignore_eos", "return_tokens_as_token_ids", "repetition_penalty", "min_tokens", "bad_words",
                "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens", "response_format",
-               "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "fusion"}
+               "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "guided_decoding_backend", "fusion"}
 IMPLEMENTED_COMPLETIONS = IMPLEMENTED | {"prompt", "best_of", "echo", "logprobs", "suffix"}
 IMPLEMENTED_CHAT = IMPLEMENTED | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools",
                                   "tool_choice"}
@@ -42,8 +43,7 @@ PINNED_REFUSED = {"audio", "function_call", "functions", "modalities", "predicti
                   "documents", "mm_processor_kwargs", "structural_tag", "guided_whitespace_pattern", "vllm_xargs",
                   "return_token_ids"}
 PINNED_TOLERATED = {"metadata", "store", "safety_identifier", "prompt_cache_key", "service_tier",
-                    "parallel_tool_calls", "request_id", "priority", "cache_salt", "kv_transfer_params",
-                    "guided_decoding_backend"}
+                    "parallel_tool_calls", "request_id", "priority", "cache_salt", "kv_transfer_params"}
 # a value each refused field takes that would change the output
 CHANGING = {"audio": {"voice": "x"}, "function_call": "auto", "functions": [{"name": "f"}], "modalities": ["audio"],
             "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "high", "verbosity": "low",
@@ -95,3 +95,42 @@ def test_tolerated_fields_leave_the_output_as_it_is_and_are_listed(client, path)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0] == plain
     assert set(r.headers["x-ignored-fields"].split(", ")) == TOLERATED
+
+
+# vLLM's StructuredOutputsParams (vllm/sampling_params.py), with disable_fallback and backend of earlier releases
+VLLM_STRUCTURED = """json regex choice grammar json_object disable_any_whitespace disable_additional_properties
+    whitespace_pattern structural_tag disable_fallback backend""".split()
+
+
+def test_each_structured_outputs_key_is_implemented_refused_or_neutral():
+    from logitfuse.engine.output_format import (
+        STRUCTURED_KEYS,
+        STRUCTURED_NEUTRAL,
+        STRUCTURED_OPTIONS,
+        STRUCTURED_REFUSED,
+    )
+
+    kinds = [set(STRUCTURED_KEYS), set(STRUCTURED_OPTIONS), set(STRUCTURED_REFUSED), set(STRUCTURED_NEUTRAL)]
+    assert sum(map(len, kinds)) == len(set().union(*kinds)) == len(VLLM_STRUCTURED)
+    assert set().union(*kinds) == set(VLLM_STRUCTURED)
+    assert set(STRUCTURED_OPTIONS) == {"disable_any_whitespace", "disable_additional_properties"}
+    assert set(STRUCTURED_NEUTRAL) == {"disable_fallback", "backend"}  # one grammar engine: nothing to choose
+
+
+def test_structured_outputs_keys_on_the_live_server(client):
+    choice = {"choice": ["red city", "blue king"]}
+    body = {**COMPLETION, "temperature": 1.0, "seed": 2, "n": 4}
+    plain = client.post("/v1/completions", json={**body, "structured_outputs": choice}).json()["choices"]
+    for extra in ({"disable_fallback": True, "backend": "xgrammar"},  # neutral
+                  {"disable_any_whitespace": True, "disable_additional_properties": True}):  # JSON only, as vLLM
+        r = client.post("/v1/completions", json={**body, "structured_outputs": {**choice, **extra}})
+        assert r.status_code == 200 and r.json()["choices"] == plain, (extra, r.text)
+    for key, value in (("structural_tag", '{"structures": []}'), ("whitespace_pattern", " *")):
+        r = client.post("/v1/completions", json={**body, "structured_outputs": {**choice, key: value}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"structured_outputs.{key}", r.text
+    r = client.post("/v1/completions", json={**body, "structured_outputs": choice,
+                                             "guided_decoding_backend": "xgrammar:disable-any-whitespace"})
+    assert r.status_code == 200 and r.json()["choices"] == plain, r.text
+    r = client.post("/v1/completions", json={**body, "structured_outputs": choice,
+                                             "guided_decoding_backend": "xgrammar:any-whitespace"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_decoding_backend", r.text
