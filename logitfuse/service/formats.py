@@ -11,8 +11,10 @@ from logitfuse.engine.stopping import token_piece
 
 
 class Choice:
-    def __init__(self, index: int, tokenizer, first_of_prompt: bool, ids_as_tokens: bool = False) -> None:
+    def __init__(self, index: int, tokenizer, first_of_prompt: bool, ids_as_tokens: bool = False,
+                 influence: bool = False) -> None:
         self.index = index
+        self.influence = influence  # the request asked for per-token influence (docs/influence.md)
         self.ids_as_tokens = ids_as_tokens  # vLLM's return_tokens_as_token_ids: tokens named "token_id:N"
         self.tok = tokenizer
         self.first_of_prompt = first_of_prompt
@@ -45,6 +47,13 @@ class Choice:
     def _account(self, ev: TokenEvent) -> None:
         self.seq.add(ev)
 
+    def with_influence(self, out: dict, ev: TokenEvent | None = None) -> dict:
+        """out with the choice's influence entries: the event's in a chunk, all of them in the final answer;
+        nothing unless the request asked."""
+        if ev is not None:
+            return out | {"influence": [ev.influence]} if ev.influence is not None else out
+        return out | {"influence": self.seq.influence or []} if self.influence else out
+
     def token_str(self, token_id: int, text: str | None = None) -> str:
         if self.ids_as_tokens:
             return f"token_id:{token_id}"
@@ -55,8 +64,8 @@ class CompletionChoice(Choice):
     """Legacy completions: text, and logprobs as {tokens, token_logprobs, top_logprobs, text_offset}."""
 
     def __init__(self, index: int, tokenizer, first_of_prompt: bool, echo_text: str | None, want_logprobs: bool,
-                 scoring: bool, ids_as_tokens: bool = False) -> None:
-        super().__init__(index, tokenizer, first_of_prompt, ids_as_tokens)
+                 scoring: bool, ids_as_tokens: bool = False, influence: bool = False) -> None:
+        super().__init__(index, tokenizer, first_of_prompt, ids_as_tokens, influence)
         self.echo_text, self.scoring = echo_text, scoring
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} \
             if want_logprobs else None
@@ -95,20 +104,21 @@ class CompletionChoice(Choice):
             top = {self.token_str(t.token_id, t.token): t.logprob for t in (ev.top or [])} | {tok: ev.logprob}
             part = self._append([tok], [ev.logprob], [top])
         self.text += ev.text
-        if not ev.text and part is None and not ev.finish_reason:
+        if not ev.text and part is None and not ev.finish_reason and ev.influence is None:
             return None
-        return self._delta(ev.text, part)
+        return self.with_influence(self._delta(ev.text, part), ev)
 
     def final(self) -> dict:
-        return {"index": self.index, "text": self.text, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+        return self.with_influence({"index": self.index, "text": self.text, "logprobs": self.logprobs,
+                                    "finish_reason": self.finish_reason})
 
 
 class ChatChoice(Choice):
     """Chat: message {role, content}; logprobs {content: [{token, logprob, bytes, top_logprobs}]}."""
 
     def __init__(self, index: int, tokenizer, first_of_prompt: bool, want_logprobs: bool,
-                 ids_as_tokens: bool = False) -> None:
-        super().__init__(index, tokenizer, first_of_prompt, ids_as_tokens)
+                 ids_as_tokens: bool = False, influence: bool = False) -> None:
+        super().__init__(index, tokenizer, first_of_prompt, ids_as_tokens, influence)
         self.content: list[dict] | None = [] if want_logprobs else None
 
     def opening(self) -> dict:
@@ -127,14 +137,15 @@ class ChatChoice(Choice):
                                        "bytes": list(t.token.encode())} for t in (ev.top or [])]}
             self.content.append(entry)
         self.text += ev.text
-        if not ev.text and entry is None and not ev.finish_reason:
+        if not ev.text and entry is None and not ev.finish_reason and ev.influence is None:
             return None
         delta = {"content": ev.text} if ev.text else {}
-        return {"index": self.index, "delta": delta, "logprobs": {"content": [entry]} if entry else None,
-                "finish_reason": self.finish_reason}
+        return self.with_influence({"index": self.index, "delta": delta,
+                                    "logprobs": {"content": [entry]} if entry else None,
+                                    "finish_reason": self.finish_reason}, ev)
 
     def final(self) -> dict:
-        return {"index": self.index, "message": {"role": "assistant", "content": self.text},
-                "logprobs": {"content": self.content} if self.content is not None else None,
-                "finish_reason": self.finish_reason}
+        return self.with_influence({"index": self.index, "message": {"role": "assistant", "content": self.text},
+                                    "logprobs": {"content": self.content} if self.content is not None else None,
+                                    "finish_reason": self.finish_reason})
 

@@ -97,7 +97,7 @@ async def completions(body: CompletionRequest, request: Request):
         def make(i: int, r: GenerationRequest) -> CompletionChoice:
             echo = tok.decode(r.prompt_ids) if body.echo else None
             return CompletionChoice(i, tok, firsts[i], echo, body.logprobs is not None, sp.prompt_logprobs,
-                                    body.return_tokens_as_token_ids)
+                                    body.return_tokens_as_token_ids, r.plan.influence)
 
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         return await respond(sv, request, body, reqs, make, head, "text_completion", "text_completion")
@@ -115,7 +115,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
         firsts = _first_of_prompt(reqs, body.n)
 
         def make(i: int, r: GenerationRequest) -> ChatChoice:
-            return ChatChoice(i, tok, firsts[i], body.logprobs, body.return_tokens_as_token_ids)
+            return ChatChoice(i, tok, firsts[i], body.logprobs, body.return_tokens_as_token_ids, r.plan.influence)
 
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         return await respond(sv, request, body, reqs, make, head, "chat.completion.chunk", "chat.completion")
