@@ -1,5 +1,5 @@
-"""`logitfuse serve | generate | train-family | tune-adapter | fetch-real`: one parser, one function per
-command's arguments.
+"""`logitfuse serve | generate | influence | train-family | tune-adapter | fetch-real`: one parser, one function
+per command's arguments.
 
 Each command's arguments are added by `<command>_args(parser)` and run by `<command>(args)`; commands
 import what they need only when they run, so `--help` and `--version` load no model code.
@@ -165,6 +165,21 @@ def generate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def influence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", type=Path, help="a `generate` output written with fusion.influence")
+    p.add_argument("--json", type=Path, default=None, metavar="REPORT.json", help="write the report as JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="REPORT.png",
+                   help="draw the by-position curve (needs the bench extra: matplotlib)")
+
+
+def influence(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        require("bench", "influence --plot", "matplotlib")
+    from logitfuse.batch.influence_report import run
+
+    return run(args.output, args.json, args.plot)
+
+
 def train_family_args(p: argparse.ArgumentParser) -> None:
     from logitfuse.training.family.options import add_args
 
@@ -181,6 +196,8 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "serve": (serve_args, serve, "Serve the registry's ensembles over the OpenAI completions and chat API."),
     "generate": (generate_args, generate, "Generate from a JSONL file of prompts, batched and resumable (locally "
                                           "or through --server)."),
+    "influence": (influence_args, influence, "Report what fusion changed over a `generate` output written with "
+                                             "fusion.influence: per ensemble, by position, by token."),
     "train-family": (train_family_args, train_family, "Train the miniature model family that models/ holds."),
     "tune-adapter": (lambda p: _real("tune").add_args(p), lambda a: _needs("adapters", "tune-adapter", "peft")
                      or _real("tune").run(a),

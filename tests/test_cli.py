@@ -20,7 +20,8 @@ def run(capsys, *argv):
 def test_every_command_and_option_is_described(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == set(COMMANDS) == {"serve", "generate", "train-family", "tune-adapter", "fetch-real"}
+    assert set(sub.choices) == set(COMMANDS) == {"serve", "generate", "influence", "train-family", "tune-adapter",
+                                                 "fetch-real"}
     for name, p in sub.choices.items():
         assert p.description and len(p.description) > 20, name
         undescribed = [a.dest for a in p._actions if not a.help]

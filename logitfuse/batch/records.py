@@ -3,8 +3,8 @@ append whole lines durably, and build the output records (one builder for local 
 
 Input line: {"id", "prompt": str | [ids]} or {"id", "messages": [...]}, plus optional sampling fields and
 "fusion". Output line: a result {"id", "model", "text" | "choices", "finish_reason", "prompt_tokens",
-"completion_tokens", ...} or an error record {"id", "error": {"message", "param", "status"}}
-(docs/batch.md).
+"completion_tokens", ...} (with "influence" per generated token when fusion.influence asks) or an error record
+{"id", "error": {"message", "param", "status"}} (docs/batch.md).
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def result_record(rec_id: str, model: str, parts: list[CompletionOutput], want_l
     the method's summary of the per-step diagnostics (methods.summarise), as the server reports it."""
     def choice(c: CompletionOutput) -> dict:
         out = {"text": c.text, "finish_reason": c.reported_finish_reason}
-        return out | ({"logprobs": logprobs_record(c)} if want_logprobs else {})
+        out |= {"logprobs": logprobs_record(c)} if want_logprobs else {}
+        return out | ({"influence": c.influence} if c.influence is not None else {})  # asked: fusion.influence
 
     out: dict = {"id": rec_id, "model": model}
     out |= choice(parts[0]) if len(parts) == 1 else {"choices": [choice(c) for c in parts]}

@@ -70,7 +70,7 @@ def _token_id(name: str) -> int | None:
 def _part(c: dict, top_n: int | None) -> CompletionOutput:
     """One response choice as the sequence a local job would have accumulated."""
     part = CompletionOutput("", text=c["message"]["content"] if "message" in c else c["text"],
-                      finish_reason=c["finish_reason"])
+                      finish_reason=c["finish_reason"], influence=c.get("influence"))
     lp = c.get("logprobs") or {}
     if "content" in lp:  # chat: [{token, logprob, top_logprobs: [{token, logprob}]}]
         for e in lp["content"] or []:
