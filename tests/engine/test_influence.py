@@ -9,6 +9,7 @@ from logitfuse import SamplingParams
 from logitfuse.engine.stopping import token_piece
 from logitfuse.ops import fusion
 from logitfuse.ops.vocab import align
+from tests.backends.test_remote import client_lf, remote_url  # noqa: F401  (fixtures: a remote base)
 
 PROMPTS = ["the red city of the north", "king queen river blue green"]
 STEPS = 6
@@ -178,3 +179,28 @@ def test_completion_output_collects_the_entries(lf):
     tok = lf.pool.get("base-large").tokenizer
     assert [e["token"] for e in out.influence] == [token_piece(tok, t) for t in out.token_ids]
     assert "".join(e["token"] for e in out.influence).startswith(out.text)  # the text leaves special tokens out
+
+
+@torch.inference_mode()
+def test_a_remote_base_shows_its_top_n_and_nothing_crashes(client_lf):  # noqa: F811
+    """Over a server that shows its top 5: a bare base reports the server's own numbers (shift 0); a fused
+    one, restricted to the top 5 (candidates 0), reports the base renormalised over them, as the fused
+    distribution is; the base's top and ranks are among those 5."""
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1)
+    local = client_lf.pool.get("base-large")
+    for ensemble in ("remote-bare5", "remote-top5-strict", "remote-top5"):
+        out = client_lf.generate(ensemble, PROMPTS, sp, {"influence": True})
+        for prompt, o in zip(PROMPTS, out):
+            ids = local.tokenizer(prompt).input_ids
+            assert [e["logprob"] for e in o.influence] == o.logprobs
+            for t, e in enumerate(o.influence):
+                lp = torch.log_softmax(_last_logits(local, ids + o.token_ids[:t]), -1)[0]
+                top5 = torch.topk(lp, 5)
+                if ensemble == "remote-bare5":
+                    assert e["shift"] == 0.0 and e["base_logprob"] == pytest.approx(float(lp[e["token_id"]]), abs=1e-4)
+                elif ensemble == "remote-top5-strict":
+                    within = torch.log_softmax(top5.values, -1)
+                    assert e["base_logprob"] == pytest.approx(
+                        float(within[top5.indices.tolist().index(e["token_id"])]), abs=1e-4)
+                    assert [x["token_id"] for x in e["base_top"]] == top5.indices[:3].tolist()
+                assert 1 <= e["base_rank"] <= (5 if ensemble != "remote-top5" else len(lp))
