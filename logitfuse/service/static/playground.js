@@ -104,8 +104,11 @@ function tokenSpan(text, info) {
   const span = document.createElement("span");
   span.className = "tok";
   span.tabIndex = 0;
-  span.textContent = text === "" ? "\u2205" : text;  // an empty token (an end token) is shown as an empty-set mark
-  if (text === "") span.classList.add("special");
+  span.textContent = text;
+  if (text === "") {  // a token with no text in the answer (an end token): its name, drawn by the CSS
+    span.classList.add("special");
+    span.dataset.mark = info.token || "\u2205";
+  }
   span.dataset.shift = String(info.shift);
   const bg = colour(info.shift);
   if (bg) {
