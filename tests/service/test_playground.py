@@ -27,6 +27,7 @@ def test_routes_open_without_a_key_and_the_api_behind_it(config_file):
         for name, kind in [("playground.js", "text/javascript"), ("playground.css", "text/css")]:
             r = c.get(f"/playground/{name}")
             assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.content) > 1000
+            assert "http" not in r.text  # nothing from elsewhere: works offline
             assert f'"/playground/{name}"' in page.text
         assert "http" not in page.text.replace("http-equiv", "")  # nothing from elsewhere: works offline
         assert c.get("/v1/models").status_code == 401
