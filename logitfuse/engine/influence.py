@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -75,23 +76,24 @@ def collect(wants: list[bool], trace: Trace, scores: torch.Tensor, chosen: list[
     if not rows:
         return out
     dev = scores.device
-    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    idx = None if len(rows) == len(wants) else torch.tensor(rows, dtype=torch.long, device=dev)
+    pick = lambda x: x if idx is None else x.index_select(0, idx.to(x.device))  # noqa: E731  (asking rows)
     norm = (lambda x: x.float()) if raw else (lambda x: torch.log_softmax(x.float(), -1))
     tok = torch.tensor([chosen[i] for i in rows], dtype=torch.long, device=dev)
     tuned = untuned = None
     if trace.names:
-        tuned, untuned = (x.index_select(0, idx.to(x.device)) for x in trace.experts())
+        tuned, untuned = (pick(x) for x in trace.experts())
     method = methods.get(trace.method)
     log_probs = torch.tensor([method.push_on_log_probs and not c for c in trace.cross], dtype=torch.bool)
-    nums = ops.influence(norm(trace.base.index_select(0, idx.to(trace.base.device))).to(dev),
-                         norm(scores.index_select(0, idx)), tuned, untuned, trace.coef.index_select(0, idx.to(
-                             trace.coef.device)), tok, log_probs)
-    pieces: dict[int, str] = {}
+    nums = ops.influence(norm(pick(trace.base)).to(dev), norm(pick(scores)), tuned, untuned, pick(trace.coef), tok,
+                         log_probs)
+    pieces = _pieces(tokenizer)
 
     def piece(t: int) -> str:
-        if t not in pieces:
-            pieces[t] = token_piece(tokenizer, t)
-        return pieces[t]
+        text = pieces.get(t)
+        if text is None:
+            text = pieces[t] = token_piece(tokenizer, t)
+        return text
 
     for j, row in enumerate(_host(nums)):
         i = rows[j]
@@ -100,23 +102,28 @@ def collect(wants: list[bool], trace: Trace, scores: torch.Tensor, chosen: list[
     return out
 
 
+def _pieces(tokenizer) -> dict[int, str]:
+    """The token texts decoded so far, kept on the tokenizer (as stopping.py keeps its anchor there): a
+    token's text never changes, and decoding it at every step would cost more than the numbers."""
+    cache = getattr(tokenizer, "_logitfuse_pieces", None)
+    if cache is None:
+        cache = {}
+        tokenizer._logitfuse_pieces = cache
+    return cache
+
+
 def _host(n: ops.Influence) -> list[tuple]:
     """Every number of every row in one copy to the host: per row (lp, rank, base lp, base rank, top ids, top
     lps, base top ids, base top lps, pushes, weights)."""
-    scalars = torch.stack([n.logprob.double(), n.rank.double(), n.base_logprob.double(), n.base_rank.double()], 1)
-    parts = [scalars, n.top_ids.double(), n.top_logprobs.double(), n.base_top_ids.double(),
-             n.base_top_logprobs.double(), n.push.double(), n.weight.double()]
-    host = torch.cat([p.to(scalars.device) for p in parts], 1).tolist()
-    widths = [4, n.top_ids.shape[1], n.top_ids.shape[1], n.base_top_ids.shape[1], n.base_top_ids.shape[1],
-              n.push.shape[1], n.weight.shape[1]]
-    rows = []
-    for values in host:
-        cut, at = [], 0
-        for w in widths:
-            cut.append(values[at: at + w])
-            at += w
-        rows.append((*cut[0], *cut[1:]))
-    return rows
+    # float32 holds every id and rank exactly (< 2**24) and the log-probabilities are float32 already
+    scalars = torch.stack([n.logprob.float(), n.rank.float(), n.base_logprob.float(), n.base_rank.float()], 1)
+    parts = [n.top_ids, n.top_logprobs, n.base_top_ids, n.base_top_logprobs, n.push, n.weight]
+    host = torch.cat([scalars] + [p.float().to(scalars.device) for p in parts], 1).tolist()
+    ends = [4]
+    for p in parts:
+        ends.append(ends[-1] + p.shape[1])
+    spans = list(pairwise(ends))
+    return [(*v[:4], *(v[a:b] for a, b in spans)) for v in host]
 
 
 def _finite(x: float) -> float | None:

@@ -50,10 +50,12 @@ def pushes(tuned: torch.Tensor, untuned: torch.Tensor, chosen: torch.Tensor, log
     norm = log_probs.to(tuned.device)
 
     def at(scores: torch.Tensor) -> torch.Tensor:  # (B, T) the chosen token's score, normalised where asked
-        value = scores.gather(-1, chosen.view(b, 1, 1).expand(b, scores.shape[1], 1))[..., 0]
+        idx = chosen.view(b, 1, 1).expand(b, scores.shape[1], 1)
+        value = scores.gather(-1, idx)[..., 0]
         if not bool(norm.any()):
             return value
-        return value - torch.where(norm, torch.logsumexp(scores, -1), torch.zeros_like(value))
+        # log_softmax then one gather: cheaper on CPU than logsumexp's separate passes
+        return torch.where(norm, torch.log_softmax(scores, -1).gather(-1, idx)[..., 0], value)
 
     return at(tuned) - at(untuned)  # an untuned shared by every expert broadcasts over T
 
@@ -64,14 +66,13 @@ def influence(base_logp: torch.Tensor, fused_logp: torch.Tensor, tuned: torch.Te
     """The influence numbers of B chosen tokens. base_logp, fused_logp (B, V) log-probabilities; tuned,
     untuned: the experts' scores as the method took them (None: no experts); coef (B, T); chosen (B,);
     log_probs (T,) bool: which experts' pushes are read on log-probabilities (`pushes`)."""
-    k = min(k, fused_logp.shape[-1])
-    top = torch.topk(fused_logp, k, dim=-1)
-    base_top = torch.topk(base_logp, k, dim=-1)
+    b, k = fused_logp.shape[0], min(k, fused_logp.shape[-1])
+    both = torch.cat([fused_logp, base_logp.to(fused_logp.dtype)])  # (2B, V): one pass of each op for the two
+    ids = chosen.repeat(2)
+    lp, rank, top = both.gather(-1, ids.unsqueeze(-1))[:, 0], rank_of(both, ids), torch.topk(both, k, dim=-1)
     if tuned is None or untuned is None or coef.shape[-1] == 0:
-        push = fused_logp.new_zeros((fused_logp.shape[0], 0))
+        push = fused_logp.new_zeros((b, 0))
     else:
         push = pushes(tuned, untuned, chosen, log_probs)
-    return Influence(
-        fused_logp.gather(-1, chosen.unsqueeze(-1))[:, 0], rank_of(fused_logp, chosen),
-        base_logp.gather(-1, chosen.unsqueeze(-1))[:, 0], rank_of(base_logp, chosen),
-        top.indices, top.values, base_top.indices, base_top.values, push, coef.to(push.dtype))
+    return Influence(lp[:b], rank[:b], lp[b:], rank[b:], top.indices[:b], top.values[:b], top.indices[b:],
+                     top.values[b:], push, coef.to(push.dtype))
