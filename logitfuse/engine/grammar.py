@@ -29,7 +29,6 @@ import torch
 
 from logitfuse.engine.request import StructuredSpec
 from logitfuse.errors import InvalidRequest
-from logitfuse.ops.penalties import bitmask_to_bool
 
 EXTRA = "structured"  # pip install logitfuse[structured]
 CACHE_SIZE = 256  # compiled grammars kept per tokenizer (least recently used dropped)
@@ -197,6 +196,15 @@ def _text(data: bytes) -> str:
     return repr(data.decode("utf-8", "replace"))
 
 
+def _first_allowed(words: torch.Tensor, n: int) -> list[int]:
+    """The first n token ids a packed mask (W,) int32 allows (bit j of word w: token 32 w + j)."""
+    out: list[int] = []
+    for w in words.nonzero().flatten()[:n].tolist():
+        bits = int(words[w]) & 0xFFFFFFFF
+        out += [32 * w + j for j in range(32) if bits >> j & 1]
+    return out[:n]
+
+
 def check_start(spec: StructuredSpec, tokenizer: Any, width: int, model: str) -> None:
     """Raise GrammarDeadEnd, naming the field, when no token of `model`'s vocabulary can start text that the
     grammar admits: its first mask allows nothing, or only tokens the matcher refuses, and it does not accept
@@ -205,8 +213,7 @@ def check_start(spec: StructuredSpec, tokenizer: Any, width: int, model: str) ->
     forced = m.compute_ff_bytes()
     if m.is_accepting():
         return
-    ids = bitmask_to_bool(next_mask(m)[None], width)[0].nonzero().flatten()[:CHECKED].tolist()
-    if any(m.validate_tokens([t]) for t in ids):
+    if any(m.validate_tokens([t]) for t in _first_allowed(next_mask(m), CHECKED)):
         return
     need = f"the grammar must start with {_text(forced)}" if forced else "the grammar's first characters"
     raise GrammarDeadEnd(f"{spec.field}: {need}, which no token of {model}'s vocabulary can produce "

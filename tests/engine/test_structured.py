@@ -263,3 +263,21 @@ def test_guided_decoding_backend_options_are_vllms_older_spelling_of_the_json_op
     with pytest.raises(InvalidRequest) as err:
         structured_spec({"guided_json": SCHEMA, "guided_decoding_backend": "xgrammar:compact"})
     assert err.value.param == "guided_decoding_backend" and "compact" in str(err.value)
+
+
+def test_the_first_allowed_tokens_of_a_packed_mask():
+    import torch
+
+    from logitfuse.ops.penalties import bitmask_to_bool
+
+    gen = torch.Generator().manual_seed(0)
+    for density in (0.001, 0.05, 0.9):
+        allowed = torch.rand(1, 1000, generator=gen) < density
+        allowed[0, 31] = density > 0.5  # bit 31: the sign bit of its int32 word
+        words = torch.zeros(1, 32, dtype=torch.int64)
+        for t in allowed[0].nonzero().flatten().tolist():
+            words[0, t // 32] |= 1 << (t % 32)
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)[0]  # (W,) as llguidance packs
+        assert bitmask_to_bool(words[None], 1000).equal(allowed)
+        want = allowed[0].nonzero().flatten().tolist()
+        assert grammar._first_allowed(words, 8) == want[:8] and len(want) > 0
