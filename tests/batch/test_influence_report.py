@@ -92,3 +92,24 @@ def test_generate_writes_influence_where_asked_and_the_report_reads_it(config_fi
     got = json.loads(rep.read_text())["ensembles"]["proxy-a"]
     assert got["records"] == 3 and got["tokens"] == sum(map(len, lists))
     assert got["changed"] == sum(e["top"][0]["token_id"] != e["base_top"][0]["token_id"] for es in lists for e in es)
+
+
+def test_server_mode_writes_the_same_influence(config_file, tmp_path):
+    from logitfuse.service.app import start_in_thread
+
+    inp, local, remote = tmp_path / "in.jsonl", tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    _write(inp, [{"id": "c", "prompt": "the red city"}, {"id": "m", "messages": [{"role": "user", "content": "king"}]}])
+    job = ["--config", str(config_file), "--model", "proxy-a", "--input", str(inp), "--max-tokens", "4",
+           "--temperature", "0", "--fusion", '{"influence": true}']
+    url, srv = start_in_thread(config_file)
+    try:
+        assert main(["generate", *job, "--output", str(local)]) == 0
+        assert main(["generate", *job, "--output", str(remote), "--server", url, "--concurrency", "1"]) == 0
+    finally:
+        srv.should_exit = True
+    by_id = lambda p: {r["id"]: r["influence"] for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
+    got, want = by_id(remote), by_id(local)
+    assert set(got) == {"c", "m"} and all(len(v) == 4 for v in got.values())
+    for rid in got:
+        assert [e["token_id"] for e in got[rid]] == [e["token_id"] for e in want[rid]]
+        assert [e["shift"] for e in got[rid]] == pytest.approx([e["shift"] for e in want[rid]], abs=1e-5)
