@@ -47,12 +47,13 @@ def pushes(tuned: torch.Tensor, untuned: torch.Tensor, chosen: torch.Tensor, log
     if untuned.dim() == 2:
         untuned = untuned.unsqueeze(1)
     b = tuned.shape[0]
+    normalise = bool(log_probs.any())  # decided on the host: log_probs stays where it was made (the CPU)
     norm = log_probs.to(tuned.device)
 
     def at(scores: torch.Tensor) -> torch.Tensor:  # (B, T) the chosen token's score, normalised where asked
         idx = chosen.view(b, 1, 1).expand(b, scores.shape[1], 1)
         value = scores.gather(-1, idx)[..., 0]
-        if not bool(norm.any()):
+        if not normalise:
             return value
         # log_softmax then one gather: cheaper on CPU than logsumexp's separate passes
         return torch.where(norm, torch.log_softmax(scores, -1).gather(-1, idx)[..., 0], value)
