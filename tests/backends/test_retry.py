@@ -7,6 +7,7 @@ from email.utils import formatdate
 
 import httpx
 import pytest
+import torch
 
 from logitfuse.backends.remote.retry import retry_after_seconds, retry_wait
 
@@ -56,6 +57,44 @@ def test_the_remote_backend_waits_a_capped_http_date_then_reads_the_answer(famil
     _, logits = RemoteCausalLM("big", spec, tok, client=client).prefill([[1, 2, 3]])
     assert logits[0, 5] == pytest.approx(-0.1) and answers == []
     assert 3.6 <= slept[0] <= 4.0 and 1.0 <= slept[1] <= 1.1  # the hour capped; a second honoured
+
+
+def test_within_the_engines_steps_a_refused_call_raises_instead_of_waiting(family, monkeypatch):
+    """retries_deferred (the engine's steps): a 503 raises RetryLater carrying the server's Retry-After, on
+    the calling thread and on the request threads a step's calls fan out to, with no sleep; the rows keep
+    their tokens and `refresh` reads their logits when the caller comes back. Outside it the backend waits."""
+    from transformers import AutoTokenizer
+
+    from logitfuse.backends.remote.client import RemoteCausalLM, RemoteState
+    from logitfuse.backends.remote.retry import RetryLater, retries_deferred
+    from logitfuse.config.specs import RemoteSpec
+
+    slept: list[float] = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    answers: list[int] = []  # the statuses of the next answers
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if answers.pop(0) == 503:
+            return httpx.Response(503, headers={"retry-after": "7"}, text="busy")
+        return httpx.Response(200, json={"choices": [{"logprobs": {"top_logprobs": [{"token_id:5": -0.1}]}}]})
+
+    spec = RemoteSpec(url="http://remote/v1", model="m", top_logprobs=1, retries=2)
+    tok = AutoTokenizer.from_pretrained(family["base-large"])
+    lm = RemoteCausalLM("big", spec, tok, client=httpx.Client(base_url=spec.url, transport=httpx.MockTransport(answer)))
+    answers += [503]
+    with retries_deferred(), pytest.raises(RetryLater, match="503") as caught:
+        lm.prefill([[1, 2, 3]])  # the call goes out on a request thread (self.pool)
+    assert caught.value.retry_after == "7" and caught.value.model == "big" and slept == [] and answers == []
+    state = RemoteState([[1, 2, 3]])
+    answers += [503]
+    with retries_deferred(), pytest.raises(RetryLater):
+        lm.decode(state, torch.tensor([[9]]))
+    assert state.rows == [[1, 2, 3, 9]] and slept == []  # the token is kept for the call to come
+    answers += [200]
+    with retries_deferred():
+        assert lm.refresh(state)[0, 5] == pytest.approx(-0.1)
+    answers += [503, 200]
+    assert lm.refresh(state)[0, 5] == pytest.approx(-0.1) and len(slept) == 1 and 7.0 <= slept[0] <= 7.7
 
 
 def test_generate_server_completes_through_429s_with_http_dates(tmp_path):

@@ -11,7 +11,9 @@ through the tokenizer; one without exact echo verifies k-token blocks one positi
 
 A row's state is its token ids: the remote server owns the KV cache (vLLM's prefix caching makes each
 step's resend of the sequence cheap). Rows of a step go in one call where the server takes a list of prompts,
-else concurrently.
+else concurrently. A refused call is retried after a wait on the calling thread, or, within the engine's
+steps (retries_deferred), not waited for: it raises RetryLater, and `refresh` reads the rows' logits again
+when they are due.
 
 Fusion widens the top-N restriction to the union of supports (ops/candidates.py): the fuser asks
 `score_tokens` for the base's log-probability of the candidates outside the top N, in one more round of
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from logitfuse.backends.base import token_texts, tokenizer_vocab_info
-from logitfuse.backends.remote.retry import RETRY_STATUS, retry_wait
+from logitfuse.backends.remote.retry import RETRY_STATUS, RetryLater, deferring, retries_deferred, retry_wait
 from logitfuse.backends.remote.wire import PROMPTS_PER_CALL, Capabilities, Top, first_difference, positions
 from logitfuse.errors import RemoteError
 from logitfuse.ops.vocab import VocabInfo
@@ -88,8 +90,9 @@ class RemoteCausalLM:
         try:
             tok = (tokenizers or TokenizerStore()).get(tokenizer_path)
             lm = cls(name, spec, tok, chat_template)
-            lm.check_served()
-            lm.probe()
+            with retries_deferred(False):  # a load waits for its server, wherever it happens
+                lm.check_served()
+                lm.probe()
         except RemoteError:
             raise
         except Exception as err:  # a failed load inside a request is this model unavailable, not a crash
@@ -152,6 +155,21 @@ class RemoteCausalLM:
     def concat(self, states: list[RemoteState]) -> RemoteState:
         return RemoteState([list(r) for s in states for r in s.rows])
 
+    def refresh(self, state: RemoteState) -> torch.Tensor:
+        """(B, V): every row's logits after its last token, read again (after a prefill or decode that raised
+        RetryLater: the rows already hold their tokens)."""
+        return self._next(state.rows, 1)[:, 0]
+
+    def map(self, fn, items: list) -> list:
+        """fn over items on the request threads, concurrently, each in the calling thread's retry mode."""
+        defer = deferring()
+
+        def call(item):
+            with retries_deferred(defer):
+                return fn(item)
+
+        return list(self.pool.map(call, items))
+
     def forget_last(self, state: RemoteState, counts: list[int]) -> None:
         for row, n in zip(state.rows, counts):
             if n > 0:
@@ -162,7 +180,7 @@ class RemoteCausalLM:
         """(B, k, V): the top-N log-probabilities after each of every row's last k tokens, -inf elsewhere."""
         if k == 1 and len(rows) > 1 and self.caps.multi_prompt:
             return torch.stack([self._row(tops[-1:]) for tops in self._batched(rows)])
-        return torch.stack(list(self.pool.map(lambda ids: self._one(ids, k), rows)))
+        return torch.stack(self.map(lambda ids: self._one(ids, k), rows))
 
     def _batched(self, rows: list[list[int]]) -> list[list[Top]]:
         """Each row's top entries after its last token, the rows in calls of several prompts each."""
@@ -288,8 +306,11 @@ class RemoteCausalLM:
                     break  # the request itself is wrong or refused: retrying cannot help
                 asked = r.headers.get("retry-after")
             if retry and attempt < self.retries:
+                if deferring():  # the caller retries when it likes: waiting here would hold up its other work
+                    raise RetryLater(f"model {self.name!r}: {self.url}/completions answered {last}", status,
+                                     self.name, asked)
                 delay = retry_wait(attempt, asked, self.max_wait, base=0.5)
                 log.warning("model %s: %s/completions failed (%s), retrying in %.1f s", self.name, self.url, last,
                             delay)
-                time.sleep(delay)  # on this row's request thread (self.pool), never the engine's own
+                time.sleep(delay)  # never within the engine's steps (retries_deferred: see above)
         raise RemoteError(f"model {self.name!r}: {self.url}/completions answered {last}", status)

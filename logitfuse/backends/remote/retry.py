@@ -3,17 +3,23 @@
 Which answers are retried is the caller's business; how long to wait is decided here: the server's
 Retry-After (RFC 9110 section 10.2.3: delay-seconds, or an HTTP-date) when it sends one, else exponential
 backoff; always capped, always jittered (so that clients refused together do not return together), never
-negative. Pure: the caller sleeps (the batch client with asyncio, the backend on its request threads).
+negative. The caller waits (the batch client with asyncio, the backend on its request threads), except where
+it must not: within `retries_deferred()` (the engine's steps, whose thread decodes every other row too) the
+backend raises RetryLater instead, and the engine sets the rows aside until they are due (engine/deferral.py).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timezone
 from email.utils import parsedate_to_datetime
+
+from logitfuse.errors import RemoteError
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 JITTER = 0.1  # waits grow by up to this fraction (or, at the cap, shrink by it)
@@ -45,3 +51,32 @@ def retry_wait(attempt: int, retry_after: str | None, cap: float, base: float = 
     target = asked if asked is not None else base * 2.0 ** min(attempt, 62)
     wait = target * (1.0 + JITTER * rng())
     return wait if wait <= cap else cap * (1.0 - JITTER * rng())
+
+
+class RetryLater(RemoteError):
+    """A remote model's server asked to be called again later (a retryable status, or no answer), where the
+    caller may not wait: retry_after is its Retry-After header (None: none sent), to pass to retry_wait."""
+
+    def __init__(self, message: str, status: int | None, model: str, retry_after: str | None) -> None:
+        super().__init__(message, status)
+        self.model, self.retry_after = model, retry_after
+
+
+_mode = threading.local()  # a per-thread mode, as torch.no_grad is: whether this thread may wait to retry
+
+
+@contextmanager
+def retries_deferred(defer: bool = True) -> Iterator[None]:
+    """Within it, on this thread, a remote call that would wait before retrying raises RetryLater instead
+    (defer=False: waits as usual). A backend that fans calls out to other threads carries the mode there."""
+    before = deferring()
+    _mode.defer = defer
+    try:
+        yield
+    finally:
+        _mode.defer = before
+
+
+def deferring() -> bool:
+    """Whether retries_deferred is active on this thread."""
+    return getattr(_mode, "defer", False)

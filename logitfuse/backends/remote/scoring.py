@@ -19,7 +19,7 @@ def score(lm, sequences: list[list[int]], tokens: list[list[int]]) -> list[list[
     """values[j][i]: log p(tokens[j][i] | sequences[j]) from the server `lm` (a RemoteCausalLM)."""
     jobs = [(ids, t) for ids, ts in zip(sequences, tokens) for t in ts]
     if lm.caps.scoring == "allowed":
-        values = list(lm.pool.map(lambda job: _allowed(lm, *job), jobs))
+        values = lm.map(lambda job: _allowed(lm, *job), jobs)
     elif lm.caps.multi_prompt:
         values = []
         for start in range(0, len(jobs), PROMPTS_PER_CALL):
@@ -27,8 +27,8 @@ def score(lm, sequences: list[list[int]], tokens: list[list[int]]) -> list[list[
             answers = lm.ask_many([ids + [t] for ids, t in chunk], echo=True)
             values += [_echoed(lm, choice, len(ids)) for (ids, _), choice in zip(chunk, answers)]
     else:
-        values = list(lm.pool.map(
-            lambda job: _echoed(lm, lm.ask(job[0] + [job[1]], echo=True)["choices"][0], len(job[0])), jobs))
+        values = lm.map(lambda job: _echoed(lm, lm.ask(job[0] + [job[1]], echo=True)["choices"][0], len(job[0])),
+                        jobs)
     out, at = [], 0
     for ts in tokens:
         out.append(values[at:at + len(ts)])
