@@ -18,8 +18,10 @@ import torch
 from logitfuse import methods
 from logitfuse.backends.base import CausalLM, RewardModel, end_ids
 from logitfuse.backends.prefix_cache import PrefixCache
+from logitfuse.backends.remote.retry import RetryLater, retries_deferred
 from logitfuse.engine import influence
 from logitfuse.engine.admission import Admission
+from logitfuse.engine.deferral import Deferred
 from logitfuse.engine.fused_scores import Fuser, score_prompt
 from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent
 from logitfuse.engine.row_sampling import failed as _failed
@@ -69,6 +71,7 @@ class Engine:
         self._stop_override = stop_override  # model -> the registry's stop_token_ids for it, or None
         self._stop_sets: dict[tuple, frozenset[int]] = {}  # a plan's end ids, computed once per set of models
         self._prefix_cache = prefix_cache  # KV of prompt prefixes, lent to the backends that can use it
+        self._deferred = Deferred(get_backend)  # rows a remote server asked to call again later, set aside
 
     @property
     def max_batch(self) -> int:
@@ -103,6 +106,7 @@ class Engine:
         self._seqs.clear()
         self._slots.clear()
         self._spec_groups.clear()
+        self._deferred.clear()
         self._waiting.clear()
         self._kv_reserved = 0
         msg, detail = f"{type(err).__name__}: {err}", ErrorDetail.of(err)
@@ -134,13 +138,14 @@ class Engine:
             self._seqs[rid].aborted = reason
         else:
             self._waiting = deque(r for r in self._waiting if r.rid != rid)
+            self._deferred.drop({rid})
 
     def is_running(self, rid: str) -> bool:
         """Whether the sequence has been admitted and has not finished (False while it waits in the queue)."""
         return rid in self._seqs
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._seqs)
+        return bool(self._waiting or self._seqs or self._deferred)
 
     def run(self, requests: list[GenerationRequest]) -> Iterator[TokenEvent | PromptScores]:
         """Decode the given requests to the end, yielding events as they come (the library's generator)."""
@@ -152,12 +157,18 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent | PromptScores]:
         events: list[TokenEvent | PromptScores] = []
-        self._admit(events)
-        self._reap_aborted(events)
-        if self._seqs:
-            finished = self._fuse_and_sample(events)
-            self._drop(finished)
-            self._advance(events)
+        with retries_deferred():  # a remote server asking to be called later holds up no other row
+            again, failed = self._deferred.due(self._slots)
+            self._waiting.extendleft(reversed(again))
+            self._end_failed(failed, events)
+            self._admit(events)
+            self._reap_aborted(events)
+            if self._seqs:
+                finished = self._fuse_and_sample(events)
+                self._drop(finished)
+                self._advance(events)
+        if not events and self._deferred:  # nothing to run before the rows set aside are due
+            self._deferred.nap()
         return events
 
     def _admit(self, events: list) -> None:
@@ -168,6 +179,12 @@ class Engine:
         for key, reqs in Admission.batches(new).items():
             try:
                 prefilled, full = self._prefill(reqs)
+            except RetryLater as err:  # those of its server's requests wait (deferral.py), the others go on
+                later = [r for r in reqs if err.model in r.plan.models()]
+                self._waiting.extendleft(reversed([r for r in reqs if r not in later]))
+                if not self._deferred.hold_new(later, err):
+                    events += [_failed(r, err) for r in later]
+                continue
             except Exception as err:  # a failing prefill fails only the requests it was for
                 events += [_failed(r, err) for r in reqs]
                 continue
@@ -199,7 +216,8 @@ class Engine:
             group = self._spec_groups.get(key) or SpecGroup(reqs[0].plan, self._get_backend, self._fuser,
                                                             self.sample_rows)
             self._spec_groups[key] = group
-            finished = group.join([self._seqs[reqs[i].rid] for i in going], by_model, events)
+            with retries_deferred(False):  # speculative rows wait for their server on this thread
+                finished = group.join([self._seqs[reqs[i].rid] for i in going], by_model, events)
         except Exception as err:
             finished = [reqs[i].rid for i in going]
             events += [_failed(reqs[i], err) for i in going]
@@ -246,14 +264,15 @@ class Engine:
     def _fuse_and_sample(self, events: list) -> list[str]:
         groups: dict[object, list[Sequence]] = {}
         for s in self._seqs.values():
-            if not s.req.plan.speculative:
+            if not s.req.plan.speculative and s.req.rid not in self._deferred:
                 groups.setdefault(s.req.plan.group_key(), []).append(s)
         finished = []
         for group in self._spec_groups.values():
             if not group.rows:
                 continue
             try:
-                finished += group.round(events, self._spec_stats)
+                with retries_deferred(False):
+                    finished += group.round(events, self._spec_stats)
             except Exception as err:  # a failing round ends this group's sequences only
                 events += [_failed(s.req, err, s.stopper.generated) for s in group.rows]
                 finished += [s.req.rid for s in group.rows]
@@ -267,6 +286,11 @@ class Engine:
         trace = influence.wanted(seqs)
         try:
             scores, diags = self._fuser.fuse(seqs, self._slots, trace)  # (b, V)
+        except RetryLater as err:  # the remote base's server, scoring candidates, asks to be called later
+            if self._deferred.hold(self._slots, {s.req.rid for s in seqs}, err, stale=set()):
+                return []
+            events += [_failed(s.req, err, s.stopper.generated) for s in seqs]
+            return [s.req.rid for s in seqs]
         except Exception as err:
             if len(seqs) == 1:
                 events.append(_failed(seqs[0].req, err, seqs[0].stopper.generated))
@@ -290,6 +314,7 @@ class Engine:
         for rid in rids:
             self._seqs.pop(rid, None)
         self._kv_reserved = self.kv_need([s.req for s in self._seqs.values()])
+        self._deferred.drop(gone)
         for key in list(self._spec_groups):
             group = self._spec_groups[key]
             group.drop(gone)
@@ -299,8 +324,12 @@ class Engine:
 
     def _advance(self, events: list) -> None:
         """Every model takes its rows' newly sampled tokens (slots.py); a model whose step fails ends the
-        sequences that use it, and only those."""
+        sequences that use it, and only those; rows a remote server refused are set aside (deferral.py)."""
         failed = self._slots.advance(self._seqs, self._get_backend)
+        self._end_failed(self._deferred.hold_refused(self._slots, failed), events)
+
+    def _end_failed(self, failed: list[tuple[str, Exception]], events: list) -> None:
+        """Sequences that failed with these errors end with an error event and leave."""
         for rid, err in failed:
             s = self._seqs[rid]
             if not s.aborted:

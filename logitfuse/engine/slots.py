@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from logitfuse.backends.base import CausalLM
+from logitfuse.backends.remote.retry import RetryLater
 from logitfuse.engine.retokenize import advance_ragged_group, retokenized_update
 from logitfuse.engine.sequence import Sequence
 
@@ -100,7 +101,8 @@ class ModelSlots(dict[str, Slot]):
     def advance(self, seqs: dict[str, Sequence], get_backend: Callable[[str], CausalLM]
                 ) -> list[tuple[str, Exception]]:
         """Every model takes its rows' last tokens: one forward per model (or per group of models sharing
-        weights). A model whose forward fails loses its state; its rows come back with the error."""
+        weights). A model whose forward fails loses its state; its rows come back with the error (a remote
+        one's RetryLater keeps it: the rows hold their tokens, their logits are read again when due)."""
         failed: list[tuple[str, Exception]] = []
         for names in self._forward_groups(seqs):
             slots = [self[n] for n in names]
@@ -116,6 +118,8 @@ class ModelSlots(dict[str, Slot]):
                 parts = [(s.backend, s.state, t) for s, t in zip(slots, tokens)]
                 for s, logits in zip(slots, slots[0].backend.decode_group(parts)):
                     s.logits = logits[:, 0]
+            except RetryLater as err:  # a remote server asks to be called later: its rows are set aside whole
+                failed += [(rid, err) for slot in slots for rid in slot.rows]  # (deferral.py)
             except Exception as err:
                 for name, slot in zip(names, slots):
                     del self[name]  # its state is now unusable; every row in it ends here

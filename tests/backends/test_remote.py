@@ -6,6 +6,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -213,17 +214,20 @@ def test_retries_on_429_and_5xx_but_not_on_a_bad_request(family, monkeypatch):
 
 
 class RefusingFirst(httpx.BaseTransport):
-    """Forwards to the real server, except that the next `refusals` completion calls get a 429 asking to come
-    back in an hour (an HTTP-date, capped by the client)."""
+    """Forwards to the real server, except that the next `refusals` completion calls, and all until the
+    monotonic time `until`, are refused: by default a 429 asking to come back in an hour (an HTTP-date,
+    capped by the client), else `status` with the Retry-After `after`."""
 
-    def __init__(self, real: httpx.Client) -> None:
-        self.real, self.refusals, self.refused = real, 0, []
+    def __init__(self, real: httpx.Client, status: int = 429, after: str | None = None) -> None:
+        self.real, self.refusals, self.refused, self.until = real, 0, [], 0.0
+        self.status, self.after = status, after
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/completions") and self.refusals > 0:
+        if request.url.path.endswith("/completions") and (self.refusals > 0 or time.monotonic() < self.until):
             self.refusals -= 1
             self.refused.append(time.monotonic())
-            return httpx.Response(429, headers={"retry-after": formatdate(time.time() + 3600, usegmt=True)})
+            after = self.after or formatdate(time.time() + 3600, usegmt=True)
+            return httpx.Response(self.status, headers={"retry-after": after}, text="busy")
         r = self.real.send(self.real.build_request(request.method, request.url, content=request.read(),
                                                    headers={"content-type": "application/json"}))
         return httpx.Response(r.status_code, content=r.content, headers={"content-type": "application/json"})
@@ -248,8 +252,9 @@ def stream_gaps(url: str, until: threading.Event) -> list[tuple[float, float]]:
 @pytest.mark.parametrize("lane", [True, False])
 def test_a_remote_server_asking_to_retry_later_holds_up_no_other_request(family, remote_url, tmp_path, lane):
     """A remote base answering 429 (Retry-After an hour away, capped at 0.6 s, four times in a row): its
-    request completes after the waits, and with remote_lane (the default) the local requests streaming
-    meanwhile never stall; without it they stall for the waits (the measure can fail)."""
+    request completes after the waits, and the local requests streaming meanwhile never stall: with
+    remote_lane (the default) they decode on another engine thread; without it, on the same one, which sets
+    the refused rows aside until they are due instead of sleeping."""
     cfg = Path(client_config(family, tmp_path, remote_url))
     cfg.write_text(cfg.read_text().replace("server: {preload: false}",
                                            f"server: {{preload: false, remote_lane: {str(lane).lower()}}}"))
@@ -277,10 +282,78 @@ def test_a_remote_server_asking_to_retry_later_holds_up_no_other_request(family,
         assert answer.json()["usage"]["completion_tokens"] == 3, answer.json()  # sampled: past any end token
         assert len(flaky.refused) == 4 and flaky.refused[-1] - flaky.refused[0] >= 1.5  # it did wait, capped
         during = [g for t, g in gaps if flaky.refused[0] <= t <= flaky.refused[-1] + 0.6]
-        if lane:
-            assert len(during) >= 10 and max(g for _, g in gaps) < 0.5  # streaming went on through the waits
-            assert 'lane="remote:big5"' in httpx.get(f"{url}/metrics").text
-        else:
-            assert max(g for _, g in gaps) >= 1.0  # one engine thread: everyone waited with the remote rows
+        assert len(during) >= 10 and max(g for _, g in gaps) < 0.5  # streaming went on through the waits
+        assert ('lane="remote:big5"' in httpx.get(f"{url}/metrics").text) == lane
     finally:
         server.should_exit = True
+
+
+def timed_stream(lf, reqs, on_event=None) -> dict[str, list]:
+    """Each request's events with the time each came, from one engine (the library's: no remote lane)."""
+    out = {r.rid: [] for r in reqs}
+    for ev in lf.stream(reqs):
+        out[ev.rid].append((time.monotonic(), ev))
+        if on_event is not None:
+            on_event(ev)
+    return out
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_rows_a_remote_server_refuses_wait_aside_while_the_others_decode(family, remote_url, tmp_path, when):
+    """One engine thread decodes two remote rows (one multi-prompt call a step) and two local ones; the
+    remote server answers 503 with Retry-After for a second, from the remote rows' prefill or from amid
+    their decoding. The remote rows come back after the wait the server asked for (capped at 1.5 s), the
+    local rows decode on meanwhile (they never wait for it), and the remote rows resume where they were,
+    with the tokens an unrefused run gives."""
+    lf = LogitFuse(client_config(family, tmp_path, remote_url))
+    lm = lf.model("big5")
+    assert lm.caps.multi_prompt  # the step's remote rows go in one call
+    remote_sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    local_sp = SamplingParams(max_tokens=240, temperature=0, ignore_eos=True)
+
+    def requests():
+        return (lf.requests("remote-top5", PROMPTS[0], remote_sp) + lf.requests("remote-top5", PROMPTS[2], remote_sp)
+                + lf.requests("local-proxy", PROMPTS[0], local_sp) + lf.requests("local-proxy", PROMPTS[1], local_sp))
+
+    want = timed_stream(lf, requests())
+    flaky = RefusingFirst(lm.client, status=503, after="2")
+    lm.client = httpx.Client(base_url=lm.url, transport=flaky, timeout=60)
+    lm.retries, lm.max_wait = 5, 1.5  # the wait: 1.35-1.5 s
+    reqs = requests()
+    if when == "prefill":
+        flaky.until = time.monotonic() + 1.0
+    seen = []
+
+    def refuse_amid(ev):
+        seen.append(ev.rid)
+        if when == "decode" and seen.count(reqs[0].rid) == 2 and not flaky.refused:
+            flaky.until = time.monotonic() + 1.0
+
+    got = timed_stream(lf, reqs, refuse_amid)
+    back = min(t for t, _ in got[reqs[0].rid] if t > flaky.refused[0])  # the remote rows' next token
+    assert back - flaky.refused[0] >= 1.3  # the server's wait
+    for r in reqs[2:]:
+        times = [t for t, _ in got[r.rid]]
+        assert len([t for t in times if flaky.refused[0] < t < back]) >= 10  # decoded through the wait
+        assert max(b - a for a, b in pairwise(times)) < 1.0  # never held up by it
+    for r, w in zip(reqs[:2], list(want.values())[:2]):
+        tokens = [ev.token_id for _, ev in got[r.rid] if ev.token_id is not None]
+        assert tokens == [ev.token_id for _, ev in w if ev.token_id is not None] and len(tokens) == 6
+        assert got[r.rid][-1][1].finish_reason == "length"
+
+
+def test_a_remote_server_that_keeps_refusing_ends_its_rows_alone(family, remote_url, tmp_path):
+    """Past the model's retries, the held remote rows end with the server's status; the local rows decoding
+    beside them end as asked."""
+    lf = LogitFuse(client_config(family, tmp_path, remote_url))
+    lm = lf.model("big5")
+    lf.generate("remote-top5", ["one"], SamplingParams(max_tokens=1))
+    flaky = RefusingFirst(lm.client, status=503, after="0")
+    lm.client = httpx.Client(base_url=lm.url, transport=flaky, timeout=60)
+    lm.retries, flaky.refusals = 2, 100
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    reqs = lf.requests("remote-top5", PROMPTS[0], sp) + lf.requests("local-proxy", PROMPTS[0], sp)
+    got = timed_stream(lf, reqs)
+    remote, local = (got[r.rid][-1][1] for r in reqs)
+    assert remote.finish_reason == "error" and "503" in remote.error and len(flaky.refused) == 3
+    assert local.finish_reason == "length" and local.completion_tokens == 20
