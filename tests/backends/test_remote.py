@@ -357,3 +357,38 @@ def test_a_remote_server_that_keeps_refusing_ends_its_rows_alone(family, remote_
     remote, local = (got[r.rid][-1][1] for r in reqs)
     assert remote.finish_reason == "error" and "503" in remote.error and len(flaky.refused) == 3
     assert local.finish_reason == "length" and local.completion_tokens == 20
+
+
+def test_requests_set_aside_can_be_aborted_and_the_engine_idles_without_spinning(family, remote_url, tmp_path):
+    """A server asking to come back in 30 s: a request refused at its prefill, and one refused amid its
+    decoding, wait aside; a step meanwhile naps briefly (no spinning, no call, no 30 s wait), and an abort
+    ends either at once (the engine then has no work left)."""
+    from logitfuse.engine.deferral import NAP
+
+    lf = LogitFuse(client_config(family, tmp_path, remote_url))
+    lm = lf.model("big5")
+    lf.generate("remote-top5", ["one"], SamplingParams(max_tokens=1))
+    flaky = RefusingFirst(lm.client, status=503, after="30")
+    lm.client = httpx.Client(base_url=lm.url, transport=flaky, timeout=60)
+    lm.max_wait = 30.0
+    engine, sp = lf.engine, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    first, second = (lf.requests("remote-top5", p, sp)[0] for p in PROMPTS[:2])
+    engine.add(first)
+    flaky.until = time.monotonic() + 60
+    assert engine.step() == [] and len(flaky.refused) == 1  # refused at its prefill: set aside
+    assert engine.has_work() and not engine.is_running(first.rid)
+    flaky.until = 0.0
+    engine.add(second)
+    assert [ev.rid for ev in engine.step() if ev.token_id is not None] == [second.rid]  # the other one goes on
+    flaky.until = time.monotonic() + 60
+    steps = 0
+    while engine.step():  # until a step yields nothing: the second one is aside too
+        steps += 1
+        assert steps < 8
+    assert len(flaky.refused) >= 2 and engine.is_running(second.rid)
+    t0 = time.monotonic()
+    assert engine.step() == [] and NAP / 2 <= time.monotonic() - t0 < 1.0  # nothing to run: a nap, no call
+    engine.abort(first.rid)
+    engine.abort(second.rid)
+    ends = {ev.rid: ev.finish_reason for ev in engine.step()}
+    assert ends == {second.rid: "abort"} and not engine.has_work()  # the first had not started: it just leaves
