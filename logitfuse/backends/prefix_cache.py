@@ -2,7 +2,9 @@
 
 Prompts are cut into blocks of `block` token ids; a block is keyed by a digest of its parent's digest and
 its own ids (blake2b, as vLLM's automatic prefix caching chains sha256), so a key names the whole chain of
-blocks before it, and each entry keeps its parent's key and its own ids, checked on every lookup. Entries
+blocks before it. Each entry also keeps its own ids and a link to its parent entry: a lookup follows the
+links and compares ids, and a store keeps nothing past a key that holds other ids, so a hit is the KV of
+exactly the prompt's tokens even if two digests collided. Entries
 hold one row's keys and values for the block, (1, H, block, D) per layer, and are evicted least recently
 used under a byte budget shared by every model, leaves first: a lookup or store touches a chain from its
 last block back to its first, so an entry is always more recent than its descendants and the oldest entry
@@ -33,9 +35,10 @@ def block_digest(parent: bytes | None, ids: tuple[int, ...]) -> bytes:
     return h.digest()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Block:
-    parent: bytes | None
+    parent: bytes | None  # the parent's digest (None: a first block)
+    up: _Block | None  # the parent entry itself
     ids: tuple[int, ...]
     layers: Layers
     nbytes: int
@@ -71,9 +74,9 @@ class PrefixCache:
         found: list[_Block] = []
         with self._lock:
             chain = []
-            for parent, key, chunk in self._keys(ids, (len(ids) - 1) // self.block):
+            for _, key, chunk in self._keys(ids, (len(ids) - 1) // self.block):
                 entry = self._entries.get((model, key))
-                if entry is None or entry.parent != parent or entry.ids != chunk:
+                if entry is None or entry.ids != chunk or entry.up is not (found[-1] if found else None):
                     break
                 chain.append(key)
                 found.append(entry)
@@ -90,18 +93,21 @@ class PrefixCache:
     def store(self, model: str, ids: list[int], layers: Layers) -> None:
         """Keep the full blocks of one row's prompt: layers (1, H, len(ids), D) per layer, its visible positions."""
         with self._lock:
-            chain = []
+            chain, up = [], None
             for b, (parent, key, chunk) in enumerate(self._keys(ids, len(ids) // self.block)):
+                entry = self._entries.get((model, key))
+                if entry is None:
+                    part = slice(b * self.block, (b + 1) * self.block)
+                    kept = [(k[:, :, part].clone(), v[:, :, part].clone()) for k, v in layers]
+                    nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kept)
+                    entry = self._entries[(model, key)] = _Block(parent, up, chunk, kept, nbytes)
+                    self.bytes += nbytes
+                    if up is not None:
+                        up.children.add(key)
+                elif entry.ids != chunk or entry.up is not up:
+                    break  # another chain's block under this digest: nothing after it can be linked
                 chain.append(key)
-                if (model, key) in self._entries:
-                    continue
-                part = slice(b * self.block, (b + 1) * self.block)
-                kept = [(k[:, :, part].clone(), v[:, :, part].clone()) for k, v in layers]
-                nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kept)
-                self._entries[(model, key)] = _Block(parent, chunk, kept, nbytes)
-                self.bytes += nbytes
-                if parent is not None:  # the parent is cached: the chain is stored from its first block
-                    self._entries[(model, parent)].children.add(key)
+                up = entry
             self._touch(model, chain)
             while self.bytes > self.budget and self._entries:
                 self._drop(next(iter(self._entries)))
@@ -110,12 +116,11 @@ class PrefixCache:
         """Remove an entry and whatever it leaves unreachable (its descendants; none when it is a leaf)."""
         entry = self._entries.pop(key)
         self.bytes -= entry.nbytes
-        for child in entry.children:
+        for child in list(entry.children):
             if (key[0], child) in self._entries:
                 self._drop((key[0], child))
-        parent = self._entries.get((key[0], entry.parent)) if entry.parent is not None else None
-        if parent is not None:
-            parent.children.discard(key[1])
+        if entry.up is not None:
+            entry.up.children.discard(key[1])
 
     def forget(self, model: str) -> None:
         """Drop a model's entries (its weights were unloaded, or loaded again and may differ)."""

@@ -166,6 +166,27 @@ def test_a_block_is_keyed_by_its_whole_chain_not_the_builtin_hash(monkeypatch):
     assert len(first) == 16 and prefix_cache.block_digest(first, (9,) * 4) != prefix_cache.block_digest(None, (9,) * 4)
 
 
+def test_even_colliding_digests_never_serve_another_prompts_keys_and_values(monkeypatch):
+    """Two first blocks made to share a digest: the one cached first keeps the key, the other prompt stores
+    nothing past it and reads nothing under it, and a block cached after one is never served after the other."""
+    from logitfuse.backends import prefix_cache
+
+    real = prefix_cache.block_digest
+    monkeypatch.setattr(prefix_cache, "block_digest",
+                        lambda parent, ids: b"same" if ids in {(1, 2, 3, 4), (5, 6, 7, 8)} else real(parent, ids))
+    cache = PrefixCache(budget_bytes=2**20, block=4)
+    cache.store("m", [1, 2, 3, 4], blocks([1, 2, 3, 4]))
+    cache.store("m", [5, 6, 7, 8, 9, 9, 9, 9], blocks([5, 6, 7, 8, 9, 9, 9, 9], start=100.0))
+    assert len(cache._entries) == 1  # the second prompt kept nothing
+    assert cache.longest("m", [5, 6, 7, 8, 9, 9, 9, 9, 0]) == (0, None)
+    n, got = cache.longest("m", [1, 2, 3, 4, 9, 9, 9, 9, 0])
+    assert n == 4 and torch.equal(got[0][0], blocks([1, 2, 3, 4])[0][0])
+    cache.store("m", [1, 2, 3, 4, 9, 9, 9, 9], blocks([1, 2, 3, 4, 9, 9, 9, 9]))
+    n, got = cache.longest("m", [1, 2, 3, 4, 9, 9, 9, 9, 0])
+    assert n == 8 and torch.equal(got[0][0], blocks([1, 2, 3, 4, 9, 9, 9, 9])[0][0])
+    check_tree(cache)
+
+
 def test_forget_drops_every_entry_of_a_name_and_only_those():
     cache = PrefixCache(budget_bytes=2**20, block=4)
     for name in ("host", "host+a"):
