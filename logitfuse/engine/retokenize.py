@@ -18,28 +18,45 @@ if TYPE_CHECKING:
 
 
 def generated_text(base_tokenizer: Tokenizer, seq: Sequence) -> str:
-    """The text a sequence has generated so far, decoded with a few prompt tokens before it so the first
+    """The text a sequence has generated so far (text_after on its base prompt and generated tokens)."""
+    return text_after(base_tokenizer, seq.req.prompts[seq.req.plan.base], seq.generated)
+
+
+def text_after(base_tokenizer: Tokenizer, prompt: list[int], generated: list[int]) -> str:
+    """The text of the base's tokens `generated`, decoded with a few prompt tokens before them so the first
     token keeps its leading space: what a cross-tokenizer model re-tokenizes. The base's special tokens add
     no text (an end token generated past with ignore_eos or min_tokens is not spelled out as "<eos>" to a
     model whose tokenizer has no such token)."""
-    tail = seq.req.prompts[seq.req.plan.base][-4:]
-    text = base_tokenizer.decode(tail + seq.generated, skip_special_tokens=True)
+    tail = list(prompt[-4:])
+    text = base_tokenizer.decode(tail + list(generated), skip_special_tokens=True)
     return text[len(base_tokenizer.decode(tail, skip_special_tokens=True)):]
+
+
+def retokenized_ids(tokenizer: Tokenizer, base_tokenizer: Tokenizer, prompt: list[int], generated: list[int]
+                    ) -> list[int]:
+    """A cross-tokenizer model's own ids of the text the base's tokens `generated` spell after `prompt`."""
+    return tokenizer.encode(text_after(base_tokenizer, prompt, generated), add_special_tokens=False)
 
 
 def retokenized_update(tokenizer: Tokenizer, base_tokenizer: Tokenizer, seq: Sequence, name: str
                        ) -> tuple[int, list[int]]:
     """For one row of model `name`: (positions to forget, tokens to feed); records the new tokenization."""
-    ids = tokenizer.encode(generated_text(base_tokenizer, seq), add_special_tokens=False)
-    old = seq.cross_ids[name]
+    ids = retokenized_ids(tokenizer, base_tokenizer, seq.req.prompts[seq.req.plan.base], seq.generated)
+    forget, add = retokenized_change(seq.cross_ids[name], ids, seq.req.prompts[name])
+    seq.cross_ids[name] = ids
+    return forget, add
+
+
+def retokenized_change(old: list[int], ids: list[int], own_prompt: list[int]) -> tuple[int, list[int]]:
+    """(positions to forget, tokens to feed) that take a model holding own_prompt + old to own_prompt + ids,
+    with fresh logits after the last of them."""
     common = 0
     while common < min(len(old), len(ids)) and old[common] == ids[common]:
         common += 1
     forget, add = len(old) - common, ids[common:]
     if not add and forget:  # the text shrank to a prefix: take its last token again for fresh logits
-        seen = seq.req.prompts[name] + ids
+        seen = list(own_prompt) + ids
         forget, add = forget + 1, [seen[-1]]
-    seq.cross_ids[name] = ids
     return forget, add
 
 
