@@ -259,9 +259,9 @@ class SpecGroup:
         emitted[torch.arange(b, device=dev), torch.tensor(accepted, device=dev)] = torch.tensor(nexts, device=dev)
         trace = None
         if any(s.req.plan.influence for s in rows):  # the block's scores as the fuser took them
-            p_ = scores.shape[1]
+            n = scores.shape[1]  # the positions scored: m, or m + 1 with a bonus
             trace = influence.block_trace([s.req.plan for s in rows], self.align, tuple(m.name for m in self.models),
-                                          z_large[:, :p_], torch.stack(z_tuned[:p_], 1), z_small[:, :p_])
+                                          z_large[:, :n], torch.stack(z_tuned[:n], 1), z_small[:, :n])
         finished = self._emit(emitted, accepted, scores, events, trace)
         # each model keeps the prefix through the last accepted draft; the emitted token is the next pending
         for mdl, s, fed in zip(self.models, self.states, (m + 1, tuned_fed, m + 1)):
