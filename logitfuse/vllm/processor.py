@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import replace
 
 import torch
+from transformers import AutoTokenizer
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from logitfuse.api import LogitFuse
+from logitfuse.backends.base import tokenizer_vocab_info
 from logitfuse.backends.hf import probe_vocab
 from logitfuse.config.registry import Registry
 from logitfuse.errors import InvalidRequest
@@ -53,10 +54,11 @@ class FusionLogitsProcessor(LogitsProcessor):
         model = vllm_config.model_config
         self.registry = local_registry(requests.load_registry(), device)
         self.lf = LogitFuse(self.registry)
-        base = replace(probe_vocab("vllm", model.tokenizer), logits_width=model.get_vocab_size())
+        tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
+        base = host_vocab(self.registry, tokenizer, model.get_vocab_size())
         self.eos = base.vocab.get(base.special.get("eos_token") or "", None)
         self.refused = refusals(self.registry, base, self.lf)
-        self.core = ExpertRows(self.lf.model, base, self.registry.server.solver_threads)
+        self.core = ExpertRows(self.lf.model, base, self.registry.server.solver_threads, tokenizer)
         self.by_index: dict[int, str] = {}  # persistent batch index -> row id (fused rows only)
         self.ids = itertools.count()
 
@@ -135,6 +137,12 @@ def local_registry(registry: Registry, device: torch.device) -> Registry:
               for n, s in registry.models.items()}
     server = registry.server.model_copy(update={"cpu_threads": None, "solver_threads": None})
     return registry.model_copy(update={"models": models, "server": server})
+
+
+def host_vocab(registry: Registry, tokenizer, width: int) -> VocabInfo:
+    """vLLM's vocabulary as fusion reads it: with every token's text where an expert of the registry uses
+    another tokenizer (its scores are mapped by text), without where none does (the texts cost a decode per id)."""
+    return tokenizer_vocab_info("vllm", tokenizer, width, any(e.cross_tokenizer for e in registry.experts.values()))
 
 
 def refusals(registry: Registry, base: VocabInfo, lf: LogitFuse) -> dict[str, str]:

@@ -2,8 +2,9 @@
 
 A request opts in with `extra_args={"ensemble": NAME}` (offline) or `vllm_xargs` (vLLM's OpenAI server), and
 may override the method's parameters with flat keys of the same names as a registry ensemble's (`alpha`,
-`beta`, `weights`, `grid`, `mode`, `support`, `experts`, `method`). Inside vLLM the base is vLLM's own model
-and every expert reads the token ids vLLM feeds it, so some plans cannot run there; `unsupported` says why.
+`beta`, `weights`, `grid`, `mode`, `support`, `experts`, `method`). Inside vLLM the base is vLLM's own model;
+an expert of the base's tokenizer reads the token ids vLLM feeds it, a cross-tokenizer one their text in its
+own tokens. Some plans cannot run there; `unsupported` says why.
 """
 
 from __future__ import annotations
@@ -87,10 +88,8 @@ def unsupported(registry: Registry, plan: FusionPlan) -> str | None:
         return ("speculative fusion drafts with the tuned expert and verifies in the base, which vLLM runs; "
                 "vLLM refuses custom logits processors under its own speculative decoding, so drop "
                 "`speculative` from the ensemble")
-    if plan.cross_models():
-        return (f"experts {', '.join(plan.cross_models())} use another tokenizer and follow the text re-tokenized; "
-                "inside vLLM every expert reads vLLM's token ids, so it must share the base's tokenizer")
-    formats = {n: registry.model_spec(n).chat_template for n in plan.models()}
+    # a cross-tokenizer model reads the text of vLLM's prompt ids (as logitfuse serve does for a prompt of ids)
+    formats = {n: registry.model_spec(n).chat_template for n in plan.models() if n not in plan.cross_models()}
     if len(set(formats.values())) > 1:
         listed = ", ".join(f"{n}: {v}" for n, v in formats.items())
         return ("its roles format chat prompts differently (chat_template " + listed + "); inside vLLM every "

@@ -5,7 +5,10 @@ an ensemble, the prompt, a live view of its generated tokens and how many of the
 `fuse` brings every expert up to date (a new row prefills its prompt and any tokens it already has, as a
 preempted and resumed request does; a running row takes its newest token, every model in one forward, LoRA
 views of one host together) and returns the fused scores of the rows from the host's base logits, through
-the method table exactly as the engine's fuser does. No vLLM import: tests drive it with any base logits.
+the engine's own fuser (engine/hosted.py). A cross-tokenizer expert reads the generated text re-tokenized
+with its own tokenizer, by the engine's code: it prefills its own tokens of the prompt's text (and of the
+text generated so far), and each step forgets what the newest token's merge changed and feeds the new ids.
+No vLLM import: tests drive it with any base logits.
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from logitfuse import methods
-from logitfuse.backends.base import CausalLM
+from logitfuse.backends.base import CausalLM, Tokenizer
+from logitfuse.engine.hosted import (
+    HostFuser,
+    advance_ragged_group,
+    cross_prompt,
+    retokenized_change,
+    retokenized_ids,
+)
 from logitfuse.engine.slots import ModelSlots
 from logitfuse.errors import InvalidRequest, VocabMismatchError
-from logitfuse.methods.base import Step
 from logitfuse.methods.plan import FusionPlan
 from logitfuse.ops.vocab import Alignment, VocabInfo, align
 
@@ -31,6 +39,8 @@ class Row:
     outputs: Sequence[int]  # the host's own list of generated tokens (it grows in place)
     fed: int = 0  # tokens of prompt + outputs the experts' caches hold
     error: str | None = None  # set when this row's fusion failed; the row is then left to end
+    own: dict[str, list[int]] = field(default_factory=dict)  # cross-tokenizer model -> its ids of the prompt
+    cross: dict[str, list[int]] = field(default_factory=dict)  # ... -> its ids of the generated text it holds
 
     def tokens(self) -> list[int]:
         return [*self.prompt, *self.outputs]
@@ -47,17 +57,29 @@ class ExpertRows:
     get_backend: Callable[[str], CausalLM]
     base: VocabInfo  # the host's base vocabulary; its logits_width is the width of the logits it hands over
     solver_threads: int | None = None
+    base_tokenizer: Tokenizer | None = None  # the host's tokenizer (cross-tokenizer experts read its text)
     rows: dict[str, Row] = field(default_factory=dict)
     slots: ModelSlots = field(default_factory=ModelSlots)
-    _maps: dict[tuple[str, ...], Alignment] = field(default_factory=dict)
+    _maps: dict[tuple, Alignment] = field(default_factory=dict)
     _aside: dict[str, tuple] = field(default_factory=dict)  # model -> rows set aside during one forward
 
+    def __post_init__(self) -> None:
+        self.fuser = HostFuser(self.get_backend, self.alignment, self.solver_threads)
+
     def alignment(self, plan: FusionPlan) -> Alignment:
-        """The experts' vocabularies mapped onto the host's base vocabulary (checked once per set of models)."""
-        key = plan.models()[1:]
+        """The experts' vocabularies mapped onto the host's base vocabulary (checked once per set of models):
+        shared ids, or a cross-tokenizer pair's map by token text (the base's texts are needed then)."""
+        cross = plan.cross_models()
+        key = (plan.models()[1:], cross)
         if key not in self._maps:
+            if cross and self.base.texts is None:
+                raise InvalidRequest(f"experts {', '.join(cross)} use another tokenizer: the host's base "
+                                     "vocabulary needs its token texts to map theirs", "ensemble")
+            info = lambda n, texts=False: self.get_backend(n).vocab_info(with_texts=texts)  # noqa: E731
             try:
-                self._maps[key] = align([self.base] + [self.get_backend(n).vocab_info() for n in key])
+                same = [self.base] + [info(n) for n in key[0] if n not in cross]
+                self._maps[key] = align(same, [(info(e.tuned, True), info(e.untuned, True))
+                                               for e in plan.experts if e.cross])
             except VocabMismatchError as err:
                 raise InvalidRequest(str(err), "ensemble") from None
         return self._maps[key]
@@ -110,27 +132,18 @@ class ExpertRows:
             return failed
 
     def scores(self, rids: list[str], base_logits: torch.Tensor) -> torch.Tensor:
-        """The plans' method on rows of one group (their experts up to date): as engine/fused_scores.py."""
+        """The plans' method on rows of one group (their experts up to date), by the engine's own fuser."""
         plans = [self.rows[r].plan for r in rids]
-        plan = plans[0]
-        al = self.alignment(plan)
-        base = al.apply(base_logits).float()  # (b, V)
 
         def rows_of(name: str) -> torch.Tensor:
-            if name == plan.base:  # a role the base itself fills (e.g. the untuned model of an adapter over it)
-                return base
+            if name == plans[0].base:  # the host's logits (also where the base fills a role, e.g. untuned)
+                return base_logits
             slot = self.slots[name]
             where = slot.index()
             pick = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
-            return al.apply(slot.logits.index_select(0, pick)).to(base.device).float()
+            return slot.logits.index_select(0, pick)
 
-        def experts() -> tuple[torch.Tensor, torch.Tensor]:
-            tuned = torch.stack([rows_of(e.tuned) for e in plan.experts], 1)
-            untuned = torch.stack([rows_of(e.untuned) for e in plan.experts], 1)
-            return tuned, untuned  # (b, T, V) each
-
-        fused, _ = methods.get(plan.method).combine(Step(plans, base, experts, self.solver_threads))
-        return fused
+        return self.fuser.scores(plans, rows_of)
 
     def _catch_up(self, rids: list[str]) -> dict[str, str]:
         """Every expert of the given rows reads the rows' unread tokens: new rows (and rows more than one token
@@ -170,13 +183,36 @@ class ExpertRows:
         """One model's prefill of rows; if the batch fails, each row alone (one bad row fails alone)."""
         try:
             backend = self.get_backend(name)
-            state, logits = backend.prefill([self.rows[r].tokens() for r in rids])
+            state, logits = backend.prefill([self.reads(r, name) for r in rids])
         except Exception as err:
             if len(rids) == 1:
                 return {rids[0]: f"{name}: {type(err).__name__}: {err}"}
             return {r: why for rid in rids for r, why in self._prefill_model(name, [rid]).items()}
         self.slots.join(name, backend, state, rids, logits)
         return {}
+
+    def reads(self, rid: str, name: str) -> list[int]:
+        """What model `name` reads of a row: the host's tokens, or for a cross-tokenizer model its own ids of
+        the prompt's text and of the text generated so far (recorded: later steps start from them)."""
+        row = self.rows[rid]
+        if name not in row.plan.cross_models():
+            return row.tokens()
+        backend = self.get_backend(name)
+        if self.base_tokenizer is None:
+            raise InvalidRequest(f"model {name!r} re-tokenizes the host's text: the host's tokenizer is needed",
+                                 "ensemble")
+        if name not in row.own:
+            row.own[name] = cross_prompt(self.base_tokenizer, backend, row.prompt)
+        row.cross[name] = retokenized_ids(backend.tokenizer, self.base_tokenizer, row.prompt, list(row.outputs))
+        return row.own[name] + row.cross[name]
+
+    def _retokenized(self, rid: str, name: str, backend: CausalLM) -> tuple[int, list[int]]:
+        """A cross-tokenizer model's step for a row: (positions to forget, ids to feed), recorded."""
+        row = self.rows[rid]
+        ids = retokenized_ids(backend.tokenizer, self.base_tokenizer, row.prompt, list(row.outputs))
+        forget, add = retokenized_change(row.cross[name], ids, row.own[name])
+        row.cross[name] = ids
+        return forget, add
 
     def _advance(self, new: dict[str, int]) -> dict[str, str]:
         """Each model takes its rows' new token; rows without one this step are set aside and rejoin after."""
@@ -207,6 +243,9 @@ class ExpertRows:
             if idle:
                 self._split(name, idle)
         slots = [self.slots[n] for n in names]
+        if any(n in self.rows[r].cross for n, s in zip(names, slots) for r in s.rows):
+            self._forward_retokenized(names, new)
+            return
         tokens = [torch.tensor([new[r] for r in s.rows], dtype=torch.long).view(-1, 1) for s in slots]
         if len(slots) == 1:
             slots[0].logits = slots[0].backend.decode(slots[0].state, tokens[0])[:, 0]
@@ -214,6 +253,20 @@ class ExpertRows:
             parts = [(s.backend, s.state, t) for s, t in zip(slots, tokens)]
             for s, logits in zip(slots, slots[0].backend.decode_group(parts)):
                 s.logits = logits[:, 0]
+        for name in names:
+            self._rejoin(name)
+
+    def _forward_retokenized(self, names: list[str], new: dict[str, int]) -> None:
+        """The forward of slots with cross-tokenizer rows, as the engine's (engine/slots.py): each such row
+        forgets and feeds what its re-tokenized text changed, the others feed their token."""
+        parts = []
+        for name in names:
+            slot = self.slots[name]
+            steps = [self._retokenized(r, name, slot.backend) if name in self.rows[r].cross else (0, [new[r]])
+                     for r in slot.rows]
+            parts.append((slot.backend, slot.state, slot.logits, [f for f, _ in steps], [a for _, a in steps]))
+        for name, logits in zip(names, advance_ragged_group(parts)):
+            self.slots[name].logits = logits
         for name in names:
             self._rejoin(name)
 

@@ -1,7 +1,8 @@
 """logitfuse inside vLLM, on the embedded family (models/). test_rows.py drives the experts' side without
 vLLM; test_processor.py (skipped where vLLM does not import: see .ci/vllm) runs one offline LLM per module,
 whose engine subprocess reads LOGITFUSE_CONFIG. The base is models/base-large in float32, eager; logitfuse's
-own engine on the same registry is the reference.
+own engine on the same registry is the reference. The cross-tokenizer pair is the tiny family's `foreign` and
+`foreign-small` (logitfuse/training/tiny.py), whose tokenizer splits the base's text its own way.
 """
 
 import json
@@ -23,6 +24,8 @@ models:
   tuned-small-arith: {{path: {m}/tuned-small-arith, dtype: float32, chat_template: true}}
   plain-small: {{path: {m}/base-small, dtype: float32}}
   broken-small: {{path: {broken}, dtype: float32, chat_template: true}}
+  foreign: {{path: {foreign}, dtype: float32}}
+  foreign-small: {{path: {foreign_small}, dtype: float32}}
 rewards:
   rm: {{path: {m}/reward, dtype: float32}}
 experts:
@@ -31,6 +34,7 @@ experts:
   lora: {{adapter: {adapter}, untuned: base-small}}
   other-format: {{tuned: tuned-small-qa, untuned: plain-small}}
   broken: {{tuned: broken-small, untuned: base-small}}
+  xa: {{tuned: foreign, untuned: foreign-small, cross_tokenizer: true}}
 ensembles:
   proxy: {{base: base-large, method: proxy, experts: [qa], alpha: 1.0}}
   eft: {{base: base-large, method: eft, experts: [qa, arith], weights: [0.7, 0.3], beta: 1.0}}
@@ -42,6 +46,9 @@ ensembles:
   unloadable: {{base: base-large, method: proxy, experts: [broken]}}
   over-self: {{base: base-small, method: proxy, experts: [qa], alpha: 1.0}}
   lora-self: {{base: base-small, method: proxy, experts: [lora], alpha: 1.0}}
+  cross-proxy: {{base: base-large, method: proxy, experts: [xa], alpha: 1.0}}
+  cross-eft: {{base: base-large, method: eft, experts: [qa, xa], weights: [0.6, 0.4], beta: 1.0}}
+  cross-dlf: {{base: base-large, method: dlf, experts: [xa]}}
 server: {{memory_budget_mb: 1024, max_batch: 64}}
 """
 
@@ -67,8 +74,12 @@ def registry_file(tmp_path_factory) -> Iterator[Path]:
     broken = root / "broken-small"  # a checkpoint whose weights file is overwritten: it cannot load
     shutil.copytree(MODELS / "tuned-small-qa", broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    from logitfuse.training.tiny import build_family
+
+    tiny = build_family(root / "tiny")
     path = root / "registry.yaml"
-    path.write_text(REGISTRY.format(m=MODELS, adapter=adapter, broken=broken))
+    path.write_text(REGISTRY.format(m=MODELS, adapter=adapter, broken=broken, foreign=tiny["foreign"],
+                                    foreign_small=tiny["foreign-small"]))
     before = os.environ.get("LOGITFUSE_CONFIG")
     os.environ["LOGITFUSE_CONFIG"] = str(path)  # the engine subprocess inherits it
     yield path

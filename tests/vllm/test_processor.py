@@ -1,6 +1,7 @@
 """vLLM + FusionLogitsProcessor against logitfuse's own engine on the same registry: greedy tokens equal and
-fused log-probabilities within 1e-3, for proxy, EFT, DLF and a LoRA-adapter expert; plain rows untouched;
-a mixed batch whose rows finish at different steps; bad requests refused while the engine keeps serving."""
+fused log-probabilities within 1e-3, for proxy, EFT, DLF, a LoRA-adapter expert and an expert pair with another
+tokenizer; plain rows untouched; mixed batches whose rows finish at different steps; bad requests refused
+while the engine keeps serving."""
 
 import math
 
@@ -44,6 +45,7 @@ def assert_same(got, want):
 @pytest.mark.parametrize(("ensemble", "overrides"), [
     ("proxy", {}), ("eft", {}), ("dlf", {}), ("adapter", {}), ("proxy", {"alpha": 0.5}),
     ("eft", {"beta": 1.5, "weights": [0.2, 0.8]}),
+    ("cross-proxy", {}), ("cross-eft", {}), ("cross-dlf", {}), ("cross-proxy", {"alpha": 0.5}),
 ])
 def test_fused_greedy_equals_logitfuse(llm, ref, prompts, ensemble, overrides):
     got = run_vllm(llm, prompts, vllm_params(ensemble, 12, **overrides))
@@ -69,6 +71,16 @@ def test_mixed_batch_stays_exact(llm, ref, prompts):
     for i, ((name, k), g) in enumerate(zip(cases, got)):
         want = run_ref(ref, name or "base-large", [prompts[i]], k)
         assert_same([g], want)
+
+
+def test_cross_tokenizer_rows_in_a_mixed_batch(llm, ref, prompts):
+    """Rows whose expert pair re-tokenizes the text (three methods) beside same-tokenizer and plain rows in one
+    batch, each with its own length: every row equals its own reference."""
+    names = ["cross-proxy", None, "cross-dlf", "proxy", "cross-eft"]
+    cases = [(names[i % len(names)], 2 + (7 * i) % 15) for i in range(len(prompts))]
+    got = run_vllm(llm, prompts, [vllm_params(n, k) for n, k in cases])
+    for i, ((name, k), g) in enumerate(zip(cases, got)):
+        assert_same([g], run_ref(ref, name or "base-large", [prompts[i]], k))
 
 
 def test_unknown_ensemble_is_refused_and_the_engine_serves_on(llm, ref, prompts):

@@ -1,10 +1,13 @@
 """The experts' side of the vLLM processor (logitfuse/vllm/rows.py), driven by a host loop written here: the
 base decoded by its HF backend, rows joining, waiting a step, preempted and resumed, leaving. Greedy outputs
-equal logitfuse's own engine on the same ensembles. Needs no vLLM."""
+equal logitfuse's own engine on the same ensembles, cross-tokenizer experts included. Needs no vLLM."""
+
+import itertools
 
 import pytest
 import torch
 
+from logitfuse.engine.hosted import retokenized_change, retokenized_ids
 from logitfuse.engine.request import SamplingParams
 from logitfuse.ops.vocab import VocabInfo
 from logitfuse.vllm.requests import request_plan, unsupported
@@ -16,8 +19,8 @@ EOS = 2
 @pytest.fixture(scope="module")
 def core(ref):
     base = ref.model("base-large")
-    info: VocabInfo = base.vocab_info()
-    return ExpertRows(ref.model, info)
+    info: VocabInfo = base.vocab_info(with_texts=True)  # the texts map cross-tokenizer experts
+    return ExpertRows(ref.model, info, base_tokenizer=base.tokenizer)
 
 
 def base_logits(ref, seqs: list[list[int]]) -> torch.Tensor:
@@ -56,6 +59,62 @@ def test_rows_join_wait_resume_and_leave(ref, core, prompts):
     got = host(ref, core, jobs, late, max_tokens, {2: join, 4: preempt})
     assert got == want
     assert not core.rows and not core.slots, "every row and cache is gone when the rows end"
+
+
+def test_cross_tokenizer_rows_equal_the_engine(ref, core, prompts):
+    """Experts with another tokenizer (proxy: the push mapped once; EFT beside a same-tokenizer expert; DLF:
+    targets in the pair's own vocabulary) beside plain and same-tokenizer rows; a cross row joins late and
+    another is preempted and resumed (it prefills its own ids of the prompt's and the generated text)."""
+    names = ["cross-proxy", "cross-eft", "cross-dlf", "proxy", None]
+    jobs = [(f"x{i}", names[i % len(names)], p) for i, p in enumerate(prompts[12:22])]
+    late = ("late", "cross-proxy", prompts[22])
+    max_tokens = 10
+    want = reference(ref, [*jobs, late], max_tokens)
+    plain = reference(ref, [(r, None, p) for r, _, p in jobs], max_tokens)
+    assert sum(want[r] != plain[r] for r, n, _ in jobs if n and n.startswith("cross")) >= 3
+    long = next(rid for rid, name, _ in jobs if name == "cross-dlf" and len(want[rid]) > 5)
+
+    def join(core, outputs):
+        jobs.append(late)
+        outputs["late"] = []
+        core.add("late", request_plan(ref.registry, {"ensemble": "cross-proxy"}), late[2], outputs["late"])
+        return {"late"}
+
+    def preempt(core, outputs):
+        core.remove(long)
+        core.add(long, request_plan(ref.registry, {"ensemble": "cross-dlf"}), {r: p for r, _, p in jobs}[long],
+                 outputs[long])
+
+    assert host(ref, core, jobs, late, max_tokens, {2: join, 4: preempt}) == want
+    assert not core.rows and not core.slots
+
+
+@pytest.mark.parametrize("ensemble", ["cross-proxy", "cross-eft"])
+def test_a_cross_row_that_re_tokenizes_equals_a_fresh_prefill(ref, core, prompts, ensemble):
+    """Base tokens spelling ' capital city river' in pieces (' cap' 'ital', ' c' 'ity', ' r' 'i' 'v' 'e' 'r'):
+    the pair's own tokenization merges across them, so steps forget positions and feed the merged ids. At every
+    step the row's fused scores equal those of a row that prefills the same tokens from scratch."""
+    tok, theirs = ref.model("base-large").tokenizer, ref.model("foreign").tokenizer
+    forced = tok.convert_tokens_to_ids(["▁cap", "ital", "▁c", "ity", "▁r", "i", "v", "e", "r"])
+    assert tok.decode(forced) == "capital city river"
+    prompt = prompts[0]
+    seen = [retokenized_ids(theirs, tok, prompt, forced[:k]) for k in range(len(forced) + 1)]
+    forgets = [retokenized_change(a, b, [0])[0] for a, b in itertools.pairwise(seen)]
+    assert sum(f > 0 for f in forgets) >= 3 and max(forgets) >= 2, forgets
+    plan = request_plan(ref.registry, {"ensemble": ensemble})
+    outputs: list[int] = []
+    core.add("run", plan, prompt, outputs)
+    for k in range(len(forced) + 1):
+        logits = base_logits(ref, [prompt + outputs])
+        core.add("fresh", plan, prompt, list(outputs))
+        fused, failed = core.fuse(["run", "fresh"], logits.repeat(2, 1))
+        assert not failed, failed
+        assert torch.allclose(fused[0], fused[1], atol=1e-4), (k, float((fused[0] - fused[1]).abs().max()))
+        assert core.rows["run"].cross["foreign"] == seen[k]
+        core.remove("fresh")
+        if k < len(forced):
+            outputs.append(forced[k])
+    core.remove("run")
 
 
 def host(ref, core, jobs, late, max_tokens, events):
@@ -118,6 +177,8 @@ def test_plans_that_cannot_run_in_a_logits_processor(ref):
     assert "rollouts" in unsupported(reg, reg.plan("tq"))
     assert "chat_template" in unsupported(reg, reg.plan("formats"))
     assert unsupported(reg, reg.plan("dlf")) is None
+    # the pair reads the text of the base's prompt ids: its models' chat_template setting plays no part
+    assert all(unsupported(reg, reg.plan(n)) is None for n in ("cross-proxy", "cross-eft", "cross-dlf"))
 
 
 @pytest.mark.parametrize("ensemble", ["over-self", "lora-self"])

@@ -1,5 +1,6 @@
-"""vLLM's OpenAI server with the processor: a fused request through `vllm_xargs` equals logitfuse's engine, an
-unknown ensemble is a 400 naming it, and the server goes on serving."""
+"""vLLM's OpenAI server with the processor: a fused request through `vllm_xargs` equals logitfuse's engine (an
+expert pair with another tokenizer included, log-probabilities too), an unknown ensemble is a 400 naming it,
+and the server goes on serving."""
 
 import os
 import socket
@@ -56,11 +57,17 @@ def server(registry_file, tmp_path_factory):
         log.close()
 
 
-def fused_ids(client, prompt: list[int], xargs: dict | None, max_tokens: int = 10) -> list[int]:
+def fused(client, prompt: list[int], xargs: dict | None, max_tokens: int = 10) -> tuple[list[int], list[float]]:
+    """Greedy token ids and their log-probabilities (the fused ones: the server reports processed logprobs)."""
     out = client.completions.create(model="base-large", prompt=prompt, max_tokens=max_tokens, temperature=0,
                                     logprobs=0, extra_body={"vllm_xargs": xargs, "return_tokens_as_token_ids": True}
                                     if xargs else {"return_tokens_as_token_ids": True})
-    return [int(t.removeprefix("token_id:")) for t in out.choices[0].logprobs.tokens]
+    lp = out.choices[0].logprobs
+    return [int(t.removeprefix("token_id:")) for t in lp.tokens], list(lp.token_logprobs)
+
+
+def fused_ids(client, prompt: list[int], xargs: dict | None, max_tokens: int = 10) -> list[int]:
+    return fused(client, prompt, xargs, max_tokens)[0]
 
 
 def test_fused_requests_over_http_equal_logitfuse(server, ref, prompts):
@@ -81,3 +88,22 @@ def test_unknown_ensemble_is_a_400_and_the_server_serves_on(server, ref, prompts
     assert fused_ids(server, prompts[2], {"ensemble": "eft"}) == want
     plain = ref.generate("base-large", [prompts[2]], SamplingParams(max_tokens=10, temperature=0))[0].token_ids
     assert fused_ids(server, prompts[2], None) == plain
+
+
+@pytest.mark.parametrize(("name", "xargs"), [
+    ("cross-proxy", {"ensemble": "cross-proxy"}), ("cross-eft", {"ensemble": "cross-eft", "weights": [0.3, 0.7]}),
+    ("cross-dlf", {"ensemble": "cross-dlf"}),
+])
+def test_cross_tokenizer_requests_over_http_equal_logitfuse(server, ref, prompts, name, xargs):
+    """An expert pair with another tokenizer, re-tokenizing the text vLLM generates: the same tokens as
+    logitfuse's engine and fused log-probabilities within 1e-3, on requests sent together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    overrides = {k: v for k, v in xargs.items() if k != "ensemble"} or None
+    chosen = prompts[4:10]
+    with ThreadPoolExecutor(len(chosen)) as pool:
+        got = list(pool.map(lambda p: fused(server, p, xargs, 12), chosen))
+    outs = ref.generate(name, chosen, SamplingParams(max_tokens=12, temperature=0, logprobs=0), overrides)
+    for (ids, lps), want in zip(got, outs):
+        assert ids == want.token_ids
+        assert max(abs(a - b) for a, b in zip(lps, want.logprobs)) < 1e-3

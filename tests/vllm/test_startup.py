@@ -8,13 +8,19 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (.ci/vllm makes a venv with it)")
 
 from logitfuse.backends.hf import probe_vocab
-from logitfuse.vllm.processor import refusals
+from logitfuse.vllm.processor import host_vocab, refusals
 from tests.vllm.conftest import MODELS
 
 
 @pytest.fixture(scope="module")
-def vllm_vocab():
-    return probe_vocab("vllm", str(MODELS / "base-large"))
+def vllm_vocab(ref):
+    """vLLM's vocabulary as the processor reads it (with token texts: the registry has a cross-tokenizer pair)."""
+    from transformers import AutoTokenizer
+
+    width = probe_vocab("vllm", str(MODELS / "base-large")).logits_width
+    info = host_vocab(ref.registry, AutoTokenizer.from_pretrained(MODELS / "base-large"), width)
+    assert info.texts is not None and len(info.texts) == width
+    return info
 
 
 def test_every_ensemble_that_can_run_is_served(ref, vllm_vocab, monkeypatch):
@@ -23,6 +29,15 @@ def test_every_ensemble_that_can_run_is_served(ref, vllm_vocab, monkeypatch):
     assert set(refused) == {"spec", "tq", "formats", "unloadable"}
     assert "speculative" in refused["spec"] and "rollouts" in refused["tq"]
     assert "model 'broken-small' could not be loaded" in refused["unloadable"]
+    assert not {"cross-proxy", "cross-eft", "cross-dlf"} & set(refused)  # their pair is loaded and mapped
+
+
+def test_a_cross_tokenizer_pair_needs_the_base_texts(ref, vllm_vocab, monkeypatch):
+    """Without vLLM's token texts the pair's scores cannot be mapped: its ensembles are refused, the others run."""
+    monkeypatch.delenv("LOGITFUSE_ENSEMBLES", raising=False)
+    refused = refusals(ref.registry, replace(vllm_vocab, texts=None), ref)
+    assert set(refused) == {"spec", "tq", "formats", "unloadable", "cross-proxy", "cross-eft", "cross-dlf"}
+    assert "needs its token texts" in refused["cross-dlf"]
 
 
 def test_a_base_with_another_vocabulary_is_refused(ref, vllm_vocab, monkeypatch):
