@@ -136,11 +136,11 @@ def test_a_fault_in_one_rows_fusion_leaves_its_group_and_step(lf, monkeypatch):
     real = lf.engine._fuser.fuse
     steps = []
 
-    def fuse(seqs, slots):
+    def fuse(seqs, slots, trace=None):
         steps.append(sorted(s.req.rid for s in seqs))
         if any(s.req.rid == "bad" for s in seqs):
             raise FloatingPointError("hostile row")
-        return real(seqs, slots)
+        return real(seqs, slots, trace)
 
     monkeypatch.setattr(lf.engine._fuser, "fuse", fuse)
     events = list(lf.stream([good, bad]))
