@@ -83,6 +83,49 @@ def test_cross_tokenizer_rows_in_a_mixed_batch(llm, ref, prompts):
         assert_same([g], run_ref(ref, name or "base-large", [prompts[i]], k))
 
 
+@pytest.mark.parametrize("ensemble", ["cross-proxy", "cross-eft"])
+def test_cross_tokenizer_steps_that_re_tokenize(llm, ref, prompts, ensemble):
+    """allowed_token_ids keeps vLLM's base to word pieces (' cap' 'ital', ' c' 'ity', ' r' 'i' 'v' 'e' 'r'), so
+    the pair's own tokenization merges across them and steps forget positions. The greedy tokens equal
+    logitfuse's (a mask before or after proxy/EFT fusion ranks alike), and every step's fused log-probability
+    equals a recomputation from scratch: the pair prefilling its ids of the text so far, the base masked alike."""
+    from itertools import pairwise
+
+    import torch
+
+    from logitfuse.engine.hosted import retokenized_change, retokenized_ids
+    from logitfuse.vllm.requests import request_plan
+    from logitfuse.vllm.rows import ExpertRows
+
+    base = ref.model("base-large")
+    allowed = base.tokenizer.convert_tokens_to_ids(["▁cap", "ital", "▁c", "ity", "▁r", "i", "v", "e", "r"])
+    chosen = prompts[:8]
+    sp = vllm_params(ensemble, 12)
+    sp.allowed_token_ids = allowed
+    got = run_vllm(llm, chosen, sp)
+    want = ref.generate(ensemble, chosen, LFParams(max_tokens=12, temperature=0, allowed_token_ids=tuple(allowed)))
+    assert [g[0] for g in got] == [w.token_ids for w in want]
+    theirs = ref.model("foreign").tokenizer
+    forgets = 0
+    for p, (ids, _) in zip(chosen, got):
+        seen = [retokenized_ids(theirs, base.tokenizer, p, ids[:k]) for k in range(len(ids) + 1)]
+        forgets += sum(retokenized_change(a, b, [0])[0] > 0 for a, b in pairwise(seen))
+    assert forgets >= 2, "the pieces should make the pair's tokenization change"
+    core = ExpertRows(ref.model, base.vocab_info(with_texts=True), base_tokenizer=base.tokenizer)
+    plan = request_plan(ref.registry, {"ensemble": ensemble})
+    steps = [(p, ids[:k], lps[k], ids[k]) for p, (ids, lps) in zip(chosen, got) for k in range(len(ids))]
+    for i, (p, done, _, _) in enumerate(steps):
+        core.add(f"s{i}", plan, p, done)
+    _, logits = base.prefill([p + done for p, done, _, _ in steps])
+    mask = torch.full_like(logits, float("-inf"))
+    mask[:, allowed] = 0.0
+    fused, failed = core.fuse([f"s{i}" for i in range(len(steps))], logits + mask)
+    assert not failed, failed
+    again = torch.log_softmax(fused.float(), -1)[torch.arange(len(steps)), [t for *_, t in steps]]
+    worst = max(abs(float(a) - lp) for a, (_, _, lp, _) in zip(again, steps))
+    assert worst < TOL, f"fused log-probabilities differ by {worst}"
+
+
 def test_unknown_ensemble_is_refused_and_the_engine_serves_on(llm, ref, prompts):
     from vllm.exceptions import VLLMValidationError
 
