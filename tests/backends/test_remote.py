@@ -334,8 +334,10 @@ def test_rows_a_remote_server_refuses_wait_aside_while_the_others_decode(family,
     assert back - flaky.refused[0] >= 1.3  # the server's wait
     for r in reqs[2:]:
         times = [t for t, _ in got[r.rid]]
-        assert len([t for t in times if flaky.refused[0] < t < back]) >= 10  # decoded through the wait
-        assert max(b - a for a, b in pairwise(times)) < 1.0  # never held up by it
+        # decoded through the wait, never held up by it (a sleep on the engine thread gives one gap of ~1.4 s;
+        # the count is kept low: a loaded machine decodes few tiny steps in 1.4 s)
+        assert len([t for t in times if flaky.refused[0] < t < back]) >= 3
+        assert max(b - a for a, b in pairwise(times)) < 1.0
     for r, w in zip(reqs[:2], list(want.values())[:2]):
         tokens = [ev.token_id for _, ev in got[r.rid] if ev.token_id is not None]
         assert tokens == [ev.token_id for _, ev in w if ev.token_id is not None] and len(tokens) == 6
