@@ -87,3 +87,17 @@ def test_the_module_is_pure():
 
     src = open(mod.__file__).read()
     assert "import torch" in src and not any(w in src for w in ("transformers", "logitfuse.engine", "httpx"))
+
+
+def test_ranks_read_off_the_top_values_equal_the_full_count():
+    """The shortcut (a chosen token at least as likely as the m-th largest) gives the full count's rank, for
+    tokens inside and outside the top m, ties at the boundary and masked tokens included."""
+    torch.manual_seed(0)
+    logp = torch.randn(64, 5000).round(decimals=1).log_softmax(-1)  # rounded: many ties
+    logp[::5, :100] = float("-inf")
+    order = logp.argsort(-1, descending=True)
+    chosen = order[torch.arange(64), torch.tensor([i % 40 for i in range(64)])]  # ranks 0..39 in sorted order
+    chosen[::7] = torch.randint(0, 5000, (len(chosen[::7]),))  # anywhere
+    for m in (1, 3, 32):
+        top = torch.topk(logp, m, dim=-1).values
+        assert rank_of(logp, chosen, top).tolist() == rank_of(logp, chosen).tolist()
