@@ -103,13 +103,19 @@ async def clients(url: str, seconds: float, concurrency: int, seed: int, swap: l
         await asyncio.sleep(seconds / 5)
         stats["rss_warm"] = rss_mb()
 
+    async def rss_series() -> None:  # RSS every tenth of the run: flat, or still growing at the end?
+        stats["rss_series"] = []
+        while time.monotonic() < deadline:
+            stats["rss_series"].append(round(rss_mb()))
+            await asyncio.sleep(seconds / 10)
+
     async def worker(i: int) -> None:
         rng = random.Random(seed + i)
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             while time.monotonic() < deadline:
                 await one(client, rng, stats, swap)
 
-    await asyncio.gather(warm_rss(), *(worker(i) for i in range(concurrency)))
+    await asyncio.gather(warm_rss(), rss_series(), *(worker(i) for i in range(concurrency)))
     return stats
 
 
@@ -202,11 +208,13 @@ def main() -> None:
     warm = stats["rss_warm"] or float("nan")
     print(f"RSS: {rss0:.0f} MiB at start, {warm:.0f} MiB after warm-up, {rss1:.0f} MiB at end; 5xx: {five}, "
           f"lost: {lost}; sequences left: {left} (drained in {drained:.2f} s)")
+    print(f"RSS every tenth of the run (MiB): {stats['rss_series']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seconds": wall, "concurrency": args.concurrency, "status": rows,
                                "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "valid_ok": len(lat),
                                "rss_start_mb": rss0, "rss_warm_mb": stats["rss_warm"], "rss_end_mb": rss1,
+                               "rss_series_mb": stats["rss_series"],
                                "sequences_left": left, "http_5xx": five, "lost": lost, "swap": swap,
                                "budget_mb": args.budget_mb,
                                "drain_s": drained, "errors": sorted(stats["errors"])}, indent=2))
