@@ -125,6 +125,12 @@ def test_lanes_on_the_real_checkpoints_give_every_request_its_solo_answer(family
     path, gguf = found
     gguf_field = f", gguf_file: {gguf}" if gguf else ""
     smol = f"{{path: '{path}'{gguf_field}, dtype: float32, chat_template: true}}"
+    tokenizer = path
+    if gguf:  # a remote model's tokenizer is a folder of tokenizer files: this one, written from the GGUF
+        from transformers import AutoTokenizer
+
+        tokenizer = str(tmp_path / "smollm2-tokenizer")
+        AutoTokenizer.from_pretrained(path, gguf_file=gguf).save_pretrained(tokenizer)
     far_cfg = tmp_path / "far.yaml"
     far_cfg.write_text(f"models:\n  smollm2: {smol}\nserver: {{max_logprobs: 100}}\n")
     far_url, far = start_in_thread(LogitFuse(far_cfg), timeout=300)
@@ -133,7 +139,8 @@ def test_lanes_on_the_real_checkpoints_give_every_request_its_solo_answer(family
     cfg.write_text(f"""
 models:
   smollm2: {smol}
-  far: {{remote: {{url: {far_url}/v1, model: smollm2, top_logprobs: 100}}, tokenizer: '{path}', chat_template: true}}
+  far: {{remote: {{url: {far_url}/v1, model: smollm2, top_logprobs: 100}},
+         tokenizer: '{tokenizer}', chat_template: true}}
 rewards:
   rm: {{path: {family['reward']}, dtype: float32}}
 experts:
