@@ -39,15 +39,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def lazy_copy(config: Path, folder: Path) -> Path:
-    """The registry with preload off and its relative paths made absolute (the copy lives elsewhere)."""
+def absolute_registry(config: Path) -> dict:
+    """The registry as a mapping whose local paths are absolute, for a copy written elsewhere (a path that names
+    nothing beside the file, e.g. a hub id, stays as it is)."""
     reg = yaml.safe_load(config.read_text())
     base = config.resolve().parent
     for section in ("models", "experts", "rewards"):
         for entry in (reg.get(section) or {}).values():
             for key in ("path", "adapter", "tokenizer"):
-                if isinstance(entry.get(key), str) and entry[key].startswith("."):
-                    entry[key] = str((base / entry[key]).resolve())
+                value = entry.get(key)
+                if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+                    entry[key] = str((base / value).resolve())
+    return reg
+
+
+def lazy_copy(config: Path, folder: Path) -> Path:
+    """The registry with preload off and its local paths made absolute (the copy lives elsewhere)."""
+    reg = absolute_registry(config)
     reg.setdefault("server", {})["preload"] = False
     out = folder / config.name
     out.write_text(yaml.safe_dump(reg))

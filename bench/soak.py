@@ -127,13 +127,9 @@ def with_lanes(config: Path, folder: Path) -> tuple[Path, object]:
     process, an ensemble over it and a Transfer Q* ensemble; returns (the copy, that server)."""
     import yaml
 
-    reg = yaml.safe_load(config.read_text())
-    base = config.resolve().parent
-    for section in ("models", "experts", "rewards"):
-        for entry in (reg.get(section) or {}).values():
-            for key in ("path", "adapter", "tokenizer"):
-                if isinstance(entry.get(key), str) and not Path(entry[key]).is_absolute():
-                    entry[key] = str((base / entry[key]).resolve())
+    from bench.load_stall import absolute_registry
+
+    reg = absolute_registry(config)
     far_cfg = folder / "far.yaml"
     far_cfg.write_text(yaml.safe_dump({"models": {"smollm2": reg["models"]["smollm2"]},
                                        "server": {"max_logprobs": 100, "max_batch": 16}}))
