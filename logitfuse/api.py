@@ -134,7 +134,7 @@ class LogitFuse:
         them, not the first); mismatched vocabularies are found from tokenizer files before any weight loads."""
         from logitfuse.config.startup import vocab_problems
 
-        failed = vocab_problems(self._registry)
+        failed = vocab_problems(self._registry, self._pool.tokenizers)  # the loads then reuse what it read
         if failed and self._registry.server.on_bad_entry == "refuse":
             return failed
         for name in self._registry.ensembles:

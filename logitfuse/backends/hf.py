@@ -285,10 +285,10 @@ class HFReward:
             return self.model(**enc).logits[:, 0].float()
 
 
-def probe_vocab(name: str, path: str) -> VocabInfo:
+def probe_vocab(name: str, path: str, tokenizers: TokenizerStore | None = None) -> VocabInfo:
     """A checkpoint folder's vocabulary from its tokenizer and config files alone, without the weights
     (start-up checks; the logits width is the config's vocab_size, as the output embeddings have it)."""
     from transformers import AutoConfig
 
     width = int(AutoConfig.from_pretrained(path).get_text_config().vocab_size)
-    return tokenizer_vocab_info(name, AutoTokenizer.from_pretrained(path), width)
+    return tokenizer_vocab_info(name, (tokenizers or TokenizerStore()).get(path), width)

@@ -7,8 +7,9 @@ all). The engine threads cannot run a step meanwhile, so a stream stalls for the
 have this problem (safetensors maps them; the warm-up forward runs in torch with the lock released). So the
 server reads every local model's tokenizer before it listens (`TokenizerStore.read_all`), and a model loaded
 later, or loaded again after an eviction, takes its tokenizer from here. A tokenizer is read again only when
-its files change. The cost is memory: a tokenizer stays while its model is unloaded (Gemma-3's takes about
-320 MB, SmolLM2's about 30 MB).
+its files change. The cost is memory: a tokenizer read up front stays while its model is unloaded (Gemma-3's
+takes about 320 MB, SmolLM2's about 30 MB). Without that read (the library), a tokenizer is only lent to the
+load that read it and leaves with its model.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ class TokenizerStore:
         self._lock = threading.Lock()  # guards _kept and _reading
         self._reading: dict[tuple, threading.Lock] = {}  # one reader per key; others wait for it
 
-    def get(self, path: str, gguf_file: str | None = None) -> Any:
+    def get(self, path: str, gguf_file: str | None = None, keep: bool = False) -> Any:
+        """The tokenizer of a checkpoint: the one kept, while its files are unchanged; else read, and kept when
+        `keep` or when an earlier one was (a library user's model, never read up front, takes its tokenizer
+        with it when it is evicted)."""
         key = (path, gguf_file)
         with self._lock:
             reading = self._reading.setdefault(key, threading.Lock())
@@ -58,8 +62,9 @@ class TokenizerStore:
 
             tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
             vocab_of(tok)  # built now, not in the first request's admission (another long call under the lock)
-            with self._lock:
-                self._kept[key] = (signature, tok)
+            if keep or kept is not None:
+                with self._lock:
+                    self._kept[key] = (signature, tok)
             return tok
 
     def read_all(self, places: list[tuple[str, str | None]]) -> dict[str, str]:
@@ -68,11 +73,7 @@ class TokenizerStore:
         failed = {}
         for path, gguf_file in places:
             try:
-                self.get(path, gguf_file)
+                self.get(path, gguf_file, keep=True)
             except Exception as err:  # a broken checkpoint fails its own load, with its own message
                 failed[path] = f"{type(err).__name__}: {err}"
         return failed
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._kept)

@@ -139,7 +139,7 @@ def _blame(message: str, bad: dict[str, list[str]]) -> str:
     return message
 
 
-def vocab_problems(reg) -> dict[str, str]:
+def vocab_problems(reg, tokenizers=None) -> dict[str, str]:
     """Ensembles whose models do not share token ids, found from tokenizer and config files alone
     (seconds, before any weights load). Remote, GGUF and cross-tokenizer ensembles are left to the load."""
     from logitfuse.backends.hf import probe_vocab
@@ -156,7 +156,7 @@ def vocab_problems(reg) -> dict[str, str]:
         try:
             for m in plan.models():
                 if m not in infos:
-                    infos[m] = probe_vocab(m, reg.resolve_path(reg.model_spec(m).path))
+                    infos[m] = probe_vocab(m, reg.resolve_path(reg.model_spec(m).path), tokenizers)
             align([infos[m] for m in plan.models()])
         except VocabMismatchError as err:
             failed[f"ensembles.{name}"] = f"ensembles.{name}: {err}"

@@ -105,6 +105,8 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str =
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         lf = LogitFuse(config)
+        if lf.settings.read_tokenizers:  # first: the preload's vocabulary probes and loads then reuse them
+            lf.read_tokenizers()
         if lf.settings.preload:  # before listening, so that a failure ends the process cleanly
             settle(lf, lf.preload())
     except (ValueError, FileNotFoundError) as err:

@@ -50,7 +50,7 @@ def test_a_tokenizer_is_read_again_when_its_files_change(family, tmp_path, monke
     shutil.copytree(family["base-small"], folder)
     store = TokenizerStore()
     reads = counting(monkeypatch)
-    first = store.get(str(folder))
+    first = store.get(str(folder), keep=True)  # as the server reads it before it listens
     assert store.get(str(folder)) is first and len(reads) == 1
     config = folder / "tokenizer_config.json"
     st = config.stat()
@@ -64,3 +64,12 @@ def test_a_folder_whose_tokenizer_cannot_be_read_is_reported_not_raised(tmp_path
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
     failed = TokenizerStore().read_all([(str(tmp_path / "broken"), None)])
     assert list(failed) == [str(tmp_path / "broken")]
+
+
+def test_after_the_start_up_read_a_preload_reads_no_model_tokenizer_again(config_file, family, monkeypatch):
+    """The server reads the tokenizers first (serve): the vocabulary probes and the loads of the preload reuse them."""
+    lf = LogitFuse(config_file)
+    assert lf.read_tokenizers() == {}
+    reads = counting(monkeypatch)
+    assert lf.preload() == {}
+    assert reads == [str(family["reward"])]  # a reward model's tokenizer is its own (it sets padding on it)
