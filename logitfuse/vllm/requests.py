@@ -2,9 +2,13 @@
 
 A request opts in with `extra_args={"ensemble": NAME}` (offline) or `vllm_xargs` (vLLM's OpenAI server), and
 may override the method's parameters with flat keys of the same names as a registry ensemble's (`alpha`,
-`beta`, `weights`, `grid`, `mode`, `support`, `experts`, `method`). Inside vLLM the base is vLLM's own model;
-an expert of the base's tokenizer reads the token ids vLLM feeds it, a cross-tokenizer one their text in its
-own tokens. Some plans cannot run there; `unsupported` says why.
+`beta`, `weights`, `grid`, `mode`, `support`, `experts`, `method`). NAME is an ensemble, or a bare model of the
+registry with the method and experts given as overrides (as `fusion` picks them per request in the API).
+Inside vLLM the base is vLLM's own model; an expert of the base's tokenizer reads the token ids vLLM feeds it,
+a cross-tokenizer one their text in its own tokens, unless the request carries each role's own prompt ids
+(`prompts`: model -> ids, or flat `prompt:MODEL` keys), as `logitfuse serve` sends them in engine mode: then
+every model prefills its own prompt and reads the same generated tokens after it. Some plans cannot run
+there; `unsupported` says why.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from logitfuse.ops.field_names import near_miss
 
 ENV = "LOGITFUSE_CONFIG"  # the registry file
 ENV_ENSEMBLES = "LOGITFUSE_ENSEMBLES"  # optional comma-separated ensembles to serve (each must be servable)
+ENV_HOST = "LOGITFUSE_HOST_MODEL"  # set by logitfuse serve's engine mode: the registry model vLLM runs
 KEY = "ensemble"  # the extra_args key that selects an ensemble
+PROMPTS = "prompts"  # optional: model -> its own prompt ids (a role with another prompt format)
+PROMPT_PREFIX = "prompt:"  # the same, flat (vllm_xargs takes flat values): "prompt:MODEL": ids
 # flat per-request overrides: every fusion parameter but the nested speculative block
 OVERRIDES = tuple(f for f in FusionParams.model_fields if f != "speculative")
 
@@ -48,10 +55,11 @@ def wanted(extra_args: Mapping[str, Any] | None) -> bool:
 def request_plan(registry: Registry, extra_args: Mapping[str, Any]) -> FusionPlan:
     """The plan of a request's ensemble and overrides; InvalidRequest naming the key for bad input."""
     name = extra_args.get(KEY)
-    if not isinstance(name, str) or name not in registry.ensembles:
+    if not isinstance(name, str) or name not in registry.names():
         known = ", ".join(registry.ensembles) or "(none)"
         raise InvalidRequest(f"extra_args.ensemble: unknown ensemble {name!r}; available: {known}", KEY)
-    others = {k: v for k, v in extra_args.items() if k != KEY and not _foreign(k)}
+    others = {k: v for k, v in extra_args.items()
+              if k not in (KEY, PROMPTS) and not k.startswith(PROMPT_PREFIX) and not _foreign(k)}
     for key in others:
         if key not in OVERRIDES:
             guess = near_miss(key, OVERRIDES)
@@ -65,10 +73,27 @@ def request_plan(registry: Registry, extra_args: Mapping[str, Any]) -> FusionPla
         raise InvalidRequest("; ".join(errors_of(err, "extra_args")), KEY) from None
     except UnknownName as err:
         raise InvalidRequest(f"extra_args: {err}", err.param) from None
-    reason = unsupported(registry, plan)
+    reason = unsupported(registry, plan, role_prompts(extra_args, plan) is not None)
     if reason:
         raise InvalidRequest(f"ensemble {name!r}: {reason}", KEY)
     return plan
+
+
+def role_prompts(extra_args: Mapping[str, Any], plan: FusionPlan) -> dict[str, list[int]] | None:
+    """The roles' own prompt ids a request carries (None: every role reads the host's prompt ids). Every
+    expert model of the plan must have one then; InvalidRequest naming the key otherwise."""
+    given = dict(extra_args.get(PROMPTS) or {})
+    given.update({k[len(PROMPT_PREFIX):]: v for k, v in extra_args.items() if k.startswith(PROMPT_PREFIX)})
+    if not given:
+        return None
+    missing = [n for n in plan.models()[1:] if n not in given]
+    if missing:
+        raise InvalidRequest(f"extra_args.{PROMPTS}: no prompt ids for {', '.join(map(repr, missing))} (a request "
+                             "that gives roles their own prompts gives one to every model of the plan)", PROMPTS)
+    for n, ids in given.items():
+        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise InvalidRequest(f"extra_args.{PROMPTS}.{n}: must be a non-empty list of token ids", PROMPTS)
+    return {n: list(ids) for n, ids in given.items()}
 
 
 def _foreign(key: str) -> bool:
@@ -76,8 +101,9 @@ def _foreign(key: str) -> bool:
     return key.endswith("_transfer_params")
 
 
-def unsupported(registry: Registry, plan: FusionPlan) -> str | None:
-    """Why a plan cannot run as a vLLM logits processor, or None when it can."""
+def unsupported(registry: Registry, plan: FusionPlan, own_prompts: bool = False) -> str | None:
+    """Why a plan cannot run as a vLLM logits processor, or None when it can. own_prompts: the request gives
+    every role its own prompt ids (then roles may format prompts differently)."""
     method = methods.get(plan.method)
     if plan.tqstar is not None or method.work(plan):
         return (f"method {plan.method!r} looks ahead with rollouts of the base, which a logits processor cannot "
@@ -88,12 +114,20 @@ def unsupported(registry: Registry, plan: FusionPlan) -> str | None:
         return ("speculative fusion drafts with the tuned expert and verifies in the base, which vLLM runs; "
                 "vLLM refuses custom logits processors under its own speculative decoding, so drop "
                 "`speculative` from the ensemble")
-    # a cross-tokenizer model reads the text of vLLM's prompt ids (as logitfuse serve does for a prompt of ids)
+    if plan.influence:
+        return "influence reports come from logitfuse's own engine; drop fusion.influence"
+    return None if own_prompts else formats_differ(registry, plan)
+
+
+def formats_differ(registry: Registry, plan: FusionPlan) -> str | None:
+    """Why roles cannot all read the host's prompt ids: they format chat prompts differently (a cross-
+    tokenizer model reads the text of vLLM's prompt ids, as logitfuse serve does for a prompt of ids)."""
     formats = {n: registry.model_spec(n).chat_template for n in plan.models() if n not in plan.cross_models()}
     if len(set(formats.values())) > 1:
         listed = ", ".join(f"{n}: {v}" for n, v in formats.items())
         return ("its roles format chat prompts differently (chat_template " + listed + "); inside vLLM every "
-                "role reads the token ids vLLM feeds the base, so every role must use one prompt format")
+                "role reads the token ids vLLM feeds the base unless the request gives each role its own prompt "
+                f"ids (extra_args.{PROMPTS}: model -> ids, as `logitfuse serve` does in engine mode)")
     return None
 
 

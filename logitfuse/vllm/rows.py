@@ -35,19 +35,22 @@ from logitfuse.ops.vocab import Alignment, VocabInfo, align
 @dataclass
 class Row:
     plan: FusionPlan
-    prompt: list[int]
+    prompt: list[int]  # the host's prompt ids
     outputs: Sequence[int]  # the host's own list of generated tokens (it grows in place)
-    fed: int = 0  # tokens of prompt + outputs the experts' caches hold
+    prompts: dict[str, list[int]] | None = None  # each model's own prompt ids, where the request gave them
+    started: bool = False  # the experts have prefilled this row
+    fed: int = 0  # generated tokens the experts' caches hold (after their prompts)
     error: str | None = None  # set when this row's fusion failed; the row is then left to end
     own: dict[str, list[int]] = field(default_factory=dict)  # cross-tokenizer model -> its ids of the prompt
     cross: dict[str, list[int]] = field(default_factory=dict)  # ... -> its ids of the generated text it holds
 
-    def tokens(self) -> list[int]:
-        return [*self.prompt, *self.outputs]
+    def prompt_of(self, name: str) -> list[int]:
+        """The prompt ids model `name` reads (its own where the request gave them, else the host's)."""
+        return self.prompts[name] if self.prompts is not None else self.prompt
 
     def pending(self) -> list[int]:
-        """Tokens the experts have not read yet."""
-        return self.tokens()[self.fed:]
+        """Generated tokens the experts have not read yet."""
+        return list(self.outputs[self.fed:])
 
 
 @dataclass
@@ -89,10 +92,12 @@ class ExpertRows:
         return plan.models()[1:]
 
     # -- the host's batch ----------------------------------------------------------------------------------
-    def add(self, rid: str, plan: FusionPlan, prompt: Sequence[int], outputs: Sequence[int]) -> None:
-        """A row joins (or joins again after a preemption: it prefills everything it has so far)."""
+    def add(self, rid: str, plan: FusionPlan, prompt: Sequence[int], outputs: Sequence[int],
+            prompts: dict[str, list[int]] | None = None) -> None:
+        """A row joins (or joins again after a preemption: it prefills everything it has so far). prompts:
+        each model's own prompt ids (roles formatting the prompt differently); by default the host's."""
         self.remove(rid)
-        self.rows[rid] = Row(plan, list(prompt), outputs)
+        self.rows[rid] = Row(plan, list(prompt), outputs, prompts)
 
     def remove(self, rid: str) -> None:
         if self.rows.pop(rid, None) is not None:
@@ -155,7 +160,7 @@ class ExpertRows:
             todo = row.pending()
             if any(t < 0 for t in todo):  # a host placeholder for a token not sampled yet
                 failed[rid] = f"token ids {todo} include a placeholder (asynchronous scheduling is not supported)"
-            elif row.fed == 0 or len(todo) > 1:
+            elif not row.started or len(todo) > 1:
                 fresh.append(rid)
             elif len(todo) == 1:
                 step[rid] = todo[0]
@@ -176,7 +181,7 @@ class ExpertRows:
             failed.update(self._prefill_model(name, users))
         for r in rids:
             if r not in failed:
-                self.rows[r].fed = len(self.rows[r].tokens())
+                self.rows[r].started, self.rows[r].fed = True, len(self.rows[r].outputs)
         return failed
 
     def _prefill_model(self, name: str, rids: list[str]) -> dict[str, str]:
@@ -196,13 +201,14 @@ class ExpertRows:
         the prompt's text and of the text generated so far (recorded: later steps start from them)."""
         row = self.rows[rid]
         if name not in row.plan.cross_models():
-            return row.tokens()
+            return [*row.prompt_of(name), *row.outputs]
         backend = self.get_backend(name)
         if self.base_tokenizer is None:
             raise InvalidRequest(f"model {name!r} re-tokenizes the host's text: the host's tokenizer is needed",
                                  "ensemble")
         if name not in row.own:
-            row.own[name] = cross_prompt(self.base_tokenizer, backend, row.prompt)
+            row.own[name] = (row.prompts[name] if row.prompts is not None
+                             else cross_prompt(self.base_tokenizer, backend, row.prompt))
         row.cross[name] = retokenized_ids(backend.tokenizer, self.base_tokenizer, row.prompt, list(row.outputs))
         return row.own[name] + row.cross[name]
 
@@ -229,7 +235,7 @@ class ExpertRows:
                     rows = self.slots.pop(name).rows if name in self.slots else []
                     failed.update({r: f"{name}: {type(err).__name__}: {err}" for r in rows if r in new})
                     for r in self._aside.pop(name, (None, []))[1]:
-                        self.rows[r].fed = 0
+                        self.rows[r].started = False
         for rid in new:
             if rid not in failed:
                 self.rows[rid].fed += 1

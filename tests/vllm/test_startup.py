@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (.ci/vllm makes a venv with it)")
 
 from logitfuse.backends.hf import probe_vocab
-from logitfuse.vllm.processor import host_vocab, refusals
+from logitfuse.vllm.core import host_vocab, refusals
 from tests.vllm.conftest import MODELS
 
 
@@ -26,7 +26,8 @@ def vllm_vocab(ref):
 def test_every_ensemble_that_can_run_is_served(ref, vllm_vocab, monkeypatch):
     monkeypatch.delenv("LOGITFUSE_ENSEMBLES", raising=False)
     refused = refusals(ref.registry, vllm_vocab, ref)
-    assert set(refused) == {"spec", "tq", "formats", "unloadable"}
+    # roles with different prompt formats run where the request carries their prompts: checked per request
+    assert set(refused) == {"spec", "tq", "unloadable"}
     assert "speculative" in refused["spec"] and "rollouts" in refused["tq"]
     assert "model 'broken-small' could not be loaded" in refused["unloadable"]
     assert not {"cross-proxy", "cross-eft", "cross-dlf"} & set(refused)  # their pair is loaded and mapped
@@ -36,7 +37,7 @@ def test_a_cross_tokenizer_pair_needs_the_base_texts(ref, vllm_vocab, monkeypatc
     """Without vLLM's token texts the pair's scores cannot be mapped: its ensembles are refused, the others run."""
     monkeypatch.delenv("LOGITFUSE_ENSEMBLES", raising=False)
     refused = refusals(ref.registry, replace(vllm_vocab, texts=None), ref)
-    assert set(refused) == {"spec", "tq", "formats", "unloadable", "cross-proxy", "cross-eft", "cross-dlf"}
+    assert set(refused) == {"spec", "tq", "unloadable", "cross-proxy", "cross-eft", "cross-dlf"}
     assert "needs its token texts" in refused["cross-dlf"]
 
 

@@ -1,0 +1,217 @@
+"""The fusion core both vLLM adapters share (processor.py for vLLM's first model runner, runner_v2.py for its
+second): requests keyed by the adapter's own handle (a persistent-batch index, a request slot), their rows
+in ExpertRows, and one `apply` over a batch of logits. No vLLM import: the adapters translate vLLM's batch
+updates into `add`, `drop` and `move`, and tell `apply` which logits row belongs to which handle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from logitfuse.api import LogitFuse
+from logitfuse.backends.base import tokenizer_vocab_info
+from logitfuse.backends.hf import probe_vocab
+from logitfuse.config.registry import Registry
+from logitfuse.errors import InvalidRequest
+from logitfuse.ops.vocab import VocabInfo, align
+from logitfuse.vllm import requests
+from logitfuse.vllm.rows import ExpertRows
+
+Handle = Hashable
+
+
+class FusionCore:
+    """What a fused request needs between vLLM's steps, for any adapter: its plan, prompts and experts."""
+
+    def __init__(self, tokenizer, width: int, device: torch.device, log: logging.Logger | None = None) -> None:
+        self.log = log or logging.getLogger("logitfuse.vllm")
+        self.registry = local_registry(requests.load_registry(), device)
+        self.lf = LogitFuse(self.registry)
+        base = host_vocab(self.registry, tokenizer, width)
+        self.eos = base.vocab.get(base.special.get("eos_token") or "", None)
+        self.refused = refusals(self.registry, base, self.lf, self.log)
+        self.rows = ExpertRows(self.lf.model, base, self.registry.server.solver_threads, tokenizer)
+        self.handles: dict[Handle, str] = {}  # adapter handle -> row id (fused rows, and failed ones)
+        self.ids = itertools.count()
+
+    @staticmethod
+    def validate(extra: dict | None, prompt_logprobs) -> None:
+        """vLLM's front end, as each request arrives: ValueError (a 400 there) for a bad ensemble or override."""
+        if not requests.wanted(extra):
+            return
+        registry = requests.load_registry()
+        try:
+            plan = requests.request_plan(registry, extra)
+        except InvalidRequest as err:
+            raise ValueError(f"logitfuse: {err}") from None
+        if prompt_logprobs:
+            raise ValueError("logitfuse: prompt_logprobs are the base model's own under vLLM (processors see "
+                             "only the next-token logits); ask logitfuse serve for fused prompt scores")
+        problem = files_problem(registry, plan.models()[1:])
+        if problem:
+            raise ValueError(f"logitfuse: ensemble {extra[requests.KEY]!r}: {problem}")
+
+    def add(self, handle: Handle, extra: dict | None, prompt: Sequence[int] | None, outputs: Sequence[int]) -> bool:
+        """A request joins under handle (whatever held the handle leaves); False when it asks for no fusion.
+        A request that cannot be fused stays, marked, and ends at its next step."""
+        self.drop(handle)
+        if not requests.wanted(extra):
+            return False
+        rid = f"row-{next(self.ids)}"
+        self.handles[handle] = rid
+        try:
+            if prompt is None:
+                raise InvalidRequest("prompt embeddings carry no token ids for the experts", "prompt")
+            plan = requests.request_plan(self.registry, extra)
+            name = extra[requests.KEY]
+            if name in self.refused:
+                raise InvalidRequest(self.refused[name], requests.KEY)
+            self.rows.add(rid, plan, prompt, outputs, requests.role_prompts(extra, plan))
+        except Exception as err:  # the front end validated it; a failure here ends this request alone
+            self.log.error("logitfuse: request at %s cannot be fused: %s", handle, err)
+            self.rows.rows.pop(rid, None)
+            self.handles[handle] = f"failed: {err}"
+        return True
+
+    def drop(self, handle: Handle) -> None:
+        rid = self.handles.pop(handle, None)
+        if rid is not None:
+            self.rows.remove(rid)
+
+    def move(self, a: Handle, b: Handle, swap: bool) -> None:
+        """The request at a goes to b; with swap, b's goes to a, else what was at b leaves."""
+        ra, rb = self.handles.pop(a, None), self.handles.pop(b, None)
+        if ra is not None:
+            self.handles[b] = ra
+        if swap and rb is not None:
+            self.handles[a] = rb
+        elif rb is not None:
+            self.rows.remove(rb)
+
+    def apply(self, logits: torch.Tensor, where: Sequence[tuple[int, Handle]]) -> torch.Tensor:
+        """Fuse the rows of logits whose handle is a fused request (where: (logits row, handle) pairs, one per
+        request); a request that cannot be fused gets only its end-of-sequence token."""
+        mine = [(i, self.handles[h]) for i, h in where if h in self.handles]
+        if not mine:
+            return logits
+        ok = [(i, rid) for i, rid in mine if rid in self.rows.rows and self.rows.rows[rid].error is None]
+        if ok:
+            idx = [i for i, _ in ok]
+            fused, failed = self.rows.fuse([rid for _, rid in ok], logits[idx])
+            logits[idx] = fused.to(logits.dtype)
+            for reason in failed.values():
+                self.log.error("logitfuse: fusion failed for a request, which ends now: %s", reason)
+        for i, rid in mine:
+            row = self.rows.rows.get(rid)
+            if row is None or row.error is not None:
+                self.end(logits, i)
+        return logits
+
+    def end(self, logits: torch.Tensor, i: int) -> None:
+        """A row that cannot be fused ends at once: its only possible token is the end of sequence."""
+        logits[i] = float("-inf")
+        logits[i, self.eos if self.eos is not None else 0] = 0.0
+
+
+def local_registry(registry: Registry, device: torch.device) -> Registry:
+    """The registry as this worker runs it: models on device `auto` go to vLLM's device for this worker, and
+    torch's threads stay as vLLM set them (cpu_threads and solver_threads are for logitfuse's own server)."""
+    models = {n: s.model_copy(update={"device": str(device)}) if s.device == "auto" else s
+              for n, s in registry.models.items()}
+    server = registry.server.model_copy(update={"cpu_threads": None, "solver_threads": None})
+    return registry.model_copy(update={"models": models, "server": server})
+
+
+def host_vocab(registry: Registry, tokenizer, width: int) -> VocabInfo:
+    """vLLM's vocabulary as fusion reads it: with every token's text where an expert of the registry uses
+    another tokenizer (its scores are mapped by text), without where none does (the texts cost a decode per id)."""
+    return tokenizer_vocab_info("vllm", tokenizer, width, any(e.cross_tokenizer for e in registry.experts.values()))
+
+
+def refusals(registry: Registry, base: VocabInfo, lf: LogitFuse, log: logging.Logger | None = None) -> dict[str, str]:
+    """Check every ensemble to serve at start-up and load its experts: name -> why it cannot be fused.
+    Raises ValueError when an ensemble named in $LOGITFUSE_ENSEMBLES cannot, or when none can (unless the
+    engine hosts one model for logitfuse serve, $LOGITFUSE_HOST_MODEL: then only ensembles over it count)."""
+    log = log or logging.getLogger("logitfuse.vllm")
+    named, host = requests.served_names(), os.environ.get(requests.ENV_HOST) or None
+    unknown = [n for n in named or () if n not in registry.ensembles]
+    if unknown:
+        raise ValueError(f"logitfuse: {requests.ENV_ENSEMBLES} names unknown ensembles {unknown}; "
+                         f"available: {', '.join(registry.ensembles)}")
+    out, elsewhere = {}, set()
+    for name in registry.ensembles:
+        if named is not None and name not in named:
+            out[name] = f"not served here (not in {requests.ENV_ENSEMBLES})"
+            continue
+        if host is not None and registry.ensembles[name].base != host:
+            out[name] = f"its base is not {host!r}, the model this engine hosts"
+            elsewhere.add(name)
+            continue
+        reason = refusal(registry, name, base, lf)
+        if reason:
+            out[name] = reason
+            log.warning("logitfuse: ensemble %r is not served: %s", name, reason)
+    bad = {n: r for n, r in out.items() if (named is None or n in named) and n not in elsewhere}
+    # a hosted model (logitfuse serve's engine mode) may serve no ensemble: its requests pick experts themselves
+    if (named and bad) or (host is None and len(out) == len(registry.ensembles)):
+        listing = "; ".join(f"{n}: {r}" for n, r in bad.items()) or "the registry has no ensembles"
+        raise ValueError(f"logitfuse: no ensemble can be fused with vLLM's model ({listing})"
+                         if not named else f"logitfuse: these ensembles cannot be served: {listing}")
+    return out
+
+
+def refusal(registry: Registry, name: str, base: VocabInfo, lf: LogitFuse) -> str | None:
+    """Why one ensemble cannot be fused into vLLM's model, or None (its experts are then loaded). Whether
+    its roles can read vLLM's prompt ids is per request (a request may carry each role's own prompt)."""
+    plan = registry.plan(name)
+    reason = requests.unsupported(registry, plan, own_prompts=True)
+    if reason:
+        return reason
+    theirs = registry_base_vocab(registry, plan.base)
+    if theirs.vocab != base.vocab or dict(theirs.special) != dict(base.special):
+        try:
+            align([base, theirs])
+            detail = f"{len(theirs.vocab)} tokens against vLLM's {len(base.vocab)}"
+        except ValueError as err:
+            detail = str(err)
+        return f"its base {plan.base!r} does not share vLLM's vocabulary: {detail}"
+    try:
+        lf.pin(plan.models()[1:])
+        ExpertRows(lf.model, base).alignment(plan)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def registry_base_vocab(registry: Registry, name: str) -> VocabInfo:
+    spec = registry.models[name]
+    folder = spec.tokenizer if spec.remote is not None else spec.path
+    return probe_vocab(name, registry.resolve_path(folder))
+
+
+def files_problem(registry: Registry, names: tuple[str, ...]) -> str | None:
+    """What the front end can see without loading: an expert's folder missing or a weights file unreadable."""
+    from logitfuse.pool import broken_file, local_folder
+
+    for name in names:
+        view = registry.adapter_views().get(name)
+        if view is not None:
+            folder = view[2]
+            if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+                return f"expert {view[0]!r}: adapter folder {folder} has no adapter_config.json"
+            continue
+        spec = registry.models[name]
+        if spec.remote is not None:
+            continue
+        folder = local_folder(registry, name)
+        if folder is None:
+            return f"model {name!r}: no such folder {registry.resolve_path(spec.path)}"
+        broken = broken_file(folder)
+        if broken:
+            return f"model {name!r}: {broken} is unreadable"
+    return None
