@@ -35,7 +35,7 @@ class FusionCore:
         base = host_vocab(self.registry, tokenizer, width)
         self.eos = base.vocab.get(base.special.get("eos_token") or "", None)
         self.refused = refusals(self.registry, base, self.lf, self.log)
-        self.rows = ExpertRows(self.lf.model, base, self.registry.server.solver_threads, tokenizer)
+        self.rows = ExpertRows(self.lf.model, base, self.registry.server.solver_threads, tokenizer, self.lf.model)
         self.handles: dict[Handle, str] = {}  # adapter handle -> row id (fused rows, and failed ones)
         self.ids = itertools.count()
 
@@ -52,13 +52,15 @@ class FusionCore:
         if prompt_logprobs:
             raise ValueError("logitfuse: prompt_logprobs are the base model's own under vLLM (processors see "
                              "only the next-token logits); ask logitfuse serve for fused prompt scores")
-        problem = files_problem(registry, plan.models()[1:])
+        problem = files_problem(registry, plan.models()[1:] + plan.rewards())
         if problem:
             raise ValueError(f"logitfuse: ensemble {extra[requests.KEY]!r}: {problem}")
 
-    def add(self, handle: Handle, extra: dict | None, prompt: Sequence[int] | None, outputs: Sequence[int]) -> bool:
+    def add(self, handle: Handle, extra: dict | None, prompt: Sequence[int] | None, outputs: Sequence[int],
+            seed: int | None = None) -> bool:
         """A request joins under handle (whatever held the handle leaves); False when it asks for no fusion.
-        A request that cannot be fused stays, marked, and ends at its next step."""
+        A request that cannot be fused stays, marked, and ends at its next step. seed: the request's sampling
+        seed (Transfer Q*'s rollouts draw from seed + 1, as in logitfuse's engine)."""
         self.drop(handle)
         if not requests.wanted(extra):
             return False
@@ -71,7 +73,7 @@ class FusionCore:
             name = extra[requests.KEY]
             if name in self.refused:
                 raise InvalidRequest(self.refused[name], requests.KEY)
-            self.rows.add(rid, plan, prompt, outputs, requests.role_prompts(extra, plan))
+            self.rows.add(rid, plan, prompt, outputs, requests.role_prompts(extra, plan), seed)
         except Exception as err:  # the front end validated it; a failure here ends this request alone
             self.log.error("logitfuse: request at %s cannot be fused: %s", handle, err)
             self.rows.rows.pop(rid, None)
@@ -119,12 +121,15 @@ class FusionCore:
 
 
 def local_registry(registry: Registry, device: torch.device) -> Registry:
-    """The registry as this worker runs it: models on device `auto` go to vLLM's device for this worker, and
-    torch's threads stay as vLLM set them (cpu_threads and solver_threads are for logitfuse's own server)."""
+    """The registry as this worker runs it: models (reward models too) on device `auto` go to vLLM's device for
+    this worker, and torch's threads stay as vLLM set them (cpu_threads and solver_threads are for logitfuse's
+    own server)."""
     models = {n: s.model_copy(update={"device": str(device)}) if s.device == "auto" else s
               for n, s in registry.models.items()}
+    rewards = {n: s.model_copy(update={"device": str(device)}) if s.device == "auto" else s
+               for n, s in registry.rewards.items()}
     server = registry.server.model_copy(update={"cpu_threads": None, "solver_threads": None})
-    return registry.model_copy(update={"models": models, "server": server})
+    return registry.model_copy(update={"models": models, "rewards": rewards, "server": server})
 
 
 def host_vocab(registry: Registry, tokenizer, width: int) -> VocabInfo:
@@ -181,7 +186,7 @@ def refusal(registry: Registry, name: str, base: VocabInfo, lf: LogitFuse) -> st
             detail = str(err)
         return f"its base {plan.base!r} does not share vLLM's vocabulary: {detail}"
     try:
-        lf.pin(plan.models()[1:])
+        lf.pin(plan.models()[1:] + plan.rewards())
         ExpertRows(lf.model, base).alignment(plan)
     except Exception as err:
         return f"{type(err).__name__}: {err}"
@@ -195,7 +200,8 @@ def registry_base_vocab(registry: Registry, name: str) -> VocabInfo:
 
 
 def files_problem(registry: Registry, names: tuple[str, ...]) -> str | None:
-    """What the front end can see without loading: an expert's folder missing or a weights file unreadable."""
+    """What the front end can see without loading: an expert's (or a reward model's) folder missing or a
+    weights file unreadable."""
     from logitfuse.pool import broken_file, local_folder
 
     for name in names:
@@ -205,8 +211,8 @@ def files_problem(registry: Registry, names: tuple[str, ...]) -> str | None:
             if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
                 return f"expert {view[0]!r}: adapter folder {folder} has no adapter_config.json"
             continue
-        spec = registry.models[name]
-        if spec.remote is not None:
+        spec = registry.models.get(name) or registry.rewards[name]
+        if getattr(spec, "remote", None) is not None:
             continue
         folder = local_folder(registry, name)
         if folder is None:

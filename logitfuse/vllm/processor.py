@@ -42,7 +42,7 @@ class FusionLogitsProcessor(LogitsProcessor):
         for index in batch_update.removed:
             self.core.drop(index)
         for index, params, prompt, outputs in batch_update.added:
-            self.core.add(index, params.extra_args, prompt, outputs)
+            self.core.add(index, params.extra_args, prompt, outputs, seed=params.seed)
         for a, b, how in batch_update.moved:
             self.core.move(a, b, how == MoveDirectionality.SWAP)
 

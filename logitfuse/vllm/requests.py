@@ -105,10 +105,14 @@ def unsupported(registry: Registry, plan: FusionPlan, own_prompts: bool = False)
     """Why a plan cannot run as a vLLM logits processor, or None when it can. own_prompts: the request gives
     every role its own prompt ids (then roles may format prompts differently)."""
     method = methods.get(plan.method)
-    if plan.tqstar is not None or method.work(plan):
-        return (f"method {plan.method!r} looks ahead with rollouts of the base, which a logits processor cannot "
-                "run; serve it with `logitfuse serve`")
-    if not method.needs_experts:
+    if plan.tqstar is not None:
+        reason = rollouts_problem(registry, plan)
+        if reason:
+            return reason
+    elif method.work(plan):
+        return (f"method {plan.method!r} looks ahead in a way this logits processor does not run; serve it with "
+                "`logitfuse serve`")
+    elif not method.needs_experts:
         return f"method {plan.method!r} fuses no experts; send the request without extra_args.ensemble"
     if plan.speculative is not None:
         return ("speculative fusion drafts with the tuned expert and verifies in the base, which vLLM runs; "
@@ -117,6 +121,22 @@ def unsupported(registry: Registry, plan: FusionPlan, own_prompts: bool = False)
     if plan.influence:
         return "influence reports come from logitfuse's own engine; drop fusion.influence"
     return None if own_prompts else formats_differ(registry, plan)
+
+
+def rollouts_problem(registry: Registry | None, plan: FusionPlan) -> str | None:
+    """Why a Transfer Q* plan cannot run beside vLLM: its rollouts continue every row in the baseline's own KV
+    state, kept in this process like an expert's (vLLM keeps its base's to itself), at the server's cap of
+    work per token."""
+    tq = plan.tqstar
+    if tq.baseline == plan.base:
+        return (f"Transfer Q*'s baseline {tq.baseline!r} is the base model vLLM runs: the rollouts continue each "
+                "row in the baseline's own KV state, which vLLM does not share; name another model as baseline, "
+                "or serve it with `logitfuse serve`")
+    limit = registry.server.max_tqstar_work if registry is not None else None  # None: the caller checked it
+    if limit is not None and tq.work > limit:
+        return (f"Transfer Q*'s work top_k * rollouts * rollout_tokens = {tq.work} is over the registry's "
+                f"server.max_tqstar_work ({limit})")
+    return None
 
 
 def formats_differ(registry: Registry, plan: FusionPlan) -> str | None:

@@ -8,6 +8,9 @@ views of one host together) and returns the fused scores of the rows from the ho
 the engine's own fuser (engine/hosted.py). A cross-tokenizer expert reads the generated text re-tokenized
 with its own tokenizer, by the engine's code: it prefills its own tokens of the prompt's text (and of the
 text generated so far), and each step forgets what the newest token's merge changed and feeds the new ids.
+A Transfer Q* row keeps its baseline model here like an expert; each step its rollouts continue the
+baseline's rows beside the host's forward (the engine's SlotRollouts, with the row's own rollout generator
+kept in step with the engine's: `RolloutGenerator`), and the reward models the getter gives score them.
 No vLLM import: tests drive it with any base logits.
 """
 
@@ -18,18 +21,47 @@ from dataclasses import dataclass, field
 
 import torch
 
-from logitfuse.backends.base import CausalLM, Tokenizer
+from logitfuse.backends.base import CausalLM, RewardModel, Tokenizer
 from logitfuse.engine.hosted import (
     HostFuser,
+    SlotRollouts,
     advance_ragged_group,
     cross_prompt,
     retokenized_change,
     retokenized_ids,
+    skip_draws,
 )
 from logitfuse.engine.slots import ModelSlots
 from logitfuse.errors import InvalidRequest, VocabMismatchError
 from logitfuse.methods.plan import FusionPlan
+from logitfuse.ops.sampling import make_generator
 from logitfuse.ops.vocab import Alignment, VocabInfo, align
+
+
+@dataclass
+class RolloutGenerator:
+    """A Transfer Q* row's rollout generator as the engine keeps it (engine/core.py: seeded with the request's
+    seed + 1, advanced by every decode step's rollouts), whatever the host does with the row: a step it runs
+    again (a sample the host discards, such as a prompt chunk's; a group retried row by row) draws from the
+    same state as the first time, and a row that joins with tokens already generated (preempted and resumed)
+    first skips the draws of their steps."""
+
+    generator: torch.Generator
+    seeded: bool
+    steps: int = 0  # decode steps whose draws the generator has made
+    before: tuple[int, torch.Tensor] | None = None  # (step, the generator's state before that step's draws)
+
+    def at(self, step: int, draws: int, width: int) -> torch.Generator:
+        """The generator for decode step `step` (the tokens generated before it), whose rollouts make `draws`
+        draws over `width` tokens (as every step of the row does)."""
+        if self.before is not None and self.before[0] == step:
+            self.generator.set_state(self.before[1])
+        else:
+            if self.seeded and step > self.steps:  # unseeded, the draws need not match anything
+                skip_draws(self.generator, (step - self.steps) * draws, width)
+            self.before = (step, self.generator.get_state())
+        self.steps = step + 1
+        return self.generator
 
 
 @dataclass
@@ -43,6 +75,7 @@ class Row:
     error: str | None = None  # set when this row's fusion failed; the row is then left to end
     own: dict[str, list[int]] = field(default_factory=dict)  # cross-tokenizer model -> its ids of the prompt
     cross: dict[str, list[int]] = field(default_factory=dict)  # ... -> its ids of the generated text it holds
+    rollout: RolloutGenerator | None = None  # a Transfer Q* row's
 
     def prompt_of(self, name: str) -> list[int]:
         """The prompt ids model `name` reads (its own where the request gave them, else the host's)."""
@@ -55,19 +88,23 @@ class Row:
 
 @dataclass
 class ExpertRows:
-    """Rows by id, each with its plan; the experts' batched states (one Slot per model, as the engine's)."""
+    """Rows by id, each with its plan; the experts' batched states (one Slot per model, as the engine's).
+    get_reward: the reward models Transfer Q* scores its rollouts with (default: get_backend, a pool's getter
+    serves both)."""
 
     get_backend: Callable[[str], CausalLM]
     base: VocabInfo  # the host's base vocabulary; its logits_width is the width of the logits it hands over
     solver_threads: int | None = None
     base_tokenizer: Tokenizer | None = None  # the host's tokenizer (cross-tokenizer experts read its text)
+    get_reward: Callable[[str], RewardModel] | None = None
     rows: dict[str, Row] = field(default_factory=dict)
     slots: ModelSlots = field(default_factory=ModelSlots)
     _maps: dict[tuple, Alignment] = field(default_factory=dict)
     _aside: dict[str, tuple] = field(default_factory=dict)  # model -> rows set aside during one forward
 
     def __post_init__(self) -> None:
-        self.fuser = HostFuser(self.get_backend, self.alignment, self.solver_threads)
+        self.fuser = HostFuser(self.get_backend, self.alignment, self.solver_threads,
+                               self.get_reward or self.get_backend)
 
     def alignment(self, plan: FusionPlan) -> Alignment:
         """The experts' vocabularies mapped onto the host's base vocabulary (checked once per set of models):
@@ -88,16 +125,21 @@ class ExpertRows:
         return self._maps[key]
 
     def experts(self, plan: FusionPlan) -> tuple[str, ...]:
-        """The models this process runs for a plan: all but the base (the host runs it)."""
+        """The models this process runs for a plan: all but the base (the host runs it), Transfer Q*'s
+        baseline included."""
         return plan.models()[1:]
 
     # -- the host's batch ----------------------------------------------------------------------------------
     def add(self, rid: str, plan: FusionPlan, prompt: Sequence[int], outputs: Sequence[int],
-            prompts: dict[str, list[int]] | None = None) -> None:
+            prompts: dict[str, list[int]] | None = None, seed: int | None = None) -> None:
         """A row joins (or joins again after a preemption: it prefills everything it has so far). prompts:
-        each model's own prompt ids (roles formatting the prompt differently); by default the host's."""
+        each model's own prompt ids (roles formatting the prompt differently); by default the host's. seed:
+        the request's sampling seed, which seeds a Transfer Q* row's rollouts as the engine does."""
         self.remove(rid)
-        self.rows[rid] = Row(plan, list(prompt), outputs, prompts)
+        row = Row(plan, list(prompt), outputs, prompts)
+        if plan.tqstar is not None:
+            row.rollout = RolloutGenerator(make_generator(None if seed is None else seed + 1), seed is not None)
+        self.rows[rid] = row
 
     def remove(self, rid: str) -> None:
         if self.rows.pop(rid, None) is not None:
@@ -148,7 +190,22 @@ class ExpertRows:
             pick = torch.tensor([where[r] for r in rids], dtype=torch.long, device=slot.logits.device)
             return slot.logits.index_select(0, pick)
 
-        return self.fuser.scores(plans, rows_of)
+        return self.fuser.scores(plans, rows_of, self.rollouts(rids, plans[0]))
+
+    def rollouts(self, rids: list[str], plan: FusionPlan) -> SlotRollouts | None:
+        """Transfer Q*'s look-ahead for rows of one group (None for other methods): the baseline's rows here,
+        each row's rollout generator at its step, its ids so far in each model."""
+        tq = plan.tqstar
+        if tq is None:
+            return None
+        rows = [self.rows[r] for r in rids]
+        # a step's draws, as methods/tqstar.py makes them: top_k candidates (at most the shared vocabulary),
+        # `rollouts` copies each, rollout_tokens - 1 sampled tokens each, over the baseline's logits
+        draws = min(tq.top_k, self.alignment(plan).width) * tq.rollouts * (tq.rollout_tokens - 1)
+        width = self.slots[tq.baseline].logits.shape[-1]
+        gens = [row.rollout.at(len(row.outputs), draws, width) for row in rows]
+        return SlotRollouts(self.slots, rids, gens, lambda model: [[*row.prompt_of(model), *row.outputs]
+                                                                   for row in rows])
 
     def _catch_up(self, rids: list[str]) -> dict[str, str]:
         """Every expert of the given rows reads the rows' unread tokens: new rows (and rows more than one token

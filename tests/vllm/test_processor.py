@@ -1,7 +1,7 @@
 """vLLM + FusionLogitsProcessor against logitfuse's own engine on the same registry: greedy tokens equal and
-fused log-probabilities within 1e-3, for proxy, EFT, DLF, a LoRA-adapter expert and an expert pair with another
-tokenizer; plain rows untouched; mixed batches whose rows finish at different steps; bad requests refused
-while the engine keeps serving."""
+fused log-probabilities within 1e-3, for proxy, EFT, DLF, a LoRA-adapter expert, an expert pair with another
+tokenizer and Transfer Q* (seeded rollouts); plain rows untouched; mixed batches whose rows finish at
+different steps; bad requests refused while the engine keeps serving."""
 
 import math
 
@@ -148,7 +148,7 @@ def test_bad_overrides_are_refused(llm, prompts, extra, message):
 
 
 @pytest.mark.parametrize(("ensemble", "message"), [
-    ("spec", "speculative"), ("tq", "rollouts"), ("formats", "format chat prompts differently"),
+    ("spec", "speculative"), ("formats", "format chat prompts differently"),
     ("unloadable", r"model 'broken-small': .*model.safetensors is unreadable"),
 ])
 def test_ensembles_that_cannot_run_in_vllm_are_refused(llm, prompts, ensemble, message):
@@ -156,6 +156,31 @@ def test_ensembles_that_cannot_run_in_vllm_are_refused(llm, prompts, ensemble, m
 
     with pytest.raises(VLLMValidationError, match=message):
         llm.generate([{"prompt_token_ids": prompts[0]}], vllm_params(ensemble, 4))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"alpha": 0.1}, {"baseline_reward": "rm", "alpha": 0.1}])
+def test_transfer_q_star_equals_logitfuse(llm, ref, prompts, overrides):
+    """Transfer Q* inside vLLM: the base's top-k from vLLM's logits, the baseline's rollouts beside vLLM's
+    forward (drawn from the request's seed + 1, as logitfuse's engine draws them), scored by the reward model
+    (indirect transfer too, with the same model as baseline reward). Greedy with a seed: the engine's tokens,
+    fused log-probabilities within 1e-3."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=8, logprobs=0, seed=7, extra_args={"ensemble": "tq", **overrides})
+    got = run_vllm(llm, prompts[:12], sp)
+    lf_params = LFParams(max_tokens=8, temperature=0, seed=7, logprobs=0)
+    outs = ref.generate("tq", prompts[:12], lf_params, overrides or None)
+    assert_same(got, [(o.token_ids, o.logprobs) for o in outs])
+    plain = run_ref(ref, "base-large", prompts[:12], 8)
+    assert sum(g[0] != p[0] for g, p in zip(got, plain)) >= 2, "Transfer Q* should change some outputs"
+
+
+def test_transfer_q_star_over_vllms_own_base_is_refused(llm, prompts):
+    """The rollouts continue each row in the baseline's KV state, which vLLM keeps for its own model."""
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="baseline 'base-large' is the base model vLLM runs"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], vllm_params("tq", 4, baseline="base-large"))
 
 
 def test_n_and_seeded_sampling_follow_vllm(llm, prompts):

@@ -9,6 +9,7 @@ import torch
 
 from logitfuse.engine.hosted import retokenized_change, retokenized_ids
 from logitfuse.engine.request import SamplingParams
+from logitfuse.methods.params import FusionParams
 from logitfuse.ops.vocab import VocabInfo
 from logitfuse.vllm.requests import request_plan, unsupported
 from logitfuse.vllm.rows import ExpertRows
@@ -117,11 +118,12 @@ def test_a_cross_row_that_re_tokenizes_equals_a_fresh_prefill(ref, core, prompts
     core.remove("run")
 
 
-def host(ref, core, jobs, late, max_tokens, events):
-    """Greedy decoding of jobs (rid, ensemble or None, prompt) in one batch, as a host engine runs it.
+def host(ref, core, jobs, late, max_tokens, events, seeds=None, logprobs=None):
+    """Greedy decoding of jobs (rid, ensemble or extra_args or None, prompt) in one batch, as a host engine runs it.
     events: step -> fn(core, outputs) run before that step's fusion (joins, preemptions); the rows it returns
     have their sample discarded that step (as a host does for a chunk of a long prompt); `late` enters the
-    batch when an event returns it."""
+    batch when an event returns it. seeds: rid -> the request's seed; logprobs: a dict that gets rid -> the
+    chosen tokens' log-probabilities."""
     ev = events
     outputs = {rid: [] for rid, _, _ in jobs}
     prompts = {rid: p for rid, _, p in jobs}
@@ -129,7 +131,8 @@ def host(ref, core, jobs, late, max_tokens, events):
     active = [rid for rid, _, _ in jobs]
     for rid, name, p in jobs:
         if name:
-            core.add(rid, request_plan(ref.registry, {"ensemble": name}), p, outputs[rid])
+            args = name if isinstance(name, dict) else {"ensemble": name}  # an ensemble, or extra_args
+            core.add(rid, request_plan(ref.registry, args), p, outputs[rid], seed=(seeds or {}).get(rid))
     for step in range(3 * max_tokens):
         held = set()
         if step in ev:
@@ -150,10 +153,63 @@ def host(ref, core, jobs, late, max_tokens, events):
                 continue
             tok = int(logits[i].argmax())
             outputs[rid].append(tok)
+            if logprobs is not None:
+                logprobs.setdefault(rid, []).append(float(torch.log_softmax(logits[i].float(), -1)[tok]))
             if tok == EOS or len(outputs[rid]) >= max_tokens:
                 active.remove(rid)
                 core.remove(rid)
     return outputs
+
+
+def test_transfer_q_star_rows_equal_the_engine(ref, core, prompts):
+    """Transfer Q* (`tq`: the baseline's rollouts run beside the host from its KV state kept here, scored by the
+    reward model) with a seed per row, at two alphas (two plan groups), beside plain and proxy rows. A row joins
+    late (its first step runs twice, the first sample discarded: the rollouts draw again from the same state)
+    and another is preempted and resumed (its rollout generator skips the draws of the steps it had made).
+    Greedy tokens equal logitfuse's engine with the same seeds (its rollouts draw from seed + 1),
+    log-probabilities within 1e-4; other seeds give other tokens, so the rollouts' draws matter."""
+    tq, sharp = {"ensemble": "tq"}, {"ensemble": "tq", "alpha": 0.1}  # a small alpha: Q weighs more
+    names = [sharp, sharp, None, tq, "proxy", sharp, sharp, None, tq, sharp]
+    jobs = [(f"t{i}", name, p) for i, (name, p) in enumerate(zip(names, prompts))]
+    late = ("late", sharp, prompts[10])
+    seeds = {rid: 10 + i for i, (rid, _, _) in enumerate([*jobs, late])}
+    max_tokens = 8
+
+    def engine(shift=0, rollouts_only=False):
+        out = {}
+        for rid, name, p in [*jobs, late]:
+            if rollouts_only and not isinstance(name, dict):
+                continue
+            sp = SamplingParams(max_tokens=max_tokens, temperature=0, seed=seeds[rid] + shift, logprobs=0)
+            args = name if isinstance(name, dict) else {"ensemble": name or "base-large"}
+            extra = {k: v for k, v in args.items() if k != "ensemble"} or None
+            out[rid] = ref.generate(args["ensemble"], [p], sp, extra)[0]
+        return out
+
+    want, other = engine(), engine(100, rollouts_only=True)
+    rollouts = [rid for rid, name, _ in [*jobs, late] if isinstance(name, dict)]
+    moved = [r for r in rollouts if want[r].token_ids != other[r].token_ids]
+    assert len(moved) >= 3 and "late" in moved, f"the seed should change some outputs: {moved}"
+    long = "t0"  # preempted at step 4: still running then, and its later tokens depend on its seed
+    assert len(want[long].token_ids) > 5 and want[long].token_ids[4:] != other[long].token_ids[4:]
+    plan = request_plan(ref.registry, sharp)
+    assert core.experts(plan) == ("tuned-small-qa",), "the baseline's rows are kept here, like an expert's"
+
+    def join(core, outputs):
+        outputs["late"] = []
+        core.add("late", plan, late[2], outputs["late"], seed=seeds["late"])
+        return {"late"}
+
+    def preempt(core, outputs):
+        core.remove(long)
+        core.add(long, plan, prompts[0], outputs[long], seed=seeds[long])
+
+    lps: dict[str, list[float]] = {}
+    got = host(ref, core, jobs, late, max_tokens, {2: join, 4: preempt}, seeds, lps)
+    assert got == {r: w.token_ids for r, w in want.items()}
+    for rid, w in want.items():
+        assert max(abs(a - b) for a, b in zip(lps[rid], w.logprobs)) < 1e-4, rid
+    assert not core.rows and not core.slots
 
 
 def test_a_failing_row_ends_alone(ref, core, prompts):
@@ -174,7 +230,11 @@ def test_a_failing_row_ends_alone(ref, core, prompts):
 def test_plans_that_cannot_run_in_a_logits_processor(ref):
     reg = ref.registry
     assert "speculative" in unsupported(reg, reg.plan("spec"))
-    assert "rollouts" in unsupported(reg, reg.plan("tq"))
+    assert unsupported(reg, reg.plan("tq")) is None, "Transfer Q*'s baseline runs here, beside the host"
+    on_base = reg.plan("tq", FusionParams(baseline="base-large"))
+    assert "baseline 'base-large' is the base model vLLM runs" in unsupported(reg, on_base)
+    heavy = reg.plan("tq", FusionParams(top_k=64, rollouts=8, rollout_tokens=16))
+    assert "server.max_tqstar_work (4096)" in unsupported(reg, heavy)
     assert "chat_template" in unsupported(reg, reg.plan("formats"))
     assert unsupported(reg, reg.plan("dlf")) is None
     # the pair reads the text of the base's prompt ids: its models' chat_template setting plays no part

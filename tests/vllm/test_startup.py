@@ -27,8 +27,8 @@ def test_every_ensemble_that_can_run_is_served(ref, vllm_vocab, monkeypatch):
     monkeypatch.delenv("LOGITFUSE_ENSEMBLES", raising=False)
     refused = refusals(ref.registry, vllm_vocab, ref)
     # roles with different prompt formats run where the request carries their prompts: checked per request
-    assert set(refused) == {"spec", "tq", "unloadable"}
-    assert "speculative" in refused["spec"] and "rollouts" in refused["tq"]
+    assert set(refused) == {"spec", "unloadable"}  # Transfer Q*'s baseline and reward model are loaded beside vLLM
+    assert "speculative" in refused["spec"]
     assert "model 'broken-small' could not be loaded" in refused["unloadable"]
     assert not {"cross-proxy", "cross-eft", "cross-dlf"} & set(refused)  # their pair is loaded and mapped
 
@@ -37,7 +37,7 @@ def test_a_cross_tokenizer_pair_needs_the_base_texts(ref, vllm_vocab, monkeypatc
     """Without vLLM's token texts the pair's scores cannot be mapped: its ensembles are refused, the others run."""
     monkeypatch.delenv("LOGITFUSE_ENSEMBLES", raising=False)
     refused = refusals(ref.registry, replace(vllm_vocab, texts=None), ref)
-    assert set(refused) == {"spec", "tq", "unloadable", "cross-proxy", "cross-eft", "cross-dlf"}
+    assert set(refused) == {"spec", "unloadable", "cross-proxy", "cross-eft", "cross-dlf"}
     assert "needs its token texts" in refused["cross-dlf"]
 
 
@@ -61,8 +61,8 @@ def test_named_ensembles_must_exist_and_run(ref, vllm_vocab, monkeypatch):
     monkeypatch.setenv("LOGITFUSE_ENSEMBLES", "proxy,missing")
     with pytest.raises(ValueError, match=r"names unknown ensembles \['missing'\]"):
         refusals(ref.registry, vllm_vocab, ref)
-    monkeypatch.setenv("LOGITFUSE_ENSEMBLES", "proxy,tq")
-    with pytest.raises(ValueError, match="these ensembles cannot be served: tq: method 'tqstar'"):
+    monkeypatch.setenv("LOGITFUSE_ENSEMBLES", "proxy,spec")
+    with pytest.raises(ValueError, match="these ensembles cannot be served: spec: speculative fusion"):
         refusals(ref.registry, vllm_vocab, ref)
     monkeypatch.setenv("LOGITFUSE_ENSEMBLES", "proxy,dlf")
     refused = refusals(ref.registry, vllm_vocab, ref)
