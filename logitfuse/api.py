@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from logitfuse import methods
-from logitfuse.backends.base import CausalLM, RewardModel
+from logitfuse.backends.base import CausalLM, RewardModel, end_ids
 from logitfuse.backends.prefix_cache import PrefixCache
 from logitfuse.config.registry import Registry
-from logitfuse.config.specs import ServerSpec
+from logitfuse.config.specs import ModelSpec, ServerSpec
 from logitfuse.engine.core import Engine, EngineStats
 from logitfuse.engine.output import CompletionOutput
 from logitfuse.engine.prompts import Prompt, role_prompts
@@ -32,7 +32,7 @@ from logitfuse.engine.speculative import SpecStats, check_plan
 from logitfuse.methods.params import FusionParams
 from logitfuse.methods.plan import FusionPlan, SpecPlan
 from logitfuse.ops.vocab import Alignment
-from logitfuse.pool import ModelPool
+from logitfuse.pool import ModelPool, files_problem
 
 __all__ = ["CompletionOutput", "LogitFuse", "SpeculativeEFT"]
 
@@ -138,8 +138,8 @@ class LogitFuse:
         if failed and self._registry.server.on_bad_entry == "refuse":
             return failed
         for name in self._registry.ensembles:
-            if f"ensembles.{name}" in failed:
-                continue
+            if f"ensembles.{name}" in failed or self.hosted_by(self.plan(name)):
+                continue  # an ensemble over a vLLM-hosted model is checked by vLLM's processor as it starts
             try:
                 self.prepare(name)
             except Exception as err:  # every failure is reported, with its entry
@@ -169,6 +169,42 @@ class LogitFuse:
     def try_pin(self, names: Sequence[str]) -> bool:
         """Pin models only if all are loaded now (True); never loads or waits on a load (False: none pinned)."""
         return self._pool.try_acquire(list(names))
+
+    def hosted_by(self, plan: FusionPlan) -> str | None:
+        """The registry model whose in-process vLLM engine decodes this plan (its base has `engine: vllm`),
+        or None: logitfuse's own engine decodes it."""
+        return plan.base if self._registry.model_spec(plan.base).engine == "vllm" else None
+
+    def hosted_models(self) -> list[str]:
+        """Registry models that run in an in-process vLLM engine (engine: vllm)."""
+        return [n for n, s in self._registry.models.items() if s.engine == "vllm"]
+
+    def shell(self, name: str) -> CausalLM:
+        """A model's tokenizer, context and vocabulary without its weights (backends/shell.py): what builds the
+        requests that another engine decodes. The hosted model's own backend is one already."""
+        return self._pool.shell(name)
+
+    def model_entry(self, name: str) -> ModelSpec:
+        """A registry model's entry (an adapter model's is its untuned model's)."""
+        return self._registry.model_spec(name)
+
+    def resolve_path(self, path: str) -> str:
+        """A path of the registry file as a path on disk (relative to the file), or a hub id unchanged."""
+        return self._registry.resolve_path(path)
+
+    def registry_json(self) -> str:
+        """The registry as JSON (paths resolved against the same folder): for a process that runs a copy of it,
+        as vLLM's engine process does in engine mode."""
+        return self._registry.model_dump_json()
+
+    def files_problem(self, names: Sequence[str]) -> str | None:
+        """What can be seen of models without loading them (a folder missing, a weights file unreadable)."""
+        return files_problem(self._registry, names)
+
+    def own_stop_ids(self, name: str) -> frozenset[int]:
+        """The ids that end a model's own sequences: the registry's stop_token_ids, else its files'."""
+        override = self._registry.model_spec(name).stop_token_ids
+        return frozenset(override) if override is not None else end_ids(self._pool.shell(name))
 
     def is_remote(self, name: str) -> bool:
         """Whether a registry model is served by a remote endpoint (read from the registry: nothing loads)."""
@@ -203,10 +239,11 @@ class LogitFuse:
         """The engine requests for one prompt (or chat) and n samples (seed + i for sample i)."""
         plan = self.plan(model, fusion)
         sampling = (sampling or SamplingParams()).check(self._registry.server.max_logprobs)
-        prompts = role_prompts({m: self._pool.get(m) for m in plan.models()}, prompt, messages, plan.base,
-                               plan.cross_models())
+        # a plan that vLLM decodes needs only the roles' tokenizers here (its experts load in vLLM's process)
+        get = self._pool.shell if self.hosted_by(plan) else self._pool.get
+        prompts = role_prompts({m: get(m) for m in plan.models()}, prompt, messages, plan.base, plan.cross_models())
         if sampling.max_tokens is None:
-            sampling = replace(sampling, max_tokens=self._rest_of_window(plan, prompts))
+            sampling = replace(sampling, max_tokens=self._rest_of_window(plan, prompts, get))
         rid = rid or f"req-{next(self._ids)}"
         out = []
         for i in range(n):
@@ -214,10 +251,10 @@ class LogitFuse:
             out.append(GenerationRequest(f"{rid}-{i}" if n > 1 else rid, plan, prompts, sp))
         return out
 
-    def _rest_of_window(self, plan: FusionPlan, prompts: dict[str, list[int]]) -> int:
+    def _rest_of_window(self, plan: FusionPlan, prompts: dict[str, list[int]], get) -> int:
         """What a request without max_tokens may generate: the rest of the smallest context window among
         its models (each counted in its own tokens), capped by server.max_tokens_default."""
-        room = min(self._pool.get(m).max_context - len(prompts[m]) for m in plan.models())
+        room = min(get(m).max_context - len(prompts[m]) for m in plan.models())
         cap = self._registry.server.max_tokens_default
         return max(1, min(room, cap) if cap else room)
 

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -67,6 +67,28 @@ def broken_file(path: str | None) -> str | None:
     return None
 
 
+def files_problem(reg: Registry, names: Sequence[str]) -> str | None:
+    """What can be seen of models without loading them: a local folder missing, a weights file unreadable, an
+    adapter folder without its config (a reward model's too); None when nothing is."""
+    for name in names:
+        view = reg.adapter_views().get(name)
+        if view is not None:
+            folder = view[2]
+            if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+                return f"expert {view[0]!r}: adapter folder {folder} has no adapter_config.json"
+            continue
+        spec = reg.models.get(name) or reg.rewards[name]
+        if getattr(spec, "remote", None) is not None:
+            continue
+        folder = local_folder(reg, name)
+        if folder is None:
+            return f"model {name!r}: no such folder {reg.resolve_path(spec.path)}"
+        broken = broken_file(folder)
+        if broken:
+            return f"model {name!r}: {broken} is unreadable"
+    return None
+
+
 def default_loader(reg: Registry, name: str, tokenizers: TokenizerStore | None = None) -> CausalLM | RewardModel:
     """Build the backend for a registry name (a causal LM from its source, or a reward model); tokenizers: where
     models take their tokenizers from (read once, kept across loads)."""
@@ -99,6 +121,25 @@ class ModelPool:
         self._name_locks: dict[str, threading.Lock] = {}
         self._failed: dict[str, tuple[Unavailable, tuple | None, float]] = {}  # error, files, when
         self._listeners: list[Callable[[str], None]] = []
+        self._shells: dict[str, object] = {}  # name -> ShellLM (what builds requests another engine decodes)
+
+    def shell(self, name: str):
+        """A model's tokenizer, context and vocabulary, no weights (backends/shell.py), kept per name; a model
+        with `engine: vllm` is one as its own backend. An adapter model's is its untuned model's."""
+        spec = self.registry.model_spec(name)
+        if spec.engine == "vllm" and name in self.registry.models:
+            return self.get(name)
+        with self._lock:
+            if name in self._shells:
+                return self._shells[name]
+        from logitfuse.backends.shell import ShellLM
+
+        path = spec.tokenizer if spec.remote is not None else spec.path
+        max_context = spec.remote.max_context if spec.remote is not None else None
+        shell = ShellLM.load(name, self.registry.resolve_path(path), spec.chat_template, spec.gguf_file,
+                             max_context, self.tokenizers)
+        with self._lock:
+            return self._shells.setdefault(name, shell)
 
     def on_weights_change(self, listener: Callable[[str], None]) -> None:
         """Call listener(name) whenever the weights behind a name are unloaded or (re)loaded, for each name

@@ -27,6 +27,7 @@ class Source:
     field: str  # the ModelSpec field whose presence selects this source
     load: Callable[[str, ModelSpec, Resolve, TokenizerStore | None], CausalLM]
     about: str
+    value: object = None  # where set: the field must have this value (not merely be present)
 
 
 def _remote(name: str, spec: ModelSpec, resolve: Resolve, tokenizers: TokenizerStore | None) -> CausalLM:
@@ -42,7 +43,16 @@ def _local(name: str, spec: ModelSpec, resolve: Resolve, tokenizers: TokenizerSt
                            compile=spec.compile, tokenizers=tokenizers)
 
 
+def _hosted(name: str, spec: ModelSpec, resolve: Resolve, tokenizers: TokenizerStore | None) -> CausalLM:
+    from logitfuse.backends.shell import ShellLM
+
+    return ShellLM.load(name, resolve(spec.path), spec.chat_template, spec.gguf_file,
+                        (spec.vllm or {}).get("max_model_len"), tokenizers)
+
+
 SOURCES: tuple[Source, ...] = (
+    Source("vllm", "engine", _hosted, "a checkpoint that an in-process vLLM engine runs (logitfuse/vllm/engine.py); "
+           "here only its tokenizer and config (backends/shell.py)", "vllm"),
     Source("remote", "remote", _remote, "an OpenAI-compatible completions endpoint (backends/remote.py)"),
     Source("gguf", "gguf_file", _local, "a GGUF checkpoint inside `path`, dequantised by transformers (hf.py)"),
     Source("folder", "path", _local, "a transformers checkpoint folder or hub id (backends/hf.py)"),
@@ -52,7 +62,8 @@ SOURCES: tuple[Source, ...] = (
 def source_of(spec: ModelSpec) -> Source:
     """The source a model entry selects (the first in SOURCES whose field it sets)."""
     for source in SOURCES:
-        if getattr(spec, source.field, None) is not None:
+        value = getattr(spec, source.field, None)
+        if value is not None and (source.value is None or value == source.value):
             return source
     raise ValueError(f"a model needs one of {', '.join(repr(s.field) for s in SOURCES)}")
 

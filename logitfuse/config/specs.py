@@ -6,7 +6,7 @@ start-up with the key named.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -43,6 +43,8 @@ class ModelSpec(ClosedModel):
     tokenizer: str | None = None  # remote models: a local folder or hub id holding the model's tokenizer
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # replaces the ids that end a sequence
     # read from the model's tokenizer and generation_config.json (for families whose files are wrong)
+    engine: Literal["hf", "vllm"] = "hf"  # vllm: logitfuse serve hosts it in an in-process vLLM engine
+    vllm: dict[str, Any] | None = None  # vLLM engine arguments for engine: vllm (names checked at start-up)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -50,6 +52,10 @@ class ModelSpec(ClosedModel):
             raise ValueError("a model needs exactly one of 'path' or 'remote'")
         if self.remote is not None and not self.tokenizer:
             raise ValueError("a remote model needs 'tokenizer' (a local folder or hub id with its tokenizer)")
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError("'vllm' engine arguments need 'engine: vllm'")
+        if self.engine == "vllm" and (self.remote is not None or self.compile):
+            raise ValueError("engine: vllm runs a local checkpoint in vLLM: 'remote' and 'compile' do not apply")
         return self
 
 

@@ -54,6 +54,33 @@ def runners(lf: LogitFuse, timings: Timings | None = None) -> tuple[EngineRunner
                               timings).start()
 
 
+def check_hosted(lf: LogitFuse) -> None:
+    """Before anything starts: every `engine: vllm` entry's engine arguments (ValueError naming the key), and
+    that vLLM is installed where one is asked for."""
+    if lf.hosted_models():
+        from logitfuse.vllm.engine import engine_args
+
+        for name in lf.hosted_models():
+            engine_args(lf, name)
+
+
+def start_hosted(lf: LogitFuse, bound: QueueBound, timings: Timings | None = None) -> dict:
+    """An in-process vLLM engine for every `engine: vllm` model (each blocks until ready)."""
+    if not lf.hosted_models():
+        return {}
+    from logitfuse.vllm.engine import VLLMLane
+
+    started = {}
+    try:
+        for name in lf.hosted_models():
+            started[name] = VLLMLane(lf, name, bound, timings).start()
+    except BaseException:
+        for lane in started.values():
+            lane.stop()
+        raise
+    return started
+
+
 def api_keys(flags: list[str] | None, environ: dict | None = None) -> list[str]:
     """Keys from `serve --api-key` and the LOGITFUSE_API_KEY environment variable (comma-separated);
     the registry's server.api_keys are added by create_app."""
@@ -73,7 +100,9 @@ def create_app(source: str | Path | Registry | LogitFuse, extra_keys: list[str] 
         if lf.settings.preload and not getattr(app.state, "preloaded", False):
             settle(lf, lf.preload())
         lanes = runners(lf, app.state.metrics.times)
-        app.state.serving = Serving(lf, *lanes)
+        hosted = await asyncio.to_thread(start_hosted, lf, lanes[0].bound, app.state.metrics.times)
+        lanes = (*lanes, *hosted.values())
+        app.state.serving = Serving(lf, lanes[0], lanes[1], hosted)
         log.info("serving %s", ", ".join(lf.names()))
         if skipped := lf.health()["skipped"]:
             log.warning("left out (server.on_bad_entry: skip): %s", "; ".join(skipped.values()))
@@ -105,6 +134,7 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str =
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         lf = LogitFuse(config)
+        check_hosted(lf)
         if lf.settings.read_tokenizers:  # first: the preload's vocabulary probes and loads then reuse them
             lf.read_tokenizers()
         if lf.settings.preload:  # before listening, so that a failure ends the process cleanly

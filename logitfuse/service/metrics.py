@@ -75,6 +75,9 @@ class EngineCollector(Collector):
                                       labels=["lane"])
         accepted = CounterMetricFamily("logitfuse_spec_accepted_tokens", "Speculative draft tokens accepted",
                                        labels=["lane"])
+        vllm_kv = GaugeMetricFamily("logitfuse_vllm_kv_cache_usage_perc", "Share of an in-process vLLM engine's "
+                                    "KV cache blocks in use (engine: vllm lanes; vLLM's scheduler's number)",
+                                    labels=["lane"])
         sequences = GaugeMetricFamily("logitfuse_sequences", "Sequences waiting or running, every lane")
         loaded = GaugeMetricFamily("logitfuse_loaded_models", "Checkpoints loaded in memory")
         # one prefix cache serves every lane: counted once (vLLM's prefix_cache_queries / _hits, in tokens)
@@ -89,6 +92,8 @@ class EngineCollector(Collector):
                 kv.add_metric([lane], st.kv_reserved)
                 if st.kv_budget:
                     usage.add_metric([lane], st.kv_reserved / st.kv_budget)
+                if hasattr(runner, "kv_usage"):
+                    vllm_kv.add_metric([lane], runner.kv_usage())
                 drafted.add_metric([lane], st.speculative.drafted)
                 accepted.add_metric([lane], st.speculative.accepted)
             cache = serving.lf.stats()
@@ -97,7 +102,7 @@ class EngineCollector(Collector):
             held.add_metric([], cache.prefix_bytes)
             sequences.add_metric([], serving.pending())
             loaded.add_metric([], len(serving.lf.health()["loaded"]))
-        yield from (running, waiting, kv, usage, drafted, accepted, sequences, loaded, queries, hits, held)
+        yield from (running, waiting, kv, usage, vllm_kv, drafted, accepted, sequences, loaded, queries, hits, held)
 
 
 class Metrics:

@@ -62,10 +62,12 @@ class Job:
 
 
 class Serving:
-    def __init__(self, lf: LogitFuse, runner: EngineRunner, rollout_lane: EngineRunner | None = None) -> None:
+    def __init__(self, lf: LogitFuse, runner: EngineRunner, rollout_lane: EngineRunner | None = None,
+                 hosted: dict | None = None) -> None:
         self.lf = lf
         self.runner = runner
         self.rollout_lane = rollout_lane
+        self.hosted = dict(hosted or {})  # model with engine: vllm -> its lane (vllm/engine.py: VLLMLane)
         self.remote_lanes: dict[str, EngineRunner] = {}  # remote model -> its lane, started at its first request
         self.server = lf.settings
         self.created = int(time.time())
@@ -73,10 +75,16 @@ class Serving:
         self.loader = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="logitfuse-load")
 
     def runners(self) -> list[EngineRunner]:
-        return [self.runner] + ([self.rollout_lane] if self.rollout_lane else []) + list(self.remote_lanes.values())
+        return ([self.runner] + ([self.rollout_lane] if self.rollout_lane else []) + list(self.remote_lanes.values())
+                + list(self.hosted.values()))
 
     def lane_for(self, plan: FusionPlan) -> EngineRunner:
         """The engine thread a request of this plan decodes in (event loop only: lanes start here)."""
+        if (hosted := self.lf.hosted_by(plan)) is not None:
+            if hosted not in self.hosted:
+                raise APIError(503, f"model {hosted!r} runs in vLLM (engine: vllm), whose engine is not running "
+                                    "in this server", "model")
+            return self.hosted[hosted]
         if self.rollout_lane is not None and methods.get(plan.method).work(plan) > 0:
             return self.rollout_lane
         remote = next((n for n in plan.models() if self.lf.is_remote(n)), None) if self.server.remote_lane else None
@@ -117,6 +125,9 @@ class Serving:
         """Hold the request's models loaded and pinned (the engine then never loads them) until the block
         ends; loading, when needed, happens on the loader threads and is awaited for server.load_timeout."""
         plan = self.lf.plan(model, fusion)
+        if self.lf.hosted_by(plan):  # vLLM's process holds its models; here only tokenizers (LogitFuse.shell)
+            yield
+            return
         names = list(dict.fromkeys(plan.models() + plan.rewards()))
         if not self.lf.try_pin(names):  # all loaded: pinned at once, no thread (never behind a load)
             await self._load(names)

@@ -42,8 +42,8 @@ class FusionCore:
     @staticmethod
     def validate(extra: dict | None, prompt_logprobs) -> None:
         """vLLM's front end, as each request arrives: ValueError (a 400 there) for a bad ensemble or override."""
-        if not requests.wanted(extra):
-            return
+        if not requests.wanted(extra) or requests.PLAN in extra:
+            return  # a plan comes from logitfuse serve's engine mode, which checked it before handing it over
         registry = requests.load_registry()
         try:
             plan = requests.request_plan(registry, extra)
@@ -201,23 +201,7 @@ def registry_base_vocab(registry: Registry, name: str) -> VocabInfo:
 
 def files_problem(registry: Registry, names: tuple[str, ...]) -> str | None:
     """What the front end can see without loading: an expert's (or a reward model's) folder missing or a
-    weights file unreadable."""
-    from logitfuse.pool import broken_file, local_folder
+    weights file unreadable (pool.py's check, the one logitfuse serve's engine mode makes too)."""
+    from logitfuse.pool import files_problem as problem
 
-    for name in names:
-        view = registry.adapter_views().get(name)
-        if view is not None:
-            folder = view[2]
-            if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-                return f"expert {view[0]!r}: adapter folder {folder} has no adapter_config.json"
-            continue
-        spec = registry.models.get(name) or registry.rewards[name]
-        if getattr(spec, "remote", None) is not None:
-            continue
-        folder = local_folder(registry, name)
-        if folder is None:
-            return f"model {name!r}: no such folder {registry.resolve_path(spec.path)}"
-        broken = broken_file(folder)
-        if broken:
-            return f"model {name!r}: {broken} is unreadable"
-    return None
+    return problem(registry, names)

