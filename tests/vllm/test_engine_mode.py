@@ -26,6 +26,8 @@ models:
   plain-arith: {{path: {m}/tuned-small-arith, dtype: float32}}
   chat-small: {{path: {m}/base-small, dtype: float32, chat_template: true}}
   chat-qa: {{path: {m}/tuned-small-qa, dtype: float32, chat_template: true}}
+rewards:
+  rm: {{path: {m}/reward, dtype: float32}}
 experts:
   qa: {{tuned: plain-qa, untuned: plain-small}}
   arith: {{tuned: plain-arith, untuned: plain-small}}
@@ -42,6 +44,7 @@ PAIRS = {
     "dlf": "method: dlf, experts: [qa, arith]",
     "adapter": "method: proxy, experts: [lora], alpha: 1.5",
     "chat": "method: proxy, experts: [chat], alpha: 1.0",  # chat-templated roles beside a plain base
+    "tq": "method: tqstar, baseline: plain-qa, reward: rm, top_k: 3, rollout_tokens: 2",
 }
 
 
@@ -93,6 +96,14 @@ def assert_same_choices(got: list[dict], want: list[dict]) -> None:
 def test_engine_mode_equals_the_hf_engine(server, questions, name):
     url, _ = server
     assert_same_choices(completions(url, name, questions), completions(url, f"{name}-hf", questions))
+
+
+def test_transfer_q_star_with_a_seed_equals_the_hf_engine(server, questions):
+    """The baseline's rollouts and the reward model run beside vLLM in its processor: with a seed, the Hugging
+    Face engine's greedy answer and fused log-probabilities."""
+    url, _ = server
+    got = completions(url, "tq", questions[:3], seed=5, max_tokens=6)
+    assert_same_choices(got, completions(url, "tq-hf", questions[:3], seed=5, max_tokens=6))
 
 
 def test_base_only_requests_are_vllms_own_decoding(server, questions):
