@@ -273,6 +273,8 @@ class VLLMLane:
             o = self._open.get(r.rid)
         if o is not None:
             o.task = asyncio.ensure_future(self._run(r, o))
+            if r.deadline is not None:  # server.request_timeout: the sequence ends with finish_reason "abort"
+                self._loop.call_later(max(0.0, r.deadline - time.monotonic()), o.task.cancel)
 
     async def _run(self, r: GenerationRequest, o: Open) -> None:
         prompt = r.prompt_ids

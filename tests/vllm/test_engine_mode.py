@@ -111,6 +111,19 @@ def test_base_only_requests_are_vllms_own_decoding(server, questions):
     assert_same_choices(completions(url, "large", questions), completions(url, "large-hf", questions))
 
 
+def test_base_only_prompt_scores_are_vllms(server, questions):
+    """echo + logprobs on the bare hosted model (how lm-eval scores a context): vLLM's prompt log-probabilities,
+    those of the Hugging Face engine within 1e-3."""
+    url, _ = server
+    body = {"echo": True, "max_tokens": 1, "logprobs": 1}
+    got = completions(url, "large", questions[:2], **body)
+    want = completions(url, "large-hf", questions[:2], **body)
+    for g, w in zip(got, want):
+        assert g["logprobs"]["tokens"] == w["logprobs"]["tokens"] and g["logprobs"]["token_logprobs"][0] is None
+        pairs = list(zip(g["logprobs"]["token_logprobs"][1:], w["logprobs"]["token_logprobs"][1:]))
+        assert len(pairs) > 5 and max(abs(a - b) for a, b in pairs) < TOL
+
+
 def test_per_request_fusion_over_the_hosted_model(server, questions):
     """A request picks its method and experts with `fusion` over the bare hosted model."""
     url, _ = server
