@@ -243,3 +243,33 @@ def test_metrics_show_the_vllm_engine(server, questions):
     ttft = [line for line in text.splitlines() if line.startswith("logitfuse_time_to_first_token_seconds_count")
             and 'lane="vllm:large"' in line]
     assert ttft and float(ttft[0].split()[-1]) > 0
+
+
+def test_the_tuned_experts_end_ids_are_added_per_request(tmp_path):
+    """vLLM stops on its base's end ids; engine mode adds every tuned expert's (here a registry override on the
+    expert, 7 and 9), as the Hugging Face engine ends a fused sequence; ignore_eos leaves them out."""
+    from logitfuse import LogitFuse
+    from logitfuse.engine.request import SamplingParams
+    from logitfuse.runner import QueueBound
+    from logitfuse.vllm.engine import VLLMLane
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""
+models:
+  large: {{path: {MODELS}/base-large, engine: vllm}}
+  small: {{path: {MODELS}/base-small}}
+  qa: {{path: {MODELS}/tuned-small-qa, stop_token_ids: [7, 9]}}
+experts:
+  e: {{tuned: qa, untuned: small}}
+ensembles:
+  p: {{base: large, method: proxy, experts: [e]}}
+""")
+    lf = LogitFuse(path)
+    lane = VLLMLane(lf, "large", QueueBound(8))  # not started: only the request's translation is asked of it
+    [req] = lf.requests("p", "hello", SamplingParams(max_tokens=4, stop_token_ids=(3,)))
+    eos = lf.shell("large").tokenizer.eos_token_id
+    assert set(lane.sampling(req).stop_token_ids) == {3, 7, 9, eos}
+    [req] = lf.requests("p", "hello", SamplingParams(max_tokens=4, stop_token_ids=(3,), ignore_eos=True))
+    assert lane.sampling(req).stop_token_ids == [3]
+    [req] = lf.requests("large", "hello", SamplingParams(max_tokens=4))
+    assert lane.sampling(req).extra_args is None  # base-only: vLLM's own decoding

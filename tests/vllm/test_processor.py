@@ -207,3 +207,34 @@ def test_an_end_of_turn_id_ends_a_fused_sequence(llm, ref, prompts):
     out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert list(out.token_ids) == want[: end + 1]
+
+
+def test_roles_with_their_own_prompt_format_run_where_the_request_carries_them(llm, ref):
+    """The `formats` ensemble's untuned model reads plain text where the others read the chat template: refused
+    without each role's prompt ids (above), it runs with them (`prompts` offline, flat `prompt:MODEL` keys as
+    vllm_xargs sends them) and equals logitfuse's engine on the same chat."""
+    from vllm import SamplingParams
+
+    chats = [[{"role": "user", "content": q}] for q in ("what is the capital of ludu ?", "what colour is the flag "
+                                                        "of mikur ?", "how many legs does a zorp have ?")]
+    reqs = [r for i, m in enumerate(chats)
+            for r in ref.requests("formats", messages=m, rid=f"f{i}",
+                                  sampling=LFParams(max_tokens=10, temperature=0, logprobs=0))]
+    assert all(r.prompts["plain-small"] != r.prompts["base-large"] for r in reqs)
+    want = {}
+    for ev in ref.stream(reqs):
+        if ev.token_id is not None:
+            want.setdefault(ev.rid, []).append((ev.token_id, ev.logprob))
+    for flat in (False, True):
+        params = []
+        for r in reqs:
+            others = {n: ids for n, ids in r.prompts.items() if n != "base-large"}
+            extra = {"ensemble": "formats", **({f"prompt:{n}": v for n, v in others.items()} if flat
+                                              else {"prompts": others})}
+            params.append(SamplingParams(temperature=0, max_tokens=10, logprobs=0, extra_args=extra))
+        outs = llm.generate([{"prompt_token_ids": r.prompts["base-large"]} for r in reqs], params, use_tqdm=False)
+        for r, o in zip(reqs, outs):
+            got = list(zip(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                                    o.outputs[0].token_ids)]))
+            assert [t for t, _ in got] == [t for t, _ in want[r.rid]], (flat, r.rid)
+            assert max(abs(a - b) for (_, a), (_, b) in zip(got, want[r.rid])) < TOL
