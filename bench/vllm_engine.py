@@ -3,7 +3,9 @@
 
 - engine: vllm: one `logitfuse serve` process hosts `smollm2` in an in-process vLLM engine (logitfuse/vllm/
   engine.py) and the same checkpoint as `smollm2-hf` on its own Hugging Face engine; `qa` fuses over the first,
-  `qa-hf` over the second (the adapter expert runs in vLLM's processor, resp. in logitfuse's engine);
+  `qa-hf` over the second (the adapter expert runs in vLLM's processor, resp. in logitfuse's engine). The pair's
+  untuned model is a registry model of its own (`smollm2-pair`, the same checkpoint) on both sides, so that each
+  step runs a base forward and the pair's (as with a large base), not a pair sharing the base's forward;
 - vLLM alone: vLLM's own OpenAI server on the same checkpoint (the base, no processor).
 
 Every round sends --concurrency requests at once (token-id prompts of --length word pieces, greedy, ignore_eos,
@@ -42,8 +44,9 @@ models:
   smollm2: {{path: '{folder}', dtype: float32, engine: vllm,
              vllm: {{enforce_eager: true, max_model_len: 2048, max_num_seqs: {max_seqs}}}}}
   smollm2-hf: {{path: '{folder}', dtype: float32}}
+  smollm2-pair: {{path: '{folder}', dtype: float32}}
 experts:
-  qa: {{untuned: smollm2-hf, adapter: '{ROOT / "models" / "adapters" / "smollm2-qa"}'}}
+  qa: {{untuned: smollm2-pair, adapter: '{ROOT / "models" / "adapters" / "smollm2-qa"}'}}
 ensembles:
   qa: {{base: smollm2, method: proxy, experts: [qa], alpha: 1.0}}
   qa-hf: {{base: smollm2-hf, method: proxy, experts: [qa], alpha: 1.0}}
