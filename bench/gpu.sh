@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, at most 8 minutes on one GPU: the tests marked `gpu` (CUDA float32 and bfloat16
-# against the CPU, speculative greedy = plain greedy on CUDA, adapter experts on CUDA) and the throughput
-# bench on GPU shapes (a 1B-class base, 100M-class experts, random weights), writing JSON.
+# The GPU checks in one run, at most 8 minutes on one GPU (plus up to 9.5 more where the venv has a CUDA vLLM):
+# the tests marked `gpu` (CUDA float32 and bfloat16 against the CPU, speculative greedy = plain greedy on CUDA,
+# adapter experts on CUDA) and the throughput bench on GPU shapes (a 1B-class base, 100M-class experts, random
+# weights), writing JSON; with vLLM, bench/vllm.py on the embedded family and the overlap case (below).
 #
 #   bench/gpu.sh [OUT_DIR]      (default bench/results/gpu; needs a CUDA build of torch in .venv)
 #
 # Writes OUT_DIR/gpu-tests.xml (JUnit), OUT_DIR/throughput-gpu.json, OUT_DIR/speculative-gpu.json and
-# OUT_DIR/summary.json. Time limits: tests 210 s, throughput table 150 s, speculative 100 s.
+# OUT_DIR/summary.json (with vLLM also OUT_DIR/vllm-gpu.json and OUT_DIR/vllm-overlap-gpu.json). Time limits:
+# tests 210 s, throughput table 150 s, speculative 100 s; vLLM 200 s, overlap 360 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-bench/results/gpu}
@@ -33,6 +35,11 @@ spec_rc=$?
 # logitfuse inside vLLM (docs/vllm.md), where the device's venv has a CUDA vllm: vLLM base vs vLLM + processor
 if "$PY" -c "import vllm" 2>/dev/null; then
   VLLM_USE_V2_MODEL_RUNNER=0 timeout 200 "$PY" bench/vllm.py --out "$OUT_DIR/vllm-gpu.json" || true
+  # the experts' catch-up overlapping vLLM's forward (LOGITFUSE_VLLM_OVERLAP=0, then 1: two engines one after the
+  # other) at GPU shapes (random weights: 1.1B base, 110M pair), bfloat16, CUDA graphs, synchronous scheduling
+  # (the overlap reads the previous step's token on the host); also checks that both give the same fused tokens
+  timeout 360 "$PY" bench/vllm.py --shapes gpu --dtype bfloat16 --cuda-graphs --no-async-scheduling --overlap \
+    --skip-engine --tokens 64 --out "$OUT_DIR/vllm-overlap-gpu.json" || true
 fi
 bench_rc=$(( table_rc != 0 ? table_rc : spec_rc ))
 seconds=$(( $(date +%s) - start ))

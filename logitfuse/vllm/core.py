@@ -2,14 +2,22 @@
 second): requests keyed by the adapter's own handle (a persistent-batch index, a request slot), their rows
 in ExpertRows, and one `apply` over a batch of logits. No vLLM import: the adapters translate vLLM's batch
 updates into `add`, `drop` and `move`, and tell `apply` which logits row belongs to which handle.
+
+Overlap: an expert's step needs only the tokens so far, not the base's logits. With `overlap` on, an adapter calls
+`start` once the batch is known and before the base's forward: the experts' catch-up runs on one worker thread (on
+CUDA under a side stream; on a CPU on the cores vLLM's forward is not bound to, `overlap_cpus`), beside vLLM's
+forward, and `apply` waits for it, then combines. Anything that reads or changes the rows (`add`, `drop`, `move`,
+`apply`, another `start`) first waits for the catch-up in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -23,13 +31,54 @@ from logitfuse.vllm import requests
 from logitfuse.vllm.rows import ExpertRows
 
 Handle = Hashable
+ENV_OVERLAP = "LOGITFUSE_VLLM_OVERLAP"
+ENV_OVERLAP_CPUS = "LOGITFUSE_VLLM_OVERLAP_CPUS"
+
+
+def overlap_setting(device: torch.device | str) -> bool:
+    """Whether the experts' catch-up overlaps the base's forward: $LOGITFUSE_VLLM_OVERLAP, 1 or 0; unset, on
+    where the device is CUDA (a side stream) and off on a CPU (the thread takes cores vLLM's forward uses)."""
+    value = os.environ.get(ENV_OVERLAP, "").strip().lower()
+    if value in ("", "auto"):
+        return torch.device(device).type == "cuda"
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"logitfuse: {ENV_OVERLAP}={value!r}: use 1 (overlap on) or 0 (off)")
+
+
+def overlap_cpus(bound: set[int]) -> set[int]:
+    """The CPUs the experts' thread runs on when the device is a CPU: $LOGITFUSE_VLLM_OVERLAP_CPUS (ids and
+    ranges, "1" or "2-3,6"), else every CPU but those the thread that starts it is bound to (`bound`: vLLM's CPU
+    worker binds its OpenMP threads to its cores and leaves one core per worker to its engine process, which
+    waits while the worker runs the forward); empty: stay where it is (nothing is bound)."""
+    value = os.environ.get(ENV_OVERLAP_CPUS, "").strip()
+    if not value:
+        return set(range(os.cpu_count() or 1)) - bound
+    cpus: set[int] = set()
+    try:
+        for part in value.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"logitfuse: {ENV_OVERLAP_CPUS}={value!r}: CPU ids and ranges, e.g. 1 or 2-3,6") from None
+    return cpus
 
 
 class FusionCore:
-    """What a fused request needs between vLLM's steps, for any adapter: its plan, prompts and experts."""
+    """What a fused request needs between vLLM's steps, for any adapter: its plan, prompts and experts.
+    overlap: run the experts' catch-up ahead of `apply` when an adapter calls `start` (module docstring)."""
 
-    def __init__(self, tokenizer, width: int, device: torch.device, log: logging.Logger | None = None) -> None:
+    def __init__(self, tokenizer, width: int, device: torch.device, log: logging.Logger | None = None,
+                 overlap: bool = False) -> None:
         self.log = log or logging.getLogger("logitfuse.vllm")
+        self.device = torch.device(device)
+        self.overlap = overlap
+        self.early = 0  # rows handed to the overlapped catch-up (counted over the core's life)
+        self._job: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._side = None  # the CUDA side stream of the catch-up, made at the first start on CUDA
         self.registry = local_registry(requests.load_registry(), device)
         self.lf = LogitFuse(self.registry)
         base = host_vocab(self.registry, tokenizer, width)
@@ -81,12 +130,14 @@ class FusionCore:
         return True
 
     def drop(self, handle: Handle) -> None:
+        self.join()
         rid = self.handles.pop(handle, None)
         if rid is not None:
             self.rows.remove(rid)
 
     def move(self, a: Handle, b: Handle, swap: bool) -> None:
         """The request at a goes to b; with swap, b's goes to a, else what was at b leaves."""
+        self.join()
         ra, rb = self.handles.pop(a, None), self.handles.pop(b, None)
         if ra is not None:
             self.handles[b] = ra
@@ -98,12 +149,17 @@ class FusionCore:
     def apply(self, logits: torch.Tensor, where: Sequence[tuple[int, Handle]]) -> torch.Tensor:
         """Fuse the rows of logits whose handle is a fused request (where: (logits row, handle) pairs, one per
         request); a request that cannot be fused gets only its end-of-sequence token."""
+        self.join()
         mine = [(i, self.handles[h]) for i, h in where if h in self.handles]
         if not mine:
             return logits
         ok = [(i, rid) for i, rid in mine if rid in self.rows.rows and self.rows.rows[rid].error is None]
         if ok:
             idx = [i for i, _ in ok]
+            if self.overlap and self.device.type == "cuda":  # rows not started ahead: on the side stream too,
+                self._side_after_current()  # so that every expert tensor belongs to that stream's memory pool
+                self._catch_up([rid for _, rid in ok], torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+                self._wait_side()
             fused, failed = self.rows.fuse([rid for _, rid in ok], logits[idx])
             logits[idx] = fused.to(logits.dtype)
             for reason in failed.values():
@@ -113,6 +169,76 @@ class FusionCore:
             if row is None or row.error is not None:
                 self.end(logits, i)
         return logits
+
+    # -- overlap ---------------------------------------------------------------------------------------------
+    def start(self, handles: Iterable[Handle]) -> None:
+        """With overlap on, start the experts' catch-up of the rows at these handles (the rows of the coming
+        `apply`, in its order) on the worker thread, and return at once; `apply` joins it. Off: nothing."""
+        if not self.overlap:
+            return
+        self.join()
+        rids = [self.handles[h] for h in handles if h in self.handles]
+        rids = [r for r in rids if r in self.rows.rows and self.rows.rows[r].error is None]
+        if not rids:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitfuse-experts",
+                                            initializer=self._place_thread)
+        if self.device.type == "cuda":
+            self._side_after_current()  # the side stream starts after what vLLM queued so far
+        self._job = self._pool.submit(self._catch_up, rids, torch.is_inference_mode_enabled(),
+                                      torch.is_grad_enabled())
+
+    def join(self) -> None:
+        """Wait for the catch-up in flight, if any; on CUDA the current stream then waits for the side stream.
+        An error that escaped the rows' own per-row handling is raised here, as `apply` would raise it."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        self.early += job.result()
+        self._wait_side()
+
+    def _catch_up(self, rids: list[str], inference: bool, grad: bool) -> int:
+        """The rows' catch-up under the caller's autograd mode (thread-local: vLLM samples in inference mode),
+        on the side stream where there is one."""
+        with contextlib.ExitStack() as on:
+            if self._side is not None:  # this thread's device and its current stream there
+                on.enter_context(torch.cuda.device(self.device))
+                on.enter_context(torch.cuda.stream(self._side))
+            on.enter_context(torch.inference_mode(inference))
+            on.enter_context(torch.set_grad_enabled(grad))
+            self.rows.start(rids)
+        return len(rids)
+
+    def _place_thread(self) -> None:
+        """On a CPU, the experts' thread leaves the cores vLLM's forward runs on (`overlap_cpus`), so that
+        the two run side by side instead of taking turns."""
+        if self.device.type != "cpu" or not hasattr(os, "sched_setaffinity"):
+            return
+        cpus = overlap_cpus(os.sched_getaffinity(0))  # 0: this thread, bound as the thread that made it
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError as err:
+                self.log.warning("logitfuse: the experts' thread stays on CPUs %s (%s)",
+                                 sorted(os.sched_getaffinity(0)), err)
+        self.log.info("logitfuse: the experts' thread runs on CPUs %s", sorted(os.sched_getaffinity(0)))
+
+    def _side_after_current(self) -> None:
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+
+    def _wait_side(self) -> None:
+        if self._side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
+
+    def close(self) -> None:
+        """Wait for the catch-up in flight and stop the worker thread."""
+        self.join()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def end(self, logits: torch.Tensor, i: int) -> None:
         """A row that cannot be fused ends at once: its only possible token is the end of sequence."""

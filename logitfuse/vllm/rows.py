@@ -11,7 +11,9 @@ text generated so far), and each step forgets what the newest token's merge chan
 A Transfer Q* row keeps its baseline model here like an expert; each step its rollouts continue the
 baseline's rows beside the host's forward (the engine's SlotRollouts, with the row's own rollout generator
 kept in step with the engine's: `RolloutGenerator`), and the reward models the getter gives score them.
-No vLLM import: tests drive it with any base logits.
+The catch-up needs only the rows' tokens so far, not the host's logits: `start` runs it ahead of `fuse` (the
+processor starts it on a worker thread before the host's forward, core.py), and `fuse` then only combines the
+rows it brought up to date. No vLLM import: tests drive it with any base logits.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class ExpertRows:
     slots: ModelSlots = field(default_factory=ModelSlots)
     _maps: dict[tuple, Alignment] = field(default_factory=dict)
     _aside: dict[str, tuple] = field(default_factory=dict)  # model -> rows set aside during one forward
+    _early: dict[str, str] = field(default_factory=dict)  # rows whose catch-up in `start` failed -> why
 
     def __post_init__(self) -> None:
         self.fuser = HostFuser(self.get_backend, self.alignment, self.solver_threads,
@@ -142,15 +145,26 @@ class ExpertRows:
         self.rows[rid] = row
 
     def remove(self, rid: str) -> None:
+        self._early.pop(rid, None)
         if self.rows.pop(rid, None) is not None:
             self.slots.drop({rid})
 
     # -- one step ------------------------------------------------------------------------------------------
+    def start(self, rids: list[str]) -> None:
+        """The first half of a step, which needs no base logits: every expert of the given rows reads the rows'
+        unread tokens (as `fuse` would), ahead of it. A row it brought up to date is not fed again by `fuse` or
+        a second `start`; its failures are kept for `fuse` to report. A row whose newest token is still a host
+        placeholder (asynchronous scheduling) is left for `fuse`, as are rows that leave meanwhile."""
+        live = [r for r in rids if r in self.rows and self.rows[r].error is None and r not in self._early]
+        live = [r for r in live if all(t >= 0 for t in self.rows[r].pending())]
+        self._early.update(self._catch_up(live))
+
     def fuse(self, rids: list[str], base_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, str]]:
         """Fused scores (b, V) for the given rows from the host's base logits (b, V), in the same order, and
-        the rows that failed with the reason (their scores are left as the base's)."""
-        failed: dict[str, str] = {}
-        live = [r for r in rids if self.rows[r].error is None]
+        the rows that failed with the reason (their scores are left as the base's). Rows that `start` brought
+        up to date are only combined."""
+        failed = {r: self._early.pop(r) for r in rids if r in self._early}
+        live = [r for r in rids if self.rows[r].error is None and r not in failed]
         failed.update(self._catch_up(live))
         out = base_logits.clone()
         groups: dict[object, list[int]] = {}

@@ -12,10 +12,15 @@ sync). A fused slot absent for `park_after` steps (finished, or preempted: V2 ad
 back its experts' caches and prefills again if it returns. A request with several logits rows in a step
 (speculative decoding, refused at start-up) ends with the reason logged. Tested on CPU against the interface's
 dataclasses (tests/vllm/test_runner_v2.py); untested on a GPU until one is lent.
+
+No overlap of the experts with the base's forward here (the V1 adapter's $LOGITFUSE_VLLM_OVERLAP): the hook that
+runs before the forward, `apply_staged_writes`, is not told which slots the step schedules, and the tokens the
+experts would read are on the device, where V2's asynchronous scheduling may not have written them yet.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 
@@ -56,11 +61,14 @@ class FusionLogitsProcessorV2(LogitsProcessor):
                              "several logits rows per step); start vLLM without a speculative config")
         from transformers import AutoTokenizer
 
-        from logitfuse.vllm.core import FusionCore
+        from logitfuse.vllm.core import ENV_OVERLAP, FusionCore
 
         model = vllm_config.model_config
         tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
-        self.core = FusionCore(tokenizer, model.get_vocab_size(), req_states.device, log)
+        self.core = FusionCore(tokenizer, model.get_vocab_size(), req_states.device, log, overlap=False)
+        if os.environ.get(ENV_OVERLAP, "").strip() == "1":
+            log.warning("logitfuse: %s=1 has no effect under Model Runner V2: its experts run in apply, after "
+                        "the base's forward (docs/vllm.md)", ENV_OVERLAP)
         self.req = req_states
         self.extra: dict[int, dict] = {}  # slot -> extra_args of the fused request it holds
         self.waiting: set[int] = set()  # fused slots the core adds (again) at their next scheduled step
