@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, at most 8 minutes on one GPU (plus up to 9.5 more where the venv has a CUDA vLLM):
+# The GPU checks in one run, at most 8 minutes on one GPU (with WITH_VLLM=1 and a CUDA vLLM in the venv, up to 9.5
+# more: run that as a second call, `WITH_VLLM=1 SKIP_CORE=1 bench/gpu.sh`, to stay within a 10-minute call):
 # the tests marked `gpu` (CUDA float32 and bfloat16 against the CPU, speculative greedy = plain greedy on CUDA,
 # adapter experts on CUDA) and the throughput bench on GPU shapes (a 1B-class base, 100M-class experts, random
 # weights), writing JSON; with vLLM, bench/vllm.py on the embedded family and the overlap case (below).
@@ -23,6 +24,8 @@ fi
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 
 start=$(date +%s)
+tests_rc=0 table_rc=0 spec_rc=0
+if [ "${SKIP_CORE:-0}" != 1 ]; then
 timeout 210 "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider --junitxml "$OUT_DIR/gpu-tests.xml"
 tests_rc=$?
 # two runs, each writing its JSON, so a slow section cannot take the other's numbers with it
@@ -32,8 +35,9 @@ table_rc=$?
 timeout 100 "$PY" bench/throughput.py --shapes gpu --skip table --spec-k 2 4 --spec-min-prob 0 0.6 \
   --out "$OUT_DIR/speculative-gpu.json"
 spec_rc=$?
-# logitfuse inside vLLM (docs/vllm.md), where the device's venv has a CUDA vllm: vLLM base vs vLLM + processor
-if "$PY" -c "import vllm" 2>/dev/null; then
+fi
+# logitfuse inside vLLM (docs/vllm.md), asked for with WITH_VLLM=1 where the device's venv has a CUDA vllm
+if [ "${WITH_VLLM:-0}" = 1 ] && "$PY" -c "import vllm" 2>/dev/null; then
   VLLM_USE_V2_MODEL_RUNNER=0 timeout 200 "$PY" bench/vllm.py --out "$OUT_DIR/vllm-gpu.json" || true
   # the experts' catch-up overlapping vLLM's forward (LOGITFUSE_VLLM_OVERLAP=0, then 1: two engines one after the
   # other) at GPU shapes (random weights: 1.1B base, 110M pair), bfloat16, CUDA graphs, synchronous scheduling
