@@ -131,8 +131,10 @@ def start_llm(args, overlap: str | None):
 
 
 def stop_llm(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    """Stop an offline LLM's engine process (vLLM's client of it), so that the next LLM has the cores."""
+    front = llm.llm_engine  # vLLM's own engine front end (not logitfuse's engine)
+    front.engine_core.shutdown()
+    del llm, front
     gc.collect()
 
 

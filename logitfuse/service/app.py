@@ -58,7 +58,7 @@ def check_hosted(lf: LogitFuse) -> None:
     """Before anything starts: every `engine: vllm` entry's engine arguments (ValueError naming the key), and
     that vLLM is installed where one is asked for."""
     if lf.hosted_models():
-        from logitfuse.vllm.engine import engine_args
+        from logitfuse.vllm.translate import engine_args
 
         for name in lf.hosted_models():
             engine_args(lf, name)

