@@ -25,11 +25,11 @@ from tests.vllm.conftest import MODELS
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal fused scores, up to float32 rounding: the same forwards give bit-identical scores in one process,
-    but CPU matrix products may round the last bit differently from one call to the next (memory alignment, the
-    threads the OpenMP runtime gives a call on a loaded machine); a row fed twice or a token missed is off by
-    far more."""
-    return torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    """Equal fused scores, up to float32 rounding. The overlapped catch-up runs on another thread, placed on
+    other cores, whose matrix products split their sums over another number of OpenMP threads: the last bits
+    differ, and over the layers of two models that grows to a few 1e-6 on logits of tens (measured up to 7.6e-6
+    on a loaded 2-core machine). A row fed twice or a token missed moves scores by far more than 1e-4."""
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
