@@ -273,3 +273,27 @@ ensembles:
     assert lane.sampling(req).stop_token_ids == [3]
     [req] = lf.requests("large", "hello", SamplingParams(max_tokens=4))
     assert lane.sampling(req).extra_args is None  # base-only: vLLM's own decoding
+
+
+def test_unknown_engine_arguments_stop_the_start_up(tmp_path):
+    """Every key under `vllm:` must be one of vLLM's engine arguments; a misspelt one, or one logitfuse sets
+    itself, stops the start-up naming it (before any engine starts), the rest reach vLLM's arguments."""
+    from logitfuse import LogitFuse
+    from logitfuse.service.app import run_server
+    from logitfuse.vllm.translate import engine_args
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"models:\n  large: {{path: {MODELS}/base-large, engine: vllm, dtype: float32, vllm: "
+                    "{tensor_paralel_size: 2, model: x, max_model_len: 64}}\n")
+    with pytest.raises(ValueError) as err:
+        engine_args(LogitFuse(path), "large")
+    assert "models.large.vllm.tensor_paralel_size: not a vLLM engine argument; did you mean " \
+           "'tensor_parallel_size'?" in str(err.value)
+    assert "models.large.vllm.model: set by logitfuse" in str(err.value)
+    assert run_server(str(path), "127.0.0.1", 1, "warning") == 2
+    path.write_text(f"models:\n  large: {{path: {MODELS}/base-large, engine: vllm, dtype: float32, vllm: "
+                    "{max_model_len: 64, enforce_eager: true}}\n")
+    args = engine_args(LogitFuse(path), "large")
+    assert (args.max_model_len, args.enforce_eager, args.dtype) == (64, True, "float32")
+    assert args.logits_processors == ["logitfuse.vllm:FusionLogitsProcessor"]
+    assert args.logprobs_mode == "processed_logprobs"
