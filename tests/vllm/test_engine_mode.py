@@ -106,6 +106,24 @@ def test_transfer_q_star_with_a_seed_equals_the_hf_engine(server, questions):
     assert_same_choices(got, completions(url, "tq-hf", questions[:3], seed=5, max_tokens=6))
 
 
+def test_many_requests_at_once_across_both_engines_equal_their_solo_answers(server, questions):
+    """24 requests sent at once over the vLLM lane and the HF engine's lane (which share the tokenizers and the
+    expert checkpoints' files): each answer is its solo answer."""
+    import asyncio
+
+    url, _ = server
+    jobs = [(m, q) for m in ("proxy", "proxy-hf", "eft", "chat-hf") for q in questions]
+    solo = {(m, q): completions(url, m, [q])[0]["text"] for m, q in jobs}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as client:
+            rs = await asyncio.gather(*(client.post(f"{url}/v1/completions", json={
+                "model": m, "prompt": q, "max_tokens": 12, "temperature": 0, "logprobs": 1}) for m, q in jobs))
+        return [r.json()["choices"][0]["text"] for r in rs]
+
+    assert dict(zip(jobs, asyncio.run(burst()))) == solo
+
+
 def test_base_only_requests_are_vllms_own_decoding(server, questions):
     url, _ = server
     assert_same_choices(completions(url, "large", questions), completions(url, "large-hf", questions))
