@@ -52,6 +52,13 @@ class QueueBound:
     def waiting(self) -> int:
         return sum(r.waiting() for r in self.runners)
 
+    def refuse_beyond(self, adding: int) -> None:
+        """Raise Overloaded when `adding` more waiting sequences would pass the limit (call under self.lock)."""
+        waiting = self.waiting()
+        if waiting + adding > self.limit:
+            raise Overloaded(f"server overloaded: {waiting} sequences are waiting, this request adds "
+                             f"{adding}, at most {self.limit} may wait (server.max_queue)")
+
 
 class EngineRunner:
     def __init__(self, lf: LogitFuse, engine=None, bound: QueueBound | None = None, threads: int | None = None,
@@ -117,10 +124,7 @@ class EngineRunner:
 
     def _register(self, requests: list[GenerationRequest], pinned: list[list[str]], sink: Sink) -> None:
         with self.bound.lock:
-            waiting = self.bound.waiting()
-            if waiting + len(requests) > self.bound.limit:
-                raise Overloaded(f"server overloaded: {waiting} sequences are waiting, this request adds "
-                                 f"{len(requests)}, at most {self.bound.limit} may wait (server.max_queue)")
+            self.bound.refuse_beyond(len(requests))
             now = time.monotonic()
             with self._lock:
                 for r, names in zip(requests, pinned):
@@ -204,13 +208,21 @@ class EngineRunner:
 
     def _time(self, ev: TokenEvent | PromptScores, clock: list[float], began: float, done: bool) -> None:
         """Report a sequence's timings as its events are delivered (engine thread only: clock is its own)."""
-        now = time.monotonic()
-        if isinstance(ev, TokenEvent) and ev.token_id is not None:
-            submitted, last = clock
-            if last == 0.0:
-                self.timings.first_token(self.lane, began - submitted, now - submitted)
-            else:
-                self.timings.next_token(self.lane, now - last)
-            clock[1] = now
-        if done:
-            self.timings.finished(self.lane, now - clock[0])
+        report_times(self.timings, self.lane, ev, clock, began - clock[0], done)
+
+
+def report_times(timings: Timings, lane: str, ev: TokenEvent | PromptScores, clock: list[float], queued: float,
+                 done: bool) -> None:
+    """A sequence's timings as its events are delivered, for any lane: clock is [submitted, last token] on the
+    monotonic clock (updated here); queued: how long it waited before its first step, reported with its first
+    token."""
+    now = time.monotonic()
+    if isinstance(ev, TokenEvent) and ev.token_id is not None:
+        submitted, last = clock
+        if last == 0.0:
+            timings.first_token(lane, queued, now - submitted)
+        else:
+            timings.next_token(lane, now - last)
+        clock[1] = now
+    if done:
+        timings.finished(lane, now - clock[0])

@@ -29,8 +29,8 @@ from logitfuse.api import LogitFuse
 from logitfuse.engine.core import EngineStats
 from logitfuse.engine.request import ErrorDetail, GenerationRequest, PromptScores, TokenEvent
 from logitfuse.engine.speculative import SpecStats
-from logitfuse.errors import InvalidRequest, Overloaded
-from logitfuse.runner import QueueBound, Timings
+from logitfuse.errors import InvalidRequest
+from logitfuse.runner import QueueBound, Timings, report_times
 from logitfuse.vllm import requests, translate
 
 log = logging.getLogger("logitfuse.vllm.engine")
@@ -199,10 +199,7 @@ class VLLMLane:
         for r in reqs:
             self.check(r)
         with self.bound.lock:
-            waiting = self.bound.waiting()
-            if waiting + len(reqs) > self.bound.limit:
-                raise Overloaded(f"server overloaded: {waiting} sequences are waiting, this request adds "
-                                 f"{len(reqs)}, at most {self.bound.limit} may wait (server.max_queue)")
+            self.bound.refuse_beyond(len(reqs))
             with self._lock:
                 for r in reqs:
                     self._open[r.rid] = Open(sink)
@@ -265,16 +262,9 @@ class VLLMLane:
                 self._open.pop(r.rid, None)
 
     def _emit(self, o: Open, rid: str, ev: TokenEvent | PromptScores) -> None:
-        if self.timings is not None and isinstance(ev, TokenEvent):
-            now = time.monotonic()
-            if ev.token_id is not None:
-                if o.clock[1] == 0.0:
-                    self.timings.first_token(self.lane, 0.0, now - o.clock[0])
-                else:
-                    self.timings.next_token(self.lane, now - o.clock[1])
-                o.clock[1] = now
-            if ev.finish_reason is not None:
-                self.timings.finished(self.lane, now - o.clock[0])
+        if self.timings is not None:  # vLLM's own queue time is inside the time to first token: 0 here
+            done = isinstance(ev, TokenEvent) and ev.finish_reason is not None
+            report_times(self.timings, self.lane, ev, o.clock, 0.0, done)
         try:
             o.sink(ev)
         except Exception:
